@@ -24,3 +24,7 @@ class ModelError(DiffoRAError, ValueError):
 
 class SearchStateError(DiffoRAError, RuntimeError):
     """An operation was requested in the wrong phase (e.g. discretising before any gate step ran)."""
+
+
+class TrainingError(DiffoRAError, RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN or infinite)."""

@@ -1,0 +1,116 @@
+"""The search record (``dam.json``) and the DAM heatmap (``dam.png``).
+
+The record is diffora's own file, kept beside the adapter rather than inside ``adapter_config.json`` (PEFT warns
+about and drops unknown keys there). It says what was searched, what was learned and what was kept, so a run can be
+inspected, plotted, or fine-tuned again (``diffora train --dam dam.json``) without repeating the search.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from . import __version__
+from .candidates import DAMGrid
+from .discretize import Selection
+from .errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .search import DAMSearch
+
+RECORD_FORMAT = "diffora.dam/1"
+
+
+def build_record(search: "DAMSearch", selection: Optional[Selection] = None, **extra: Any) -> dict:
+    with_grad = search.gates.beta.detach()
+    record: dict[str, Any] = {
+        "format": RECORD_FORMAT,
+        "diffora_version": __version__,
+        "model_class": search.model_class,
+        "grid": search.grid.to_dict(),
+        "betas": [[float(v) for v in row] for row in with_grad],
+        "gates": search.gate_values(),
+        "config": search.config.to_dict(),
+        "heads": search.heads,
+        "weight_steps": search.weight_steps,
+        "gate_steps": search.gate_steps,
+        "history": {
+            "weight_loss": search.history.weight_losses,
+            "gate_loss": search.history.gate_losses,
+            "gate_snapshots": [{"step": s, "gates": g} for s, g in search.history.gate_snapshots],
+        },
+    }
+    if selection is not None:
+        record["selection"] = selection.to_dict()
+    record.update(extra)
+    return record
+
+
+def load_record(path: str | Path) -> dict:
+    """Read a ``dam.json``; raises :class:`DataError` if it is not one."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"search record {path} does not exist; pass the dam.json written by 'diffora search'") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"search record {path} is not valid JSON ({exc.__class__.__name__}); pass a dam.json") from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or "grid" not in record:
+        raise DataError(f"{path} is not a diffora search record (expected format '{RECORD_FORMAT}')")
+    return record
+
+
+def plot_dam(record: dict, path: str | Path, title: Optional[str] = None) -> Path:
+    """Heatmap of the learned gates (rows = layers, columns = module types), kept entries outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    grid = DAMGrid.from_dict(record["grid"])
+    gates = np.array(record["gates"], dtype=float)
+    valid = np.array(grid.valid_mask(), dtype=bool)
+    shown = np.where(valid, gates, np.nan)
+    rows, cols = gates.shape
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * cols, 1.2 + 0.38 * rows), dpi=110)
+    vmax = max(1.0, float(np.nanmax(shown))) if valid.any() else 1.0
+    image = ax.imshow(shown, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+    fig.colorbar(image, ax=ax, label="gate g = relaxed DAM entry", fraction=0.05, pad=0.03)
+    ax.set_xticks(range(cols), grid.labels, rotation=35, ha="right")
+    ax.set_yticks(range(rows), [_layer_label(layer) for layer in grid.layers])
+    ax.set_xlabel("module type")
+    ax.set_ylabel("layer")
+    selection = record.get("selection")
+    if selection:
+        for i, row in enumerate(selection["mask"]):
+            for j, kept in enumerate(row):
+                if kept:
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.2))
+        subtitle = (
+            f"kept {len(selection['modules'])}/{int(valid.sum())} (red boxes), rho={selection['keep_ratio']}, "
+            f"{selection['granularity']}"
+        )
+    else:
+        subtitle = "no selection yet"
+    if rows * cols <= 120:
+        for i in range(rows):
+            for j in range(cols):
+                if valid[i, j]:
+                    ax.text(j, i, f"{gates[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if gates[i, j] < 0.6 * vmax else "black")
+    ax.set_title((title + "\n" if title else "") + subtitle, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _layer_label(layer: str) -> str:
+    parts = layer.split(".")
+    return ".".join(parts[-2:]) if len(parts) > 2 else layer

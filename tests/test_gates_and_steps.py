@@ -1,0 +1,120 @@
+"""The relaxed model: gates at 1 = PEFT LoRA, gates at 0 = base; weight and gate steps touch only their own params."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from diffora import DiffoRAConfig, SearchStateError, prepare_search
+
+from conftest import random_batch, randomize_lora_b, tiny_model
+
+ARCHS = ["bert", "llama", "gpt2"]
+
+
+def _search(arch, **cfg):
+    model = tiny_model(arch)
+    base = copy.deepcopy(model)
+    search = prepare_search(model, DiffoRAConfig(rank=4, gate_warmup_steps=0, **cfg))
+    randomize_lora_b(search.model)
+    return search, base
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("form", ["sigmoid", "softmax"])
+def test_gates_one_equal_peft_lora_and_zero_equal_base(arch, form):
+    search, base = _search(arch, gate=form)
+    batch = random_batch()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    search.model.eval()
+
+    reference = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=4, lora_alpha=16, target_modules=search.grid.module_names(), init_lora_weights=False,
+                   fan_in_fan_out=arch == "gpt2"),
+    ).eval()
+    with torch.no_grad():
+        for name in search.grid.module_names():
+            ours, theirs = search.lora_layer(name), reference.get_base_model().get_submodule(name)
+            theirs.lora_A["default"].weight.copy_(ours.lora_A["default"].weight)
+            theirs.lora_B["default"].weight.copy_(ours.lora_B["default"].weight)
+        with search.gates.forced(1.0):
+            relaxed_one = search.model(**inputs).logits
+        with search.gates.forced(0.0):
+            relaxed_zero = search.model(**inputs).logits
+        lora_logits = reference(**inputs).logits
+        base_logits = base(**inputs).logits
+        relaxed = search.model(**inputs).logits
+
+    torch.testing.assert_close(relaxed_one, lora_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(relaxed_zero, base_logits, rtol=1e-5, atol=1e-5)
+    # the non-zero B really matters: the unforced relaxed model differs from both
+    assert not torch.allclose(relaxed, base_logits, atol=1e-4)
+    assert not torch.allclose(lora_logits, base_logits, atol=1e-4)
+
+
+def test_softmax_gates_average_one_per_row():
+    search, _ = _search("bert", gate="softmax")
+    with torch.no_grad():
+        search.gates.beta.normal_()
+    g = search.gates.values()
+    torch.testing.assert_close(g.sum(dim=1), torch.full((2,), 6.0))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_weight_step_changes_only_lora_and_head(arch):
+    search, _ = _search(arch)
+    before = {n: p.detach().clone() for n, p in search.model.named_parameters()}
+    beta = search.gates.beta.detach().clone()
+    search.weight_step(random_batch())
+    changed = {n for n, p in search.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "a weight step must change something"
+    assert all(("lora_" in n) or ("modules_to_save" in n) for n in changed), sorted(changed)
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+    assert any("modules_to_save" in n for n in changed)
+    assert torch.equal(search.gates.beta, beta)
+
+
+@pytest.mark.parametrize("order", ["first", "second"])
+def test_gate_step_changes_only_betas(order):
+    search, _ = _search("bert", order=order)
+    before = {n: p.detach().clone() for n, p in search.model.named_parameters()}
+    beta = search.gates.beta.detach().clone()
+    batch = random_batch()
+    search.gate_step(random_batch(seed=5), batch)
+    assert all(torch.equal(p, before[n]) for n, p in search.model.named_parameters())
+    assert not torch.equal(search.gates.beta, beta)
+    assert search.gate_steps == 1
+
+
+def test_gate_gradient_is_zero_while_lora_b_is_zero():
+    """The pitfall the warm-up exists for: with PEFT's zero-initialised B the gates cannot learn."""
+    search = prepare_search(tiny_model("bert"), DiffoRAConfig(rank=4))
+    search.model.train()
+    loss = search.gate_loss(random_batch())
+    (grad,) = torch.autograd.grad(loss, [search.gates.beta])
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_discretize_before_gate_step_is_an_error():
+    search, _ = _search("bert")
+    search.weight_step(random_batch())
+    with pytest.raises(SearchStateError, match="no gate step has run"):
+        search.discretize()
+
+
+def test_fit_refuses_search_without_gate_steps():
+    search = prepare_search(tiny_model("bert"), DiffoRAConfig(rank=4, gate_warmup_steps=5))
+    with pytest.raises(SearchStateError, match="must exceed gate_warmup_steps"):
+        search.fit([random_batch()], [random_batch()], steps=5, progress=False)
+
+
+def test_nan_loss_stops_with_clear_error():
+    from diffora import TrainingError
+
+    search, _ = _search("bert")
+    with torch.no_grad():
+        search.lora_layer(search.grid.names[0][0]).lora_A["default"].weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="loss became nan"):
+        search.weight_step(random_batch())
