@@ -48,7 +48,7 @@ def test_csv_with_quotes_commas_and_newlines(tmp_path: Path) -> None:
 
 
 def test_csv_with_crlf_line_endings(tmp_path: Path) -> None:
-    path = write(tmp_path / "d.csv", "text,label\r\na,1\r\n\"b\rc\",0\r\n")
+    path = write(tmp_path / "d.csv", 'text,label\r\na,1\r\n"b\rc",0\r\n')
     assert read_records(path) == [{"text": "a", "label": "1"}, {"text": "b\rc", "label": "0"}]
 
 
@@ -248,7 +248,10 @@ def test_string_labels_sort_alphabetically() -> None:
 def test_given_label_names_fix_the_order_and_accept_ids() -> None:
     names = ["entailment", "neutral", "contradiction"]
     ex = build_examples(
-        rows(("a", "contradiction"), ("b", "entailment"), ("c", "1")), text_column="text", label_column="label", label_names=names
+        rows(("a", "contradiction"), ("b", "entailment"), ("c", "1")),
+        text_column="text",
+        label_column="label",
+        label_names=names,
     )
     assert ex.labels == [2, 0, 1] and ex.label_names == names
 
@@ -256,7 +259,11 @@ def test_given_label_names_fix_the_order_and_accept_ids() -> None:
 def test_unknown_label_is_reported_with_its_line() -> None:
     with pytest.raises(DataError) as excinfo:
         build_examples(
-            rows(("a", "neg"), ("b", "maybe")), text_column="text", label_column="label", label_names=["neg", "pos"], source="f.csv"
+            rows(("a", "neg"), ("b", "maybe")),
+            text_column="text",
+            label_column="label",
+            label_names=["neg", "pos"],
+            source="f.csv",
         )
     message = one_line_error(excinfo)
     assert "f.csv line 3" in message and "'maybe'" in message and "['neg', 'pos']" in message
@@ -297,7 +304,9 @@ def test_float_labels_for_regression() -> None:
 @pytest.mark.parametrize("bad", ["high", "", "nan", "inf"])
 def test_non_numeric_regression_label(bad: str) -> None:
     with pytest.raises(DataError) as excinfo:
-        build_examples(rows(("a", "1.5"), ("b", bad)), text_column="text", label_column="label", label_kind="float", source="s.tsv")
+        build_examples(
+            rows(("a", "1.5"), ("b", bad)), text_column="text", label_column="label", label_kind="float", source="s.tsv"
+        )
     message = one_line_error(excinfo)
     assert "s.tsv line 3" in message and "not a finite number" in message
 
@@ -311,7 +320,9 @@ def test_pairs_and_unlabelled_data() -> None:
 
 
 def test_examples_select_and_subset() -> None:
-    ex = Examples(texts=["a", "b", "c"], text_pairs=["x", "y", "z"], labels=[0, 1, 0], label_names=["n", "p"], source="s")
+    ex = Examples(
+        texts=["a", "b", "c"], text_pairs=["x", "y", "z"], labels=[0, 1, 0], label_names=["n", "p"], source="s"
+    )
     assert len(ex) == 3
     assert ex.select(None) is ex and ex.select(10) is ex
     first = ex.select(2)
@@ -321,6 +332,14 @@ def test_examples_select_and_subset() -> None:
     assert picked.source == "s"
     with pytest.raises(ValueError):
         Examples(texts=["a"], labels=[0, 1])
+
+
+def test_examples_without_label_names_tell_classes_from_scores() -> None:
+    ids = Examples(texts=["a", "b"], labels=[0, 2])
+    assert not ids.is_regression and ids.num_labels == 3
+    scores = Examples(texts=["a", "b"], labels=[0.5, 2.0])
+    assert scores.is_regression and scores.num_labels == 1
+    assert Examples(texts=["a"]).num_labels is None and not Examples(texts=["a"]).is_regression
 
 
 def test_load_examples_reads_and_builds(tmp_path: Path) -> None:

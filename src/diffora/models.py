@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SHORT_NAMES",
+    "TASKS",
     "ResolvedModel",
     "ShortName",
     "Task",
@@ -329,12 +330,21 @@ def _load_error(resolved: ResolvedModel, name: str, exc: BaseException) -> Model
     if not resolved.is_local:
         lowered = str(exc).lower()
         if any(k in lowered for k in ("couldn't connect", "offline", "connection", "name or service not known", "timed out")):
+            why = " (offline mode: HF_HUB_OFFLINE is set)" if _hub_offline_mode() else ""
             return ModelError(
-                f"model '{name}' is not a local folder and the Hugging Face hub is unreachable:"
+                f"model '{name}' is not a local folder and the Hugging Face hub is unreachable{why}:"
                 f" pass a local folder with config.json or one of: {_short_names_text()}"
             )
         return ModelError(f"cannot load model '{name}' from the Hugging Face hub ({detail}): check the id, or pass a local folder or one of: {_short_names_text()}")
     return ModelError(f"cannot load model '{name}' ({detail}): check that the folder holds a complete transformers model")
+
+
+def _hub_offline_mode() -> bool:
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - transformers always installs huggingface_hub
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:

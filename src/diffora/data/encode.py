@@ -38,7 +38,10 @@ def ensure_pad_token(tokenizer: Any) -> Any:
     """
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
-            raise ModelError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token; set tokenizer.pad_token first")
+            raise ModelError(
+                f"tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token; "
+                "set tokenizer.pad_token first"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -62,7 +65,7 @@ def encode_classification(examples: Examples, tokenizer: Any, max_length: int) -
             items.append({k: list(enc[k][j]) for k in keys})
     if examples.labels is not None:
         dtype = torch.float32 if examples.is_regression else torch.int64
-        for item, label in zip(items, examples.labels):
+        for item, label in zip(items, examples.labels, strict=True):
             item["labels"] = torch.tensor(label, dtype=dtype)
     return items
 
@@ -118,7 +121,9 @@ def encode_causal_lm(lm_examples: LMExamples, tokenizer: Any, max_length: int) -
 class _CausalLMCollator:
     """Pads ``input_ids`` with the pad token, ``attention_mask`` with 0 and ``labels`` with -100."""
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: Optional[int] = None) -> None:
+    def __init__(
+        self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: Optional[int] = None
+    ) -> None:
         self.pad_token_id = pad_token_id
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -158,9 +163,7 @@ def make_collator(
     def collate(items: Sequence[Item]) -> dict[str, torch.Tensor]:
         if not items:
             raise ValueError("cannot collate an empty batch")
-        is_lm = kind == "causal_lm" or (
-            kind is None and isinstance(items[0].get("labels"), (list, tuple))
-        )
+        is_lm = kind == "causal_lm" or (kind is None and isinstance(items[0].get("labels"), (list, tuple)))
         return causal(items) if is_lm else dict(classification(list(items)))
 
     return collate

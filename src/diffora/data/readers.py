@@ -75,7 +75,10 @@ def infer_format(path: PathLike) -> Format:
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
         known = ", ".join(sorted(FORMATS))
-        raise DataError(f"{path}: cannot tell the format from the suffix {suffix!r}; use one of {known} or pass the format explicitly")
+        raise DataError(
+            f"{path}: cannot tell the format from the suffix {suffix!r}; "
+            f"use one of {known} or pass the format explicitly"
+        )
     return FORMATS[suffix]
 
 
@@ -84,7 +87,9 @@ def _decode(path: Path, raw: bytes, encoding: str) -> str:
     try:
         return raw.decode(encoding)
     except LookupError:
-        raise DataError(f"{path}: unknown text encoding {encoding!r}; pass a valid one such as --encoding utf-8") from None
+        raise DataError(
+            f"{path}: unknown text encoding {encoding!r}; pass a valid one such as --encoding utf-8"
+        ) from None
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise DataError(
@@ -114,10 +119,14 @@ def _read_delimited(
                     names = [name.strip() for name in row]
                     duplicates = sorted({n for n in names if names.count(n) > 1})
                     if duplicates:
-                        raise DataError(f"{path} line {start}: the header repeats the column name(s) {duplicates}; give every column a distinct name")
+                        raise DataError(
+                            f"{path} line {start}: the header repeats the column name(s) {duplicates}; "
+                            "give every column a distinct name"
+                        )
                 elif len(names) != len(row):
                     raise DataError(
-                        f"{path} line {start}: the header has {len(row)} columns but {len(names)} column names were given; "
+                        f"{path} line {start}: the header has {len(row)} columns but "
+                        f"{len(names)} column names were given; "
                         "give one name per column"
                     )
                 continue
@@ -129,9 +138,11 @@ def _read_delimited(
                     f"{path} line {start}: expected {len(names)} fields but found {len(row)}{hint}; "
                     f"fix that row so every row has the same number of {'tabs' if delimiter == chr(9) else 'fields'}"
                 )
-            records.append(Record(zip(names, row), line=start))
+            records.append(Record(zip(names, row, strict=True), line=start))
     except csv.Error as exc:
-        raise DataError(f"{path} line {reader.line_num}: cannot parse the row ({exc}); fix the row or check the file format") from None
+        raise DataError(
+            f"{path} line {reader.line_num}: cannot parse the row ({exc}); fix the row or check the file format"
+        ) from None
     if not records:
         what = "has a header but no data rows" if saw_header else "has no data rows"
         raise DataError(f"{path} {what}; add at least one example")
@@ -140,7 +151,10 @@ def _read_delimited(
 
 def _json_record(path: Path, item: Any, where: str, line: Optional[int]) -> Record:
     if not isinstance(item, dict):
-        raise DataError(f"{where}: expected a JSON object (one example) but found {type(item).__name__}; write each example as {{\"column\": value, ...}}")
+        raise DataError(
+            f"{where}: expected a JSON object (one example) but found {type(item).__name__}; "
+            'write each example as {"column": value, ...}'
+        )
     return Record({str(k): v for k, v in item.items()}, line=line)
 
 
@@ -148,11 +162,14 @@ def _read_json(path: Path, text: str) -> list[Record]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg}); fix the syntax (JSON Lines files need the suffix .jsonl)") from None
+        raise DataError(
+            f"{path} line {exc.lineno}: invalid JSON ({exc.msg}); "
+            "fix the syntax (JSON Lines files need the suffix .jsonl)"
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of objects or {{\"data\": [...]}}; wrap the examples in a list")
+        raise DataError(f'{path}: expected a JSON list of objects or {{"data": [...]}}; wrap the examples in a list')
     if not data:
         raise DataError(f"{path} holds no examples; add at least one")
     return [_json_record(path, item, f"{path} record #{i + 1}", None) for i, item in enumerate(data)]
@@ -166,7 +183,9 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {number}: invalid JSON ({exc.msg}); each line must hold one JSON object") from None
+            raise DataError(
+                f"{path} line {number}: invalid JSON ({exc.msg}); each line must hold one JSON object"
+            ) from None
         records.append(_json_record(path, item, f"{path} line {number}", number))
     if not records:
         raise DataError(f"{path} holds no examples; add at least one JSON object per line")
@@ -248,15 +267,19 @@ class Examples:
 
     @property
     def is_regression(self) -> bool:
-        """True when the labels are real-valued scores (no label names)."""
-        return self.labels is not None and self.label_names is None
+        """True when the labels are real-valued scores: no label names and ``float`` values."""
+        if self.labels is None or self.label_names is not None:
+            return False
+        return any(isinstance(v, float) for v in self.labels)
 
     @property
     def num_labels(self) -> Optional[int]:
-        """Number of classes (1 for regression, ``None`` when unlabelled)."""
+        """Number of classes: 1 for regression, ``None`` when unlabelled, else the label names (or max id + 1)."""
         if self.labels is None:
             return None
-        return 1 if self.label_names is None else len(self.label_names)
+        if self.label_names is not None:
+            return len(self.label_names)
+        return 1 if self.is_regression else max((int(v) for v in self.labels), default=-1) + 1
 
     def subset(self, indices: Sequence[int]) -> "Examples":
         """The examples at ``indices``, in that order (label names are kept even if a class disappears)."""
@@ -335,7 +358,8 @@ def _field(record: Mapping[str, Any], column: str, source: str, index: int) -> A
         return record[column]
     except KeyError:
         raise DataError(
-            f"{_where(source, record, index)}: no field {column!r} (fields: {list(record.keys())}); add it to every example"
+            f"{_where(source, record, index)}: no field {column!r} (fields: {list(record.keys())}); "
+            "add it to every example"
         ) from None
 
 
@@ -345,7 +369,10 @@ def _text(record: Mapping[str, Any], column: str, source: str, index: int) -> st
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # a JSON number used as text: keep its spelling
-    raise DataError(f"{_where(source, record, index)}: {column!r} must be text but is {json.dumps(value)}; give every example a text value")
+    raise DataError(
+        f"{_where(source, record, index)}: {column!r} must be text but is {json.dumps(value)}; "
+        "give every example a text value"
+    )
 
 
 def _label_key(value: Any) -> Optional[str]:
@@ -376,7 +403,9 @@ def _class_labels(
     for i, record in enumerate(records):
         key = _label_key(_field(record, column, source, i))
         if key is None:
-            raise DataError(f"{_where(source, record, i)}: missing or invalid label in {column!r}; give every example a class label")
+            raise DataError(
+                f"{_where(source, record, i)}: missing or invalid label in {column!r}; give every example a class label"
+            )
         keys.append(key)
     names = list(label_names) if label_names is not None else _sorted_label_names(set(keys))
     ids = {name: i for i, name in enumerate(names)}
@@ -400,7 +429,10 @@ def _float_labels(records: Sequence[Mapping[str, Any]], column: str, source: str
         except (TypeError, ValueError):
             number = math.nan
         if not math.isfinite(number):
-            raise DataError(f"{_where(source, record, i)}: the score in {column!r} is {json.dumps(value)}, not a finite number; fix that value")
+            raise DataError(
+                f"{_where(source, record, i)}: the score in {column!r} is {json.dumps(value)}, "
+                "not a finite number; fix that value"
+            )
         labels.append(number)
     return labels
 
@@ -459,7 +491,11 @@ def build_lm_examples(
     if text_column is not None and (prompt_column is not None or response_column is not None):
         raise DataError(f"{source}: give either a text column or prompt/response columns, not both")
     if text_column is None and response_column is None:
-        what = "a response column to go with the prompt column" if prompt_column else "a text column (or prompt and response columns)"
+        what = (
+            "a response column to go with the prompt column"
+            if prompt_column
+            else "a text column (or prompt and response columns)"
+        )
         raise DataError(f"{source}: causal LM data needs {what}")
     column = text_column if text_column is not None else response_column
     _check_columns(records, [column, prompt_column], source)

@@ -37,7 +37,12 @@ __all__ = ["GLUE_TASKS", "TaskSpec", "get_task", "load_task_file", "load_task_sp
 TaskKind = Literal["classification", "regression", "causal_lm"]
 
 # Spellings of split names that mean the same file.
-_SPLIT_ALIASES = {"validation": "dev", "validation_matched": "dev", "dev_matched": "dev", "validation_mismatched": "dev_mismatched"}
+_SPLIT_ALIASES = {
+    "validation": "dev",
+    "validation_matched": "dev",
+    "dev_matched": "dev",
+    "validation_mismatched": "dev_mismatched",
+}
 
 
 @dataclass(frozen=True)
@@ -84,9 +89,13 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in ("classification", "regression", "causal_lm"):
-            raise ConfigError(f"task {self.name!r}: kind must be classification, regression or causal_lm, not {self.kind!r}")
+            raise ConfigError(
+                f"task {self.name!r}: kind must be classification, regression or causal_lm, not {self.kind!r}"
+            )
         if self.main_metric not in self.metrics:
-            raise ConfigError(f"task {self.name!r}: main metric {self.main_metric!r} is not one of its metrics {list(self.metrics)}")
+            raise ConfigError(
+                f"task {self.name!r}: main metric {self.main_metric!r} is not one of its metrics {list(self.metrics)}"
+            )
         if self.label_names is not None and len(self.label_names) != self.num_labels:
             raise ConfigError(f"task {self.name!r}: {len(self.label_names)} label names for {self.num_labels} labels")
 
@@ -126,7 +135,9 @@ GLUE_TASKS: dict[str, TaskSpec] = {
             header=False,
             column_names=("source", "label", "author_mark", "sentence"),
         ),
-        _glue("sst2", "SST-2", kind="classification", text_column="sentence", label_column="label", label_names=("0", "1")),
+        _glue(
+            "sst2", "SST-2", kind="classification", text_column="sentence", label_column="label", label_names=("0", "1")
+        ),
         _glue(
             "mrpc",
             "MRPC",
@@ -212,7 +223,9 @@ def load_task_file(
         raise ConfigError(f"task {spec.name!r} is a causal LM task; read it with read_records + build_lm_examples")
     if spec.text_column is None:
         raise ConfigError(f"task {spec.name!r} has no text column")
-    records = read_records(path, fmt=fmt or infer_format(path), header=spec.header, encoding=encoding, column_names=spec.column_names)
+    records = read_records(
+        path, fmt=fmt or infer_format(path), header=spec.header, encoding=encoding, column_names=spec.column_names
+    )
     return build_examples(
         records,
         text_column=spec.text_column,
@@ -234,7 +247,9 @@ def _find_split_file(spec: TaskSpec, split: str, data_dir: Path) -> Path:
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: no such folder; pass --data-dir with a folder that holds {file}")
     looked = " or ".join(str(c) for c in candidates)
-    raise DataError(f"task {spec.name!r}: no {split} file at {looked}; put the GLUE-format {file} there or fix --data-dir")
+    raise DataError(
+        f"task {spec.name!r}: no {split} file at {looked}; put the GLUE-format {file} there or fix --data-dir"
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -255,7 +270,9 @@ def _load_from_hub(spec: TaskSpec, split: str) -> Examples:
     try:
         import datasets  # optional dependency: only this fallback needs it
     except ImportError:
-        raise DataError(f"task {spec.name!r}: no --data-dir given and the 'datasets' package is not installed; {hint}") from None
+        raise DataError(
+            f"task {spec.name!r}: no --data-dir given and the 'datasets' package is not installed; {hint}"
+        ) from None
     try:
         data = datasets.load_dataset("nyu-mll/glue", spec.hub_name, split=hub_split)
         text_col, pair_col = spec.hub_columns
@@ -279,10 +296,18 @@ def _load_from_hub(spec: TaskSpec, split: str) -> Examples:
             raise DataError(f"GLUE {spec.name!r} {split} from the hub has no labels (it is a test split); {hint}")
         labels = [ids[int(v)] for v in raw_labels]
     names = None if spec.kind == "regression" else list(spec.label_names or [str(i) for i in range(spec.num_labels)])
-    return Examples(texts=texts, text_pairs=pairs, labels=labels, label_names=names, source=f"hub:nyu-mll/glue/{spec.hub_name}/{hub_split}")
+    return Examples(
+        texts=texts,
+        text_pairs=pairs,
+        labels=labels,
+        label_names=names,
+        source=f"hub:nyu-mll/glue/{spec.hub_name}/{hub_split}",
+    )
 
 
-def load_task_split(spec: TaskSpec, split: str, data_dir: Optional[PathLike] = None, *, encoding: str = "utf-8-sig") -> Examples:
+def load_task_split(
+    spec: TaskSpec, split: str, data_dir: Optional[PathLike] = None, *, encoding: str = "utf-8-sig"
+) -> Examples:
     """Load ``split`` (``"train"`` or ``"dev"``; MNLI also ``"dev_mismatched"``) of a task.
 
     With ``data_dir`` the GLUE TSV is read from ``data_dir/<GLUE folder>/<file>`` or ``data_dir/<file>``.
@@ -293,4 +318,3 @@ def load_task_split(spec: TaskSpec, split: str, data_dir: Optional[PathLike] = N
         return _load_from_hub(spec, split)
     path = _find_split_file(spec, split, Path(data_dir))
     return load_task_file(spec, path, encoding=encoding)
-

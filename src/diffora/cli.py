@@ -1,0 +1,210 @@
+"""``diffora`` command line: ``run``, ``search``, ``train``, ``eval``.
+
+Every option is a field of :class:`diffora.pipeline.Options` (its ``help`` metadata is the ``--help`` text), spelled
+with dashes on the command line (``--keep-ratio``) and with dashes or underscores in a ``--config`` YAML/JSON file.
+Command-line flags override the config file. Errors in the input print one line and exit with status 2 (1 for
+internal errors); ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .errors import ConfigError, DiffoRAError
+
+GROUP_TITLES = {
+    "data": "data", "model": "model", "search": "DAM search and discretisation", "train": "fine-tuning",
+    "run": "run",
+}
+COMMAND_GROUPS = {
+    "run": ("data", "model", "search", "train", "run"),
+    "search": ("data", "model", "search", "train", "run"),
+    "train": ("data", "model", "search", "train", "run"),
+    "eval": ("data", "model", "run"),
+}
+COMMAND_HELP = {
+    "run": "the whole pipeline: DAM search -> discretise -> export -> fine-tune -> evaluate -> save",
+    "search": "DAM search and discretisation only (writes dam.json, dam.png, search_adapter/)",
+    "train": "fine-tune LoRA on the modules of a search record (--dam) or an explicit list (--modules)",
+    "eval": "score a saved adapter on the evaluation data",
+}
+EVAL_ONLY_SKIP = {"overwrite", "output_dir", "train_file", "max_train_samples"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(element type, is_list) of a dataclass field annotation like ``Optional[list[str]]``."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing), {"Optional": Optional})  # annotations are postponed strings
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def _add_options(parser: argparse.ArgumentParser, groups: Sequence[str], command: str) -> None:
+    from .pipeline import Options
+
+    sections = {g: parser.add_argument_group(GROUP_TITLES[g]) for g in groups}
+    for f in fields(Options):
+        group = f.metadata.get("group")
+        if group not in groups or (command == "eval" and f.name in EVAL_ONLY_SKIP):
+            continue
+        kind, is_list = _base_type(f.type)
+        default = f.default if f.default is not MISSING else None
+        text = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if is_list:
+                kwargs["nargs"] = "+"
+            kwargs["metavar"] = f.name.upper() if not is_list else "NAME"
+        kwargs["help"] = f"{text} (default: {default})"
+        sections[group].add_argument(_flag(f.name), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffora",
+        description="DiffoRA: learn which modules get LoRA (a Differential Adaptation Matrix), fine-tune them, and "
+        "export a plain PEFT LoRA adapter.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"diffora {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command, groups in COMMAND_GROUPS.items():
+        sub = commands.add_parser(command, help=COMMAND_HELP[command], description=COMMAND_HELP[command])
+        sub.add_argument("--config", metavar="FILE", help="YAML or JSON file with options (keys as the flags' names)")
+        sub.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+        if command == "train":
+            sub.add_argument("--dam", metavar="DAM_JSON", help="search record from 'diffora search' (uses its kept modules)")
+            sub.add_argument("--modules", nargs="+", metavar="NAME", help="explicit full module names to adapt")
+        if command == "eval":
+            sub.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (OUT/adapter)")
+            sub.add_argument("--output-file", metavar="FILE", help="also write the metrics JSON here")
+        _add_options(sub, groups, command)
+    return parser
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Options from a YAML/JSON file; keys may use dashes or underscores."""
+    from .pipeline import Options
+
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc.__class__.__name__}") from None
+    try:
+        if file.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml and json raise many types
+        raise ConfigError(f"config file '{path}' is not valid {file.suffix.lstrip('.').upper() or 'YAML'}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of option names to values")
+    known = {f.name for f in fields(Options)} | {"dam", "modules", "adapter", "output_file"}
+    options = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"config file '{path}': unknown option '{key}'; see 'diffora run --help'")
+        options[name] = value
+    return options
+
+
+def parse(argv: Optional[Sequence[str]] = None) -> tuple[str, Any, argparse.Namespace]:
+    """Parse ``argv`` into (command, Options, raw namespace)."""
+    from .pipeline import Options
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = load_config_file(args.config) if args.config else {}
+    explicit = {k: v for k, v in vars(args).items() if k not in {"command", "config", "debug"}}
+    values.update(explicit)
+    extras = {k: values.pop(k) for k in ("dam", "modules", "adapter", "output_file") if k in values}
+    for k, v in extras.items():
+        setattr(args, k, v)
+    args.model_given = "model" in values
+    if args.command == "eval":
+        values.setdefault("output_dir", ".")
+    try:
+        opts = Options(**values)
+    except TypeError as exc:  # a config value of the wrong type
+        raise ConfigError(f"invalid option value: {exc}") from None
+    return args.command, opts, args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    _quiet_libraries(debug)
+    try:
+        command, opts, args = parse(argv)
+        from . import jobs
+
+        if command == "run":
+            jobs.run_job(opts)
+        elif command == "search":
+            jobs.search_job(opts)
+        elif command == "train":
+            jobs.train_job(opts, dam=getattr(args, "dam", None), modules=getattr(args, "modules", None))
+        else:
+            jobs.eval_job(opts, args.adapter, getattr(args, "output_file", None), model_given=args.model_given)
+    except DiffoRAError as exc:
+        if debug:
+            raise
+        print(f"diffora: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffora: interrupted; nothing was written to the output directory", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: say so, and how to get details
+        if debug:
+            raise
+        print(f"diffora: internal error: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(rerun with --debug for the traceback; please report it)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _quiet_libraries(debug: bool) -> None:
+    if debug:
+        return
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

