@@ -169,9 +169,10 @@ class DAMSearch:
         snapshot_every: int = 10,
         callback: Optional[Callable[["DAMSearch", int], None]] = None,
     ) -> SearchHistory:
-        """Run ``steps`` search iterations: a weight step, then (after the warm-up) a gate step.
+        """Run search iterations until ``steps`` in total: a weight step, then (after the warm-up) a gate step.
 
-        ``weight_data``/``gate_data`` are re-iterated when exhausted (e.g. DataLoaders, reshuffled each pass).
+        ``weight_data``/``gate_data`` are re-iterated when exhausted (e.g. DataLoaders, reshuffled each pass). A
+        search restored with :meth:`load_state_dict` continues from its step counter.
         """
         if steps <= 0:
             raise SearchStateError(f"steps must be positive, got {steps}")
@@ -181,7 +182,8 @@ class DAMSearch:
                 "otherwise no gate step runs and the DAM learns nothing"
             )
         weights, gates = _cycle(weight_data), _cycle(gate_data)
-        bar = tqdm(range(steps), desc="DAM search", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(range(self.weight_steps, steps), desc="DAM search", disable=not progress, dynamic_ncols=True,
+                   initial=self.weight_steps, total=steps)
         for step in bar:
             weight_batch = next(weights)
             w_loss = self.weight_step(weight_batch)
@@ -242,6 +244,46 @@ class DAMSearch:
         from .record import build_record
 
         return build_record(self, selection, **extra)
+
+    # --------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the search exactly: LoRA/head weights, betas, both optimisers, counters."""
+        return {
+            "weights": {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad},
+            "beta": self.gates.beta.detach().clone(),
+            "weight_optimizer": self.weight_optimizer.state_dict(),
+            "gate_optimizer": self.gate_optimizer.state_dict(),
+            "weight_steps": self.weight_steps,
+            "gate_steps": self.gate_steps,
+            "history": {
+                "weight_losses": list(self.history.weight_losses),
+                "gate_losses": list(self.history.gate_losses),
+                "gate_snapshots": list(self.history.gate_snapshots),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (of a search over the same model and grid)."""
+        self._check_live()
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(params) != set(state["weights"]):
+            raise SearchStateError("the search state belongs to a different model or DAM grid")
+        if tuple(state["beta"].shape) != tuple(self.gates.beta.shape):
+            raise SearchStateError("the search state has a DAM of another shape")
+        with torch.no_grad():
+            for name, value in state["weights"].items():
+                params[name].copy_(value)
+            self.gates.beta.copy_(state["beta"])
+        self.weight_optimizer.load_state_dict(state["weight_optimizer"])
+        self.gate_optimizer.load_state_dict(state["gate_optimizer"])
+        self.weight_steps = int(state["weight_steps"])
+        self.gate_steps = int(state["gate_steps"])
+        history = state.get("history", {})
+        self.history = SearchHistory(
+            list(history.get("weight_losses", [])),
+            list(history.get("gate_losses", [])),
+            [tuple(s) for s in history.get("gate_snapshots", [])],
+        )
 
     # ------------------------------------------------------------ helpers
     def lora_layer(self, module_name: str) -> nn.Module:
