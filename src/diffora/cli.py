@@ -60,6 +60,8 @@ def _add_options(parser: argparse.ArgumentParser, groups: Sequence[str], command
     sections = {g: parser.add_argument_group(GROUP_TITLES[g]) for g in groups}
     for f in fields(Options):
         group = f.metadata.get("group")
+        if command == "eval" and f.name == "eval_batch_size":
+            group = "data"
         if group not in groups or (command == "eval" and f.name in EVAL_ONLY_SKIP):
             continue
         kind, is_list = _base_type(f.type)

@@ -89,6 +89,7 @@ def _search(prep: _Prepared, opts: Options) -> tuple[Any, Any, dict, float]:
             "gate step would run; add data, raise --search-epochs/--search-steps or lower --gate-warmup-steps"
         )
     search.fit(weight_loader, gate_loader, steps, progress=not opts.quiet and prep.accelerator.is_main_process)
+    agree = _ranks_agree(search.gates.beta.detach())
     selection = search.discretize()
     seconds = time.perf_counter() - start
     record = search.record(
@@ -101,9 +102,23 @@ def _search(prep: _Prepared, opts: Options) -> tuple[Any, Any, dict, float]:
         gate_split_rows=len(gate_idx),
         search_seconds=seconds,
         world_size=prep.accelerator.num_processes,
+        ranks_agree=agree,
     )
     peft_model = search.export(selection)
     return peft_model, selection, record, seconds
+
+
+def _ranks_agree(beta: torch.Tensor) -> bool:
+    """Data-parallel runs must learn one DAM: compare every rank's betas bit for bit (True on one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return True
+    gathered = [torch.empty_like(beta) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, beta.contiguous())
+    if not all(torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError("the DAM differs between processes; data-parallel gate gradients were not synchronised")
+    return True
 
 
 def _finetune(prep: _Prepared, opts: Options, peft_model: Any):

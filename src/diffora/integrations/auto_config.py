@@ -1,0 +1,285 @@
+"""One call from a model and its training data to a plain ``peft.LoraConfig`` whose ``target_modules`` DiffoRA chose.
+
+A PEFT user changes two lines::
+
+    - config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS")
+    + from diffora.integrations import auto_lora_config
+    + config = auto_lora_config(model, train_ds, collate_fn=collator).lora_config
+      peft_model = get_peft_model(model, config)     # ... and the rest of the training code stays as it was
+
+The search runs on a deep copy of ``model``: PEFT injection, the search steps and the export all happen on the copy,
+so the caller's model (its modules, parameters, ``training`` flag) and the caller's global RNG stream are left as
+they were. The result depends only on the model, the data and ``config`` (the search seeds its own RNG with
+``config.seed``).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config import DiffoRAConfig
+from ..discretize import Selection
+from ..errors import ConfigError, DataError, ModelError
+from ..export import infer_task_type, lora_config_for
+from ..search import LossFn, default_loss, prepare_search
+
+__all__ = ["AutoLoraResult", "DEFAULT_MAX_SEARCH_STEPS", "auto_lora_config", "split_indices"]
+
+#: Cap of the default search length (one pass over the weight split, at most this many steps).
+DEFAULT_MAX_SEARCH_STEPS = 300
+#: The default search runs at least this many gate steps after the warm-up, even on a small data set.
+MIN_GATE_STEPS = 20
+
+
+@dataclass
+class AutoLoraResult:
+    """What :func:`auto_lora_config` found.
+
+    Attributes:
+        lora_config: a plain ``peft.LoraConfig`` (explicit full module names in ``target_modules``, the task head in
+            ``modules_to_save``, ``task_type`` inferred from the model class).
+        record: the search record, as written to ``dam.json`` (grid, betas, gates, history, selection).
+        selection: the kept DAM entries.
+        state_dict: with ``return_weights=True``, the search's LoRA weights of the kept modules (gate folded into
+            ``B``) and its trained task head, keyed as ``peft.get_peft_model_state_dict`` names them; else ``None``.
+        search_steps: weight steps the search ran (gate steps: ``search_steps - gate_warmup_steps``).
+        seconds: wall-clock time of the search.
+    """
+
+    lora_config: LoraConfig
+    record: dict
+    selection: Selection
+    state_dict: Optional[dict[str, torch.Tensor]] = None
+    search_steps: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def target_modules(self) -> list[str]:
+        return list(self.selection.modules)
+
+    def get_peft_model(self, model: nn.Module, adapter_name: str = "default") -> PeftModel:
+        """``get_peft_model(model, lora_config)``, initialised from the search's weights when they were returned."""
+        peft_model = get_peft_model(model, self.lora_config, adapter_name=adapter_name)
+        if self.state_dict is not None:
+            result = set_peft_model_state_dict(peft_model, self.state_dict, adapter_name=adapter_name)
+            unexpected = list(getattr(result, "unexpected_keys", []) or [])
+            if unexpected:
+                raise ModelError(
+                    f"the search weights do not fit this model (unexpected keys such as {unexpected[0]!r}); "
+                    "pass the model the search ran on"
+                )
+        return peft_model
+
+
+def split_indices(n: int, gate_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of ``n`` training rows into (weight split, gate split) — the same split as ``diffora run``."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 17)).tolist()
+    n_gate = max(1, int(round(gate_fraction * n)))
+    if n - n_gate < 1:
+        raise DataError(f"{n} training rows are too few to split for the search; add data or lower gate_fraction")
+    return sorted(order[n_gate:]), sorted(order[:n_gate])
+
+
+def default_search_steps(n_weight_batches: int, config: DiffoRAConfig, cap: int = DEFAULT_MAX_SEARCH_STEPS) -> int:
+    """One pass over the weight split, at least ``gate_warmup_steps + MIN_GATE_STEPS``, at most ``cap`` steps."""
+    wanted = max(n_weight_batches, config.gate_warmup_steps + MIN_GATE_STEPS)
+    return max(min(wanted, cap), config.gate_warmup_steps + 1)
+
+
+def auto_lora_config(
+    model: nn.Module,
+    train_dataset: Sequence[Any],
+    *,
+    config: Optional[DiffoRAConfig] = None,
+    collate_fn: Optional[Callable[[list[Any]], Mapping[str, Any]]] = None,
+    batch_size: int = 16,
+    search_steps: Optional[int] = None,
+    loss_fn: Optional[LossFn] = None,
+    return_weights: bool = False,
+    progress: bool = True,
+) -> AutoLoraResult:
+    """Search which modules of ``model`` should get LoRA and return the ``LoraConfig`` for them.
+
+    Args:
+        model: a Hugging Face model **without** adapters (left unchanged: the search runs on a deep copy).
+        train_dataset: the training examples (a list, a ``torch`` map-style dataset or a ``datasets.Dataset``);
+            a seeded ``config.gate_fraction`` of it is held out for the gate steps, the rest trains the weights.
+        config: search options (rank, alpha, keep ratio, granularity, learning rates…); default ``DiffoRAConfig()``.
+        collate_fn: turns a list of examples into a batch dict with ``labels`` (e.g. ``DataCollatorWithPadding``
+            or ``diffora.data.encode.make_collator``); default ``transformers.default_data_collator``. Columns the
+            model's ``forward`` does not accept (raw text…) are dropped first, as the ``Trainer`` does.
+        batch_size: examples per search step (weight and gate batches alike).
+        search_steps: weight steps of the search; default one pass over the weight split, at least
+            ``gate_warmup_steps + 20`` and at most 300 steps.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default the model's own loss.
+        return_weights: also return the search's LoRA/head weights of the kept modules (``result.state_dict``),
+            so training can start from them (weight sharing) instead of PEFT's fresh init.
+        progress: show a progress bar.
+
+    Raises:
+        ModelError: ``model`` already carries PEFT adapters, or has nothing DiffoRA can adapt.
+        DataError / ConfigError: too little data, a bad option.
+    """
+    config = config or DiffoRAConfig()
+    if _has_adapters(model):
+        raise ModelError(
+            "auto_lora_config needs the base model without adapters (it got a PEFT model); pass the model you would "
+            "hand to get_peft_model"
+        )
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    if search_steps is not None and (isinstance(search_steps, bool) or int(search_steps) != search_steps):
+        raise ConfigError(f"search_steps must be a whole number of steps, got {search_steps!r}")
+    try:
+        n = len(train_dataset)
+    except TypeError:
+        raise DataError("train_dataset must have a length (a list, a map-style Dataset or a datasets.Dataset)") from None
+    if n < 2:
+        raise DataError(f"auto_lora_config needs at least 2 training examples (got {n}): one for each split")
+
+    weight_idx, gate_idx = split_indices(n, config.gate_fraction, config.seed)
+    collate = _column_filtering(collate_fn or _default_collator(), model)
+    device = _device_of(model)
+    n_weight_batches = math.ceil(len(weight_idx) / batch_size)
+    steps = int(search_steps) if search_steps is not None else default_search_steps(n_weight_batches, config)
+    if steps <= config.gate_warmup_steps:
+        raise ConfigError(
+            f"search_steps ({steps}) must exceed config.gate_warmup_steps ({config.gate_warmup_steps}), otherwise "
+            "no gate step runs and the DAM learns nothing; raise search_steps or lower gate_warmup_steps"
+        )
+
+    base_loss = loss_fn or default_loss
+
+    def on_device_loss(m: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        return base_loss(m, _to_device(batch, device))
+
+    start = time.perf_counter()
+    cuda_devices = [device] if device.type == "cuda" else []
+    # Own RNG stream: LoRA init, data order and dropout depend on config.seed only, and the caller's stream is left
+    # where it was.
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(config.seed)
+        work = copy.deepcopy(model)
+        search = prepare_search(work, config, loss_fn=on_device_loss)
+        search.gates.to(device)
+        weight_loader = _loader(train_dataset, weight_idx, batch_size, collate, config.seed)
+        gate_loader = _loader(train_dataset, gate_idx, batch_size, collate, config.seed + 1)
+        search.fit(weight_loader, gate_loader, steps, progress=progress)
+        selection = search.discretize()
+        seconds = time.perf_counter() - start
+        record = search.record(
+            selection,
+            search_steps=steps,
+            weight_split_rows=len(weight_idx),
+            gate_split_rows=len(gate_idx),
+            search_seconds=seconds,
+            batch_size=batch_size,
+            source="diffora.integrations.auto_lora_config",
+        )
+        lora_config = lora_config_for(
+            selection,
+            rank=config.rank,
+            alpha=config.alpha,
+            dropout=config.dropout,
+            modules_to_save=search.heads,
+            task_type=infer_task_type(search.model_class),
+            fan_in_fan_out=search.fan_in_fan_out,
+        )
+        state_dict = None
+        if return_weights:
+            exported = search.export(selection, weight_sharing=True)
+            state_dict = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(exported).items()}
+            del exported
+    del search, work
+    return AutoLoraResult(
+        lora_config=lora_config,
+        record=record,
+        selection=selection,
+        state_dict=state_dict,
+        search_steps=steps,
+        seconds=seconds,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def _has_adapters(model: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model, PeftModel) or getattr(model, "_hf_peft_config_loaded", False):
+        return True
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def _default_collator() -> Callable[[list[Any]], Mapping[str, Any]]:
+    from transformers import default_data_collator
+
+    return default_data_collator
+
+
+def _accepted_inputs(model: nn.Module) -> Optional[set[str]]:
+    """Argument names of ``model.forward`` (None when it takes ``**kwargs``, i.e. accepts anything)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params) | {"label", "label_ids", "labels"}
+
+
+def _column_filtering(collate: Callable, model: nn.Module) -> Callable:
+    """Drop example fields the model does not take (as the Trainer's ``remove_unused_columns`` does), then collate."""
+    accepted = _accepted_inputs(model)
+
+    def collate_filtered(items: list[Any]) -> Mapping[str, Any]:
+        if accepted is not None and items and isinstance(items[0], Mapping):
+            items = [{k: v for k, v in item.items() if k in accepted} for item in items]
+        batch = collate(items)
+        if not isinstance(batch, Mapping):
+            raise DataError(
+                f"collate_fn returned a {type(batch).__name__}; it must return a dict of model inputs with 'labels'"
+            )
+        return batch
+
+    return collate_filtered
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Rows ``indices`` of any indexable data set (``datasets.Dataset`` rows come back as dicts)."""
+
+    def __init__(self, data: Sequence[Any], indices: list[int]) -> None:
+        self.data, self.indices = data, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.data[self.indices[i]]
+
+
+def _loader(data: Sequence[Any], indices: list[int], batch_size: int, collate: Callable, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(_Rows(data, indices), batch_size=batch_size, shuffle=True, collate_fn=collate,
+                      generator=generator)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        raise ModelError(f"{type(model).__name__} has no parameters") from None
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
