@@ -578,6 +578,21 @@ def ablation_plan(seeds, rank: int, variants: list[str]):
 
 
 # ------------------------------------------------------------------------------------------------- running
+TIERS = [  # scheduling order: the comparisons the issue is about first, so a stopped run keeps them
+    ("search",), ("lora_all_r", "diffora_rho0.5", "random_rho0.5", "diffora_rho0.25", "random_rho0.25", "diffora["),
+    ("random_ws", "diffora_rho0.75", "lora_all_matched", "adalora", "lora_qv_r"), ("full_ft",),
+]
+
+
+def priority(job: dict) -> tuple:
+    name = "search" if job["kind"] == "search" else job["method"]
+    for tier, prefixes in enumerate(TIERS):
+        for k, prefix in enumerate(prefixes):
+            if name.startswith(prefix):
+                return (tier, job["seed"], k, name)
+    return (len(TIERS), job["seed"], 0, name)
+
+
 def _machine(workers: int, threads: int) -> dict:
     import torch
 
@@ -737,26 +752,37 @@ def run(args: argparse.Namespace) -> dict:
         save()
         return new
 
-    for job in jobs:
-        job["ctx"] = ctx_dict
+    deadline = t_start + args.max_minutes * 60 if args.max_minutes else None
+    queue = [dict(j, ctx=ctx_dict) for j in jobs]
+    report["skipped"] = []
+
+    def next_job() -> Optional[dict]:
+        if not queue:
+            return None
+        queue.sort(key=priority)
+        if deadline is not None and time.perf_counter() > deadline:
+            report["skipped"] += [{"method": j.get("method"), "variant": j.get("variant"), "seed": j["seed"]} for j in queue]
+            print(f"[bench] --max-minutes reached: skipping {len(queue)} jobs", flush=True)
+            queue.clear()
+            return None
+        return queue.pop(0)
+
     if args.workers <= 0:
-        queue = list(jobs)
-        while queue:
-            job = queue.pop(0)
-            for new in handle(execute(job)):
-                new["ctx"] = ctx_dict
-                queue.insert(0, new) if new["spec"].get("family") == "diffora" else queue.append(new)
+        while (job := next_job()) is not None:
+            queue.extend(dict(n, ctx=ctx_dict) for n in handle(execute(job)))
     else:
         with cf.ProcessPoolExecutor(max_workers=args.workers, mp_context=mp.get_context("spawn"),
                                     initializer=_worker_init, initargs=(args.threads,)) as pool:
-            # searches first (they unlock DiffoRA's fine-tunes), then the long jobs
-            pending = {pool.submit(execute, j) for j in jobs}
-            while pending:
-                done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            # at most `workers` jobs in flight; the next one is always the most important one available
+            running = set()
+            while True:
+                while len(running) < args.workers and (job := next_job()) is not None:
+                    running.add(pool.submit(execute, job))
+                if not running:
+                    break
+                done, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
-                    for new in handle(fut.result()):
-                        new["ctx"] = ctx_dict
-                        pending.add(pool.submit(execute, new))
+                    queue.extend(dict(n, ctx=ctx_dict) for n in handle(fut.result()))
     for s in report["searches"]:
         s.pop("state_path", None)
     save()
@@ -780,6 +806,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--name")
     p.add_argument("--variants", nargs="*", choices=sorted(ABLATION_SEARCHES))
     p.add_argument("--only", nargs="*", help="main suite: only these methods (searches always run)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no new job after this many minutes (skipped jobs are listed in the JSON)")
     p.add_argument("--command", help=argparse.SUPPRESS)
     for key, typ in (("train_rows", int), ("eval_rows", int), ("epochs", float), ("eval_points", int),
                      ("rank", int), ("search_fraction", float), ("max_length", int)):

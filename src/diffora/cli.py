@@ -17,6 +17,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .checkpoint import Interrupted
 from .errors import ConfigError, DiffoRAError
 
 GROUP_TITLES = {
@@ -175,6 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             jobs.train_job(opts, dam=getattr(args, "dam", None), modules=getattr(args, "modules", None))
         else:
             jobs.eval_job(opts, args.adapter, getattr(args, "output_file", None), model_given=args.model_given)
+    except Interrupted as exc:
+        print(f"diffora: {exc}", file=sys.stderr)
+        return 130
     except DiffoRAError as exc:
         if debug:
             raise

@@ -12,12 +12,14 @@ from typing import Any, Optional
 import torch
 
 from .candidates import detect_task_heads
-from .errors import DataError, ModelError
+from .checkpoint import Checkpointer, ResumableLoader
+from .errors import ConfigError, DataError, ModelError
 from .evaluation.metrics import higher_is_better, majority_baseline
 from .evaluation.predict import evaluate_model
 from .export import count_trainable, infer_task_type, lora_config_for
 from .io import atomic_write_json
 from .pipeline import (
+    RESUME_VOLATILE,
     Options,
     TaskData,
     check_output_dir,
@@ -75,12 +77,33 @@ class _Prepared:
         return majority_baseline(self.data.train.labels, self.data.eval.labels, self.data.metrics)
 
 
-def _search(prep: _Prepared, opts: Options) -> tuple[Any, Any, dict, float]:
+def _checkpointer(opts: Options, accelerator: Any, out: Path) -> Checkpointer:
+    # Exact resume is implemented for one process; data-parallel runs still stop cleanly on signals via the
+    # accelerate launcher, but they do not write resumable checkpoints (documented in docs/reliability.md).
+    enabled = accelerator.num_processes == 1 and opts.checkpoint_every > 0
+    return Checkpointer(out / "checkpoints", every=opts.checkpoint_every, enabled=enabled)
+
+
+def _check_same_options(saved: dict, opts: Options) -> None:
+    now = {k: v for k, v in vars(opts).items() if k not in RESUME_VOLATILE}
+    before = {k: v for k, v in saved.items() if k not in RESUME_VOLATILE}
+    changed = sorted(k for k in now if before.get(k) != now[k])
+    if changed:
+        raise ConfigError(
+            f"--resume needs the options of the interrupted run; these differ: {', '.join(changed)} "
+            f"(was {before.get(changed[0])!r}, now {now[changed[0]]!r})"
+        )
+
+
+def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None) -> tuple[Any, Any, dict, float]:
     """Search + discretise + export; returns (peft_model, selection, record, seconds)."""
     config = opts.search_config()
     start = time.perf_counter()
     weight_idx, gate_idx = split_for_search(len(prep.train_items), config.gate_fraction, opts.seed)
     weight_loader, gate_loader = prep.loader(weight_idx, 0), prep.loader(gate_idx, 1)
+    resumable = ckpt is not None and ckpt.enabled
+    if resumable:
+        weight_loader, gate_loader = ResumableLoader(weight_loader), ResumableLoader(gate_loader)
     search = prepare_search(prep.model, config)
     steps = opts.search_steps or max(1, math.ceil(opts.search_epochs * len(weight_loader)))
     if steps <= config.gate_warmup_steps:
@@ -88,10 +111,31 @@ def _search(prep: _Prepared, opts: Options) -> tuple[Any, Any, dict, float]:
             f"the search has only {steps} steps, not more than --gate-warmup-steps {config.gate_warmup_steps}, so no "
             "gate step would run; add data, raise --search-epochs/--search-steps or lower --gate-warmup-steps"
         )
-    search.fit(weight_loader, gate_loader, steps, progress=not opts.quiet and prep.accelerator.is_main_process)
+    previous_seconds = 0.0
+    if resumable and opts.resume:
+        saved = ckpt.load("search")
+        if saved is not None:
+            _check_same_options(saved["options"], opts)
+            search.load_state_dict(saved["search"])
+            weight_loader.load_state_dict(saved["weight_loader"])
+            gate_loader.load_state_dict(saved["gate_loader"])
+            previous_seconds = float(saved["seconds"])
+            Checkpointer.restore_rng(saved)
+
+    def checkpoint(s: Any, _step: int) -> None:
+        if resumable and ckpt.due(s.weight_steps):
+            ckpt.save("search", {
+                "search": s.state_dict(), "weight_loader": weight_loader.state_dict(),
+                "gate_loader": gate_loader.state_dict(), "options": vars(opts),
+                "seconds": previous_seconds + time.perf_counter() - start,
+            })
+
+    with ckpt.catching_signals() if resumable else _nullcontext():
+        search.fit(weight_loader, gate_loader, steps, progress=not opts.quiet and prep.accelerator.is_main_process,
+                   callback=checkpoint)
     agree = _ranks_agree(search.gates.beta.detach())
     selection = search.discretize()
-    seconds = time.perf_counter() - start
+    seconds = previous_seconds + time.perf_counter() - start
     record = search.record(
         selection,
         model=opts.model,
@@ -100,12 +144,36 @@ def _search(prep: _Prepared, opts: Options) -> tuple[Any, Any, dict, float]:
         search_steps=steps,
         weight_split_rows=len(weight_idx),
         gate_split_rows=len(gate_idx),
-        search_seconds=seconds,
         world_size=prep.accelerator.num_processes,
         ranks_agree=agree,
     )
     peft_model = search.export(selection)
+    if resumable:
+        atomic_write_json(ckpt.folder / "dam.json", {**record, "search_seconds": seconds})
     return peft_model, selection, record, seconds
+
+
+def _model_from_record(prep: _Prepared, opts: Options, modules: list[str], heads: Optional[list[str]] = None) -> Any:
+    """A fresh PEFT model with LoRA on ``modules`` (PEFT init), as the export would build it."""
+    from peft import get_peft_model
+
+    config = lora_config_for(
+        modules, rank=opts.rank, alpha=opts.alpha, dropout=opts.lora_dropout,
+        modules_to_save=heads if heads is not None else detect_task_heads(prep.model),
+        task_type=infer_task_type(type(prep.model).__name__),
+        fan_in_fan_out=any(type(prep.model.get_submodule(m)).__name__ == "Conv1D" for m in modules),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(opts.seed + 1)
+        return get_peft_model(prep.model, config)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def _ranks_agree(beta: torch.Tensor) -> bool:
@@ -121,7 +189,7 @@ def _ranks_agree(beta: torch.Tensor) -> bool:
     return True
 
 
-def _finetune(prep: _Prepared, opts: Options, peft_model: Any):
+def _finetune(prep: _Prepared, opts: Options, peft_model: Any, ckpt: Optional[Checkpointer] = None):
     main = prep.data.main_metric
     return finetune(
         peft_model,
@@ -132,6 +200,9 @@ def _finetune(prep: _Prepared, opts: Options, peft_model: Any):
         greater_is_better=higher_is_better(main),
         accelerator=prep.accelerator,
         progress=not opts.quiet,
+        checkpointer=ckpt if ckpt is not None and ckpt.enabled else None,
+        resume=opts.resume,
+        checkpoint_extra={"options": vars(opts)},
     )
 
 
@@ -168,14 +239,27 @@ def _metrics(prep: _Prepared, opts: Options, peft_model: Any, result: Any, *, ke
 def run_job(opts: Options) -> dict:
     """Search, discretise, export, fine-tune and evaluate; write OUT/{adapter,dam.json,dam.png,metrics.json}."""
     started = time.perf_counter()
-    out = check_output_dir(opts.output_dir, opts.overwrite)
+    out = check_output_dir(opts.output_dir, opts.overwrite, opts.resume)
     seed_everything(opts.seed)
     accelerator = _accelerator()
     prep = _Prepared(opts, accelerator)
-    peft_model, selection, record, search_seconds = _search(prep, opts)
-    result = _finetune(prep, opts, peft_model)
+    ckpt = _checkpointer(opts, accelerator, out)
+    if opts.overwrite and not opts.resume and ckpt.folder.exists() and accelerator.is_main_process:
+        import shutil
+
+        shutil.rmtree(ckpt.folder)  # stale resume state of an earlier run must not leak into this one
+    if opts.resume and ckpt.path("finetune").exists():
+        saved = load_record(ckpt.folder / "dam.json")
+        search_seconds = float(saved.pop("search_seconds"))
+        record, modules = saved, saved["selection"]["modules"]
+        _check_same_options(ckpt.load("finetune").get("options", vars(opts)), opts)
+        peft_model = _model_from_record(prep, opts, modules, saved.get("heads"))
+    else:
+        peft_model, selection, record, search_seconds = _search(prep, opts, ckpt)
+        modules = selection.modules
+    result = _finetune(prep, opts, peft_model, ckpt)
     n_candidates = sum(1 for row in record["grid"]["names"] for n in row if n)
-    metrics = _metrics(prep, opts, peft_model, result, kept=selection.modules, candidates=n_candidates,
+    metrics = _metrics(prep, opts, peft_model, result, kept=modules, candidates=n_candidates,
                        search_seconds=search_seconds, started=started)
     if accelerator.is_main_process:
         write_outputs(out, adapter_model=peft_model, record=record, metrics=metrics,
@@ -188,6 +272,8 @@ def run_job(opts: Options) -> dict:
 def search_job(opts: Options) -> dict:
     """Search and discretise only; write OUT/{dam.json,dam.png,search_adapter/}."""
     started = time.perf_counter()
+    if opts.resume:
+        raise ConfigError("--resume is supported by 'diffora run'; rerun this command without it")
     out = check_output_dir(opts.output_dir, opts.overwrite)
     seed_everything(opts.seed)
     accelerator = _accelerator()
@@ -213,6 +299,8 @@ def train_job(opts: Options, dam: Optional[str] = None, modules: Optional[list[s
     if (dam is None) == (modules is None):
         raise DataError("diffora train needs exactly one of --dam (a dam.json from diffora search) or --modules")
     started = time.perf_counter()
+    if opts.resume:
+        raise ConfigError("--resume is supported by 'diffora run'; rerun this command without it")
     out = check_output_dir(opts.output_dir, opts.overwrite)
     record = load_record(dam) if dam is not None else None
     if record is not None:

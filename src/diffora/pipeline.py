@@ -94,6 +94,8 @@ class Options:
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output directory.", "group": "run"})
     seed: int = field(default=0, metadata={"help": "Random seed (data order, splits, init).", "group": "run"})
     quiet: bool = field(default=False, metadata={"help": "No progress bars or summary.", "group": "run"})
+    resume: bool = field(default=False, metadata={"help": "Continue an interrupted run from OUTPUT_DIR/checkpoints.", "group": "run"})
+    checkpoint_every: int = field(default=50, metadata={"help": "Write a resumable checkpoint every N steps (0: never; SIGINT/SIGTERM still stop cleanly only with N > 0).", "group": "run"})
 
     def __post_init__(self) -> None:
         for name in ("max_train_samples", "max_eval_samples"):
@@ -271,12 +273,24 @@ def split_for_search(n: int, gate_fraction: float, seed: int) -> tuple[list[int]
 
 
 # ------------------------------------------------------------------------------------------------------- output dir
-def check_output_dir(path: str, overwrite: bool) -> Path:
+#: options that may differ between an interrupted run and its --resume
+RESUME_VOLATILE = {"resume", "quiet", "overwrite", "checkpoint_every"}
+
+
+def check_output_dir(path: str, overwrite: bool, resume: bool = False) -> Path:
+    """Refuse to clobber results; allow --resume only where an interrupted run left checkpoints."""
     out = Path(path)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"output directory '{out}' already exists; pass --overwrite to replace it or choose another --output-dir")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output-dir '{out}' is a file; choose a folder path")
+    checkpoints = out / "checkpoints"
+    if resume:
+        if not any(checkpoints.glob("*.pt")):
+            raise ConfigError(f"nothing to resume: '{checkpoints}' holds no checkpoint; run without --resume")
+    elif out.exists() and not overwrite:
+        if checkpoints.exists() and not (out / "metrics.json").exists() and not (out / "dam.json").exists():
+            raise ConfigError(f"output directory '{out}' holds an interrupted run; pass --resume to continue it "
+                              "or --overwrite to start over")
+        raise ConfigError(f"output directory '{out}' already exists; pass --overwrite to replace it or choose another --output-dir")
     parent = out.resolve().parent
     probe = parent
     while not probe.exists():

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from .checkpoint import Checkpointer, ResumableLoader
 from .errors import ConfigError, TrainingError
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -65,11 +66,15 @@ def finetune(
     accelerator: Any = None,
     progress: bool = True,
     desc: str = "fine-tune",
+    checkpointer: Optional[Checkpointer] = None,
+    resume: bool = False,
+    checkpoint_extra: Optional[dict[str, Any]] = None,
 ) -> FinetuneResult:
     """Train ``model``'s trainable parameters on ``train_loader``; evaluate with ``evaluate(model)``.
 
     ``accelerator`` (an ``accelerate.Accelerator``) wraps model, optimiser and loader for data parallelism; without
-    one the loop runs in this process.
+    one the loop runs in this process. With a ``checkpointer`` the loop saves its full state every N steps (and on
+    SIGINT/SIGTERM); ``resume=True`` continues from the saved state bit-identically (single process).
     """
     from accelerate import Accelerator
 
@@ -78,78 +83,150 @@ def finetune(
     if not params:
         raise TrainingError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
+    if len(train_loader) == 0:
         raise TrainingError("the training data is empty")
-    total = max(1, math.ceil(options.epochs * steps_per_epoch))
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(options.warmup_ratio * total), total)
-    wrapped, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    # evaluation happens at these steps: every eval_every steps or at each epoch end, and always at the end
-    per_shard_epoch = len(loader)
-    total = max(1, math.ceil(options.epochs * per_shard_epoch))
-    every = options.eval_every or per_shard_epoch
+    distributed = accelerator.num_processes > 1
+    if distributed:
+        total = max(1, math.ceil(options.epochs * math.ceil(len(train_loader) / accelerator.num_processes)))
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(options.warmup_ratio * total), total)
+        wrapped, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    else:
+        total = max(1, math.ceil(options.epochs * len(train_loader)))
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(options.warmup_ratio * total), total)
+        wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        loader = ResumableLoader(train_loader)
+    per_epoch = len(loader)
+    every = options.eval_every or per_epoch
     eval_steps = set(range(every, total + 1, every)) | {total}
+    unwrapped = accelerator.unwrap_model(wrapped)
+    trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
 
-    curve: list[dict[str, Any]] = []
-    losses: list[float] = []
-    best_value: Optional[float] = None
-    best_state: Optional[dict[str, torch.Tensor]] = None
-    best_step, best_metrics, final_metrics = 0, {}, {}
-    start = time.perf_counter()
-    bar = tqdm(total=total, desc=desc, disable=not progress or not accelerator.is_main_process, dynamic_ncols=True)
-    step = 0
+    s = _LoopState()
+    if resume and checkpointer is not None:
+        saved = checkpointer.load("finetune")
+        if saved is not None:
+            s = _LoopState.restore(saved, trainable, optimizer, scheduler, loader)
+            Checkpointer.restore_rng(saved)
+
+    def save() -> None:
+        checkpointer.save("finetune", {**s.to_state(trainable, optimizer, scheduler, loader), **(checkpoint_extra or {})})
+
+    start = time.perf_counter() - s.seconds
+    bar = tqdm(total=total, initial=s.step, desc=desc, dynamic_ncols=True,
+               disable=not progress or not accelerator.is_main_process)
     wrapped.train()
-    while step < total:
-        for batch in loader:
-            loss = wrapped(**batch).loss
-            if not torch.isfinite(loss.detach()):
-                raise TrainingError(
-                    f"the training loss became {float(loss.detach())} at step {step}; lower the learning rate "
-                    "(--lr) or check the data for invalid labels"
-                )
-            accelerator.backward(loss)
-            if options.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(params, options.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            postfix = {"loss": f"{losses[-1]:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
-            if evaluate is not None and step in eval_steps:
-                metrics = evaluate(accelerator.unwrap_model(wrapped))
-                curve.append({"step": step, "epoch": step / per_shard_epoch, **metrics})
-                final_metrics = metrics
-                if main_metric is not None:
-                    value = metrics[main_metric]
-                    postfix[main_metric] = f"{value:.4f}"
-                    better = best_value is None or (value > best_value if greater_is_better else value < best_value)
-                    if better:
-                        best_value, best_step, best_metrics = value, step, dict(metrics)
-                        if options.keep_best:
-                            best_state = {
-                                n: p.detach().clone() for n, p in accelerator.unwrap_model(wrapped).named_parameters()
-                                if p.requires_grad
-                            }
-                wrapped.train()
-            bar.set_postfix(postfix)
-            if step >= total:
-                break
+    guard = checkpointer.catching_signals() if checkpointer is not None else _nullcontext()
+    with guard:
+        if checkpointer is not None and s.step == 0 and not distributed:
+            save()  # the starting point (e.g. weights inherited from the search)
+        while s.step < total:
+            for batch in loader:
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                loss = wrapped(**batch).loss
+                if not torch.isfinite(loss.detach()):
+                    raise TrainingError(
+                        f"the training loss became {float(loss.detach())} at step {s.step}; lower the learning rate "
+                        "(--lr) or check the data for invalid labels"
+                        + (f"; the last good checkpoint is {checkpointer.path('finetune')}" if checkpointer else "")
+                    )
+                accelerator.backward(loss)
+                if options.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(params, options.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                s.step += 1
+                s.losses.append(float(loss.detach()))
+                bar.update(1)
+                postfix = {"loss": f"{s.losses[-1]:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
+                if evaluate is not None and s.step in eval_steps:
+                    metrics = evaluate(unwrapped)
+                    s.curve.append({"step": s.step, "epoch": s.step / per_epoch, **metrics})
+                    s.final_metrics = metrics
+                    if main_metric is not None:
+                        value = metrics[main_metric]
+                        postfix[main_metric] = f"{value:.4f}"
+                        better = s.best_value is None or (
+                            value > s.best_value if greater_is_better else value < s.best_value
+                        )
+                        if better:
+                            s.best_value, s.best_step, s.best_metrics = value, s.step, dict(metrics)
+                            if options.keep_best:
+                                s.best_state = {n: p.detach().clone() for n, p in trainable.items()}
+                    wrapped.train()
+                bar.set_postfix(postfix)
+                if checkpointer is not None and not distributed and checkpointer.due(s.step):
+                    s.seconds = time.perf_counter() - start
+                    save()
+                if s.step >= total:
+                    break
     bar.close()
     seconds = time.perf_counter() - start
-    unwrapped = accelerator.unwrap_model(wrapped)
-    if options.keep_best and best_state is not None and best_step != step:
+    if options.keep_best and s.best_state is not None and s.best_step != s.step:
         with torch.no_grad():
-            for name, p in unwrapped.named_parameters():
-                if name in best_state:
-                    p.copy_(best_state[name])
+            for name, p in trainable.items():
+                p.copy_(s.best_state[name])
     return FinetuneResult(
-        steps=step,
+        steps=s.step,
         seconds=seconds,
-        final_metrics=final_metrics,
-        best_metrics=best_metrics or final_metrics,
-        best_step=best_step or step,
-        curve=curve,
-        losses=losses,
+        final_metrics=s.final_metrics,
+        best_metrics=s.best_metrics or s.final_metrics,
+        best_step=s.best_step or s.step,
+        curve=s.curve,
+        losses=s.losses,
     )
+
+
+@dataclass
+class _LoopState:
+    """What the fine-tuning loop must carry across a checkpoint."""
+
+    step: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    best_value: Optional[float] = None
+    best_step: int = 0
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    best_state: Optional[dict[str, torch.Tensor]] = None
+
+    def to_state(self, trainable: dict, optimizer: Any, scheduler: Any, loader: ResumableLoader) -> dict[str, Any]:
+        return {
+            "weights": {n: p.detach().clone() for n, p in trainable.items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "loader": loader.state_dict(),
+            "loop": {
+                "step": self.step, "seconds": self.seconds, "losses": self.losses, "curve": self.curve,
+                "best_value": self.best_value, "best_step": self.best_step, "best_metrics": self.best_metrics,
+                "final_metrics": self.final_metrics,
+            },
+            "best_state": self.best_state or {},
+        }
+
+    @classmethod
+    def restore(cls, saved: dict, trainable: dict, optimizer: Any, scheduler: Any, loader: ResumableLoader) -> "_LoopState":
+        if set(saved["weights"]) != set(trainable):
+            raise TrainingError("the fine-tuning checkpoint belongs to another model or module selection")
+        with torch.no_grad():
+            for name, value in saved["weights"].items():
+                trainable[name].copy_(value)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        loader.load_state_dict(saved["loader"])
+        loop = saved["loop"]
+        return cls(
+            step=int(loop["step"]), seconds=float(loop["seconds"]), losses=list(loop["losses"]),
+            curve=list(loop["curve"]), best_value=loop["best_value"], best_step=int(loop["best_step"]),
+            best_metrics=dict(loop["best_metrics"]), final_metrics=dict(loop["final_metrics"]),
+            best_state=dict(saved["best_state"]) or None,
+        )
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -358,7 +358,7 @@ class DiffoRATrainer(Trainer):
         self.selection = self.search.discretize()
         self.record = self.search.record(
             self.selection,
-            model=getattr(getattr(self.search.model.get_base_model(), "config", None), "_name_or_path", None) or None,
+            model=_model_name(self.search.model.get_base_model()),
             search_steps=self.search_steps,
             total_steps=self._total_steps,
             weight_split_rows=self._weight_rows,
@@ -539,6 +539,11 @@ def _check_search_steps(value: Any) -> None:
         raise ConfigError(f"a float search_steps is a fraction of all steps and must be in (0, 1), got {value}")
     if isinstance(value, int) and value <= 0:
         raise ConfigError(f"search_steps must be positive, got {value}")
+
+
+def _model_name(model: Any) -> Optional[str]:
+    name = getattr(getattr(model, "config", None), "name_or_path", None)
+    return str(name) if name else None
 
 
 def _is_hf_dataset(data: Any) -> bool:
