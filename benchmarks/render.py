@@ -85,6 +85,36 @@ def load_results(folder: Path, include_quick: bool) -> list[dict]:
     return out
 
 
+def merge(reports: list[dict]) -> list[dict]:
+    """Reports of the same task and suite (e.g. a supplemental run for another seed) become one report; a
+    (method, seed) that two files hold is taken from the first file."""
+    merged: dict[tuple, dict] = {}
+    for r in reports:
+        key = (r["task"], r["suite"], bool(r.get("quick")))
+        if key not in merged:
+            merged[key] = dict(r, commands=[(r["command"], r["started"], r.get("wall_seconds", 0))])
+            continue
+        m = merged[key]
+        same = m["budget"] == r["budget"]
+        if not same:
+            raise SystemExit(f"{r['_path']} has another budget than {m['_path']}: cannot merge")
+        have = {(x["method"], x["seed"]) for x in m["runs"]}
+        m["runs"] = m["runs"] + [x for x in r["runs"] if (x["method"], x["seed"]) not in have]
+        have_s = {(x["variant"], x["seed"]) for x in m["searches"]}
+        m["searches"] = m["searches"] + [x for x in r["searches"] if (x["variant"], x["seed"]) not in have_s]
+        m["errors"] = m["errors"] + r["errors"]
+        m["skipped"] = (m.get("skipped") or []) + (r.get("skipped") or [])
+        m["seeds"] = sorted(set(m["seeds"]) | set(r["seeds"]))
+        m["commands"].append((r["command"], r["started"], r.get("wall_seconds", 0)))
+        if not m.get("timing") and r.get("timing"):
+            m["timing"] = r["timing"]
+    for m in merged.values():
+        done = {(x["method"], x["seed"]) for x in m["runs"]}
+        m["skipped"] = [j for j in m.get("skipped") or [] if (j.get("method"), j["seed"]) not in done]
+        m["seeds"] = sorted({x["seed"] for x in m["runs"]} | {x["seed"] for x in m["searches"]})
+    return list(merged.values())
+
+
 def by_method(report: dict) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for run in report["runs"]:
@@ -460,7 +490,7 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
     base = "diffora[default]"
     lines = [f"### Ablations on {report['task']} (evaluated on {report['data']['eval_rows']} rows held out from *train*; "
              f"ρ={report['runs'][0].get('rho') if report['runs'] else '?'}; seeds {', '.join(map(str, report['seeds']))})", "",
-             f"Command: `{report['command']}` — {report['started']}, wall {report.get('wall_seconds', 0) / 60:.0f} min.", "",
+             "Commands: " + "; ".join(f"`{c}` ({st}, {w / 60:.0f} min)" for c, st, w in report["commands"]) + ".", "",
              f"| variant | what changes | {m} (held-out train split) | paired diff vs default | trainable params | "
              f"search s | kept-module overlap across seeds (Jaccard) |", "|---|---|---|---|---|---|---|"]
     what = {
@@ -486,7 +516,7 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
 
 
 def render(results: Path, out: Path, img: Path, include_quick: bool = False) -> str:
-    reports = load_results(results, include_quick)
+    reports = merge(load_results(results, include_quick))
     img.mkdir(parents=True, exist_ok=True)
     main = sorted([r for r in reports if r["suite"] == "main"],
                   key=lambda r: TASK_ORDER.index(r["task"]) if r["task"] in TASK_ORDER else 99)
@@ -511,8 +541,9 @@ def render(results: Path, out: Path, img: Path, include_quick: bool = False) -> 
               + ", ".join(f"{k} {v}" for k, v in main[0]["versions"].items() if k not in ("src_dirty",)) + ".", "",
               "| task | command | started | wall |", "|---|---|---|---|"]
         for r in main + ablations:
-            L.append(f"| {r['task']}{' ablations' if r['suite'] == 'ablations' else ''} | `{r['command']}` | "
-                     f"{r['started']} | {r.get('wall_seconds', 0) / 60:.0f} min |")
+            for command, started, wall in r["commands"]:
+                L.append(f"| {r['task']}{' ablations' if r['suite'] == 'ablations' else ''} | `{command}` | "
+                         f"{started} | {wall / 60:.0f} min |")
         L += ["", *budget_table(main + ablations), ""]
         L += ["## Targets", "", *targets(main), ""]
         L += ["## Results per task", ""]

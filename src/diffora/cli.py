@@ -9,6 +9,7 @@ internal errors); ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -80,8 +81,15 @@ def _add_options(parser: argparse.ArgumentParser, groups: Sequence[str], command
         sections[group].add_argument(_flag(f.name), **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse prints the whole usage block before an error; diffora prints one line (exit code 2, via main)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{message}; see '{self.prog} --help'")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="diffora",
         description="DiffoRA: learn which modules get LoRA (a Differential Adaptation Matrix), fine-tune them, and "
         "export a plain PEFT LoRA adapter.",
@@ -98,14 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--dam", metavar="DAM_JSON", help="search record from 'diffora search' (uses its kept modules)")
             sub.add_argument("--modules", nargs="+", metavar="NAME", help="explicit full module names to adapt")
         if command == "eval":
-            sub.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (OUT/adapter)")
+            sub.add_argument("--adapter", metavar="DIR", help="adapter folder (OUT/adapter); required")
             sub.add_argument("--output-file", metavar="FILE", help="also write the metrics JSON here")
         _add_options(sub, groups, command)
     return parser
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    """Options from a YAML/JSON file; keys may use dashes or underscores."""
+def load_config_file(path: str, overridden: typing.Collection[str] = ()) -> dict[str, Any]:
+    """Options from a YAML/JSON file; keys may use dashes or underscores. Values are converted to the options'
+    types; relative paths are resolved against the file's folder, and write locations must stay below it
+    (options in ``overridden``, given on the command line, are not checked)."""
     from .pipeline import Options
 
     file = Path(path)
@@ -129,14 +139,91 @@ def load_config_file(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of option names to values")
-    known = {f.name for f in fields(Options)} | {"dam", "modules", "adapter", "output_file"}
+    known = {f.name for f in fields(Options)} | set(EXTRA_KINDS)
     options = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
             raise ConfigError(f"config file '{path}': unknown option '{key}'; see 'diffora run --help'")
-        options[name] = value
+        options[name] = _coerce(path, key, name, value)
+    base = file.resolve().parent
+    for name, value in options.items():
+        if isinstance(value, str) and name not in overridden:
+            options[name] = _config_path(path, base, name, value)
     return options
+
+
+#: config-file options that are not fields of Options (command-specific flags)
+EXTRA_KINDS: dict[str, tuple[type, bool, bool]] = {
+    "dam": (str, False, True), "modules": (str, True, True), "adapter": (str, False, True),
+    "output_file": (str, False, True),
+}
+#: options naming files or folders that diffora reads / writes
+INPUT_PATHS = ("train_file", "eval_file", "data_dir", "dam", "adapter")
+OUTPUT_PATHS = ("output_dir", "output_file")
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _coerce(path: str, key: Any, name: str, value: Any) -> Any:
+    """A config value in the option's type, converted the way argparse converts a flag's text (YAML reads
+    ``1e-3`` as a string, JSON may quote numbers); anything else is a one-line :class:`ConfigError`."""
+    from .pipeline import _option_kinds
+
+    kind, is_list, optional = {**_option_kinds(), **EXTRA_KINDS}[name]
+
+    def bad() -> ConfigError:
+        what = "a list of strings" if is_list else _KIND_WORDS.get(kind, kind.__name__)
+        return ConfigError(f"config file '{path}': option '{key}' must be {what}, got {value!r}")
+
+    def one(item: Any) -> Any:
+        if isinstance(item, bool) or item is None or isinstance(item, (list, dict)):
+            if kind is bool and isinstance(item, bool):
+                return item
+            raise bad()
+        if kind is bool:
+            raise bad()
+        if kind is str:
+            return str(item) if isinstance(item, (str, int, float)) else _raise(bad())
+        if kind is int and isinstance(item, float):
+            return int(item) if item.is_integer() else _raise(bad())
+        try:
+            return kind(item)
+        except (TypeError, ValueError, OverflowError):
+            raise bad() from None
+
+    if value is None:
+        if optional:
+            return None
+        raise bad()
+    if is_list:
+        return [one(v) for v in value] if isinstance(value, list) else [one(value)]
+    return one(value)
+
+
+def _raise(exc: Exception) -> typing.NoReturn:
+    raise exc
+
+
+def _config_path(path: str, base: Path, name: str, value: str) -> str:
+    """Paths in a config file are relative to the config file's folder. A config file may name where to *write*
+    (``output-dir``, ``output-file``) only below that folder: it is data that may come from someone else, and with
+    ``overwrite`` it could otherwise replace any folder the user can write. Command-line flags are not restricted."""
+    if name in INPUT_PATHS:
+        expanded = os.path.expanduser(value)
+        return expanded if os.path.isabs(expanded) else str(base / expanded)
+    if name == "model":  # a local folder next to the config, else a hub id or short name as given
+        return str(base / value) if not os.path.isabs(value) and (base / value).exists() else value
+    if name in OUTPUT_PATHS:
+        target = (base / value).resolve()
+        if value.startswith("~") or os.path.isabs(value) or target == base or base not in target.parents:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"config file '{path}' sets {name.replace('_', '-')} to '{value}', which is not below the config "
+                f"file's folder; a config file may only write below its own folder: use a relative path there, or "
+                f"pass {flag} on the command line"
+            )
+        return str(base / value)
+    return value
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> tuple[str, Any, argparse.Namespace]:
@@ -145,13 +232,16 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[str, Any, argparse.Name
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    values = load_config_file(args.config) if args.config else {}
-    explicit = {k: v for k, v in vars(args).items() if k not in {"command", "config", "debug"}}
+    explicit = {k: v for k, v in vars(args).items()
+                if k not in {"command", "config", "debug"} and not (k in EXTRA_KINDS and v is None)}
+    values = load_config_file(args.config, overridden=set(explicit)) if args.config else {}
     values.update(explicit)
     extras = {k: values.pop(k) for k in ("dam", "modules", "adapter", "output_file") if k in values}
     for k, v in extras.items():
         setattr(args, k, v)
     args.model_given = "model" in values
+    if args.command == "eval" and not getattr(args, "adapter", None):
+        raise ConfigError("diffora eval needs --adapter DIR, the adapter folder a run wrote (OUT/adapter)")
     if args.command == "eval":
         values.setdefault("output_dir", ".")
     try:
@@ -164,6 +254,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[str, Any, argparse.Name
 def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     _quiet_libraries(debug)
+    opts = None
     try:
         command, opts, args = parse(argv)
         from . import jobs
@@ -184,16 +275,53 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"diffora: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the disk filled up, or a folder cannot be written: the user's to fix, not a bug
+        message = _os_error_message(exc, opts)
+        if debug or message is None:
+            if debug:
+                raise
+            return _internal_error(exc)
+        print(f"diffora: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("diffora: interrupted; nothing was written to the output directory", file=sys.stderr)
         return 130
     except Exception as exc:  # an internal error: say so, and how to get details
         if debug:
             raise
-        print(f"diffora: internal error: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(rerun with --debug for the traceback; please report it)", file=sys.stderr)
-        return 1
+        return _internal_error(exc)
     return 0
+
+
+def _internal_error(exc: BaseException) -> int:
+    print(f"diffora: internal error: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+          "(rerun with --debug for the traceback; please report it)", file=sys.stderr)
+    return 1
+
+
+_OS_ERRORS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+}
+
+
+def _os_error_message(exc: OSError, opts: Any) -> Optional[str]:
+    """One line for the file-system errors a user can fix (full disk, no permission); ``None`` for the others."""
+    what = _OS_ERRORS.get(exc.errno)
+    if what is None:
+        return None
+    where = f" while writing '{exc.filename}'" if exc.filename else ""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    fix = "free some disk space" if full else "make the folder writable or choose another --output-dir"
+    checkpoints = Path(opts.output_dir) / "checkpoints" if opts is not None else None
+    if checkpoints is not None and any(checkpoints.glob("*.pt")):
+        then = f"then rerun the same command with --resume to continue from {checkpoints}"
+    else:
+        then = "then rerun; no output was written and an existing output directory was left as it was"
+    return f"{what}{where}; {fix}, {then}"
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -210,6 +338,12 @@ def _quiet_libraries(debug: bool) -> None:
         transformers.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+    import logging
+
+    # huggingface_hub logs every network retry ("Retrying in 8s [Retry 5/5]") and datasets its cache misses;
+    # diffora reports a failed download itself, in one line
+    for name in ("huggingface_hub", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":  # pragma: no cover

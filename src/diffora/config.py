@@ -21,6 +21,13 @@ GRANULARITIES = ("layer", "global", "budget")
 SEARCH_ORDERS = ("first", "second")
 
 
+_NUMBER_FIELDS = (
+    "alpha", "dropout", "gate_init", "temperature", "gate_fraction", "weight_lr", "weight_decay", "gate_lr",
+    "gate_weight_decay", "zero_one_weight", "unroll_lr", "max_grad_norm", "keep_ratio",
+)
+_OPTIONAL_FIELDS = ("unroll_lr", "max_grad_norm")
+
+
 @dataclass
 class DiffoRAConfig:
     """All knobs of the DAM search, discretisation and export.
@@ -116,12 +123,22 @@ class DiffoRAConfig:
             if not condition:
                 raise ConfigError(message)
 
-        need(isinstance(self.rank, int) and self.rank > 0, f"rank must be a positive integer, got {self.rank!r}")
+        for name in _NUMBER_FIELDS:  # wrong types are ConfigErrors too, not TypeErrors from the comparisons below
+            value = getattr(self, name)
+            need(
+                (value is None and name in _OPTIONAL_FIELDS) or (isinstance(value, (int, float)) and not isinstance(value, bool)),
+                f"{name} must be a number, got {value!r}",
+            )
+        for name in ("rank", "gate_warmup_steps", "seed"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
+        need(isinstance(self.weight_sharing, bool), f"weight_sharing must be true or false, got {self.weight_sharing!r}")
+        need(self.rank > 0, f"rank must be a positive integer, got {self.rank!r}")
         need(self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
-        need(self.gate in GATE_FORMS, f"gate must be one of {GATE_FORMS}, got {self.gate!r}")
+        need(isinstance(self.gate, str) and self.gate in GATE_FORMS, f"gate must be one of {GATE_FORMS}, got {self.gate!r}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature!r}")
-        need(self.order in SEARCH_ORDERS, f"order must be one of {SEARCH_ORDERS}, got {self.order!r}")
+        need(isinstance(self.order, str) and self.order in SEARCH_ORDERS, f"order must be one of {SEARCH_ORDERS}, got {self.order!r}")
         need(0.0 < self.gate_fraction < 1.0, f"gate_fraction must be in (0, 1), got {self.gate_fraction!r}")
         need(self.weight_lr > 0, f"weight_lr must be > 0, got {self.weight_lr!r}")
         need(self.gate_lr > 0, f"gate_lr must be > 0, got {self.gate_lr!r}")
@@ -138,7 +155,7 @@ class DiffoRAConfig:
             f"keep_ratio must be in (0, 1] (the fraction of modules to keep), got {self.keep_ratio!r}",
         )
         need(
-            self.granularity in GRANULARITIES,
+            isinstance(self.granularity, str) and self.granularity in GRANULARITIES,
             f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}",
         )
         need(

@@ -13,7 +13,8 @@ import torch
 
 from .candidates import detect_task_heads
 from .checkpoint import Checkpointer, ResumableLoader
-from .errors import ConfigError, DataError, ModelError
+from .discretize import select_modules
+from .errors import ConfigError, DataError, ModelError, TrainingError
 from .evaluation.metrics import higher_is_better, majority_baseline
 from .evaluation.predict import evaluate_model
 from .export import count_trainable, infer_task_type, lora_config_for
@@ -23,6 +24,7 @@ from .pipeline import (
     Options,
     TaskData,
     check_output_dir,
+    check_output_file,
     encode,
     json_safe,
     load_model,
@@ -54,6 +56,10 @@ class _Prepared:
     def __init__(self, opts: Options, accelerator: Any, *, need_train: bool = True) -> None:
         self.data: TaskData = load_task_data(opts, need_train=need_train)
         self.model, self.tokenizer = load_model(opts, self.data)
+        limit = _position_limit(self.model, self.tokenizer)
+        if limit is not None and opts.max_length > limit:
+            raise ConfigError(f"--max-length {opts.max_length} is more than model '{opts.model}' can take ({limit} "
+                              f"tokens); pass --max-length {limit} or less")
         kind = self.data.kind
         self.train_items = encode(self.data.train, self.tokenizer, kind, opts.max_length) if need_train else []
         self.eval_items = encode(self.data.eval, self.tokenizer, kind, opts.max_length)
@@ -75,6 +81,13 @@ class _Prepared:
         if self.data.kind == "causal_lm" or not self.data.train or self.data.train.labels is None:
             return {}
         return majority_baseline(self.data.train.labels, self.data.eval.labels, self.data.metrics)
+
+
+def _position_limit(model: Any, tokenizer: Any) -> Optional[int]:
+    """The longest input the model takes: its position table and the tokenizer's limit, where they are known."""
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    known = [int(v) for v in limits if isinstance(v, int) and 0 < v < 1_000_000]
+    return min(known) if known else None
 
 
 def _checkpointer(opts: Options, accelerator: Any, out: Path) -> Checkpointer:
@@ -105,6 +118,9 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
     if resumable:
         weight_loader, gate_loader = ResumableLoader(weight_loader), ResumableLoader(gate_loader)
     search = prepare_search(prep.model, config)
+    rows, cols = search.grid.shape
+    # fail before the search, not after it, when the discretisation cannot keep anything (e.g. a budget too small)
+    select_modules(search.grid, [[0.0] * cols for _ in range(rows)], config.keep_ratio, config.granularity, config.rank)
     steps = opts.search_steps or max(1, math.ceil(opts.search_epochs * len(weight_loader)))
     if steps <= config.gate_warmup_steps:
         raise DataError(
@@ -130,9 +146,13 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
                 "seconds": previous_seconds + time.perf_counter() - start,
             })
 
-    with ckpt.catching_signals() if resumable else _nullcontext():
-        search.fit(weight_loader, gate_loader, steps, progress=not opts.quiet and prep.accelerator.is_main_process,
-                   callback=checkpoint)
+    try:
+        with ckpt.catching_signals() if resumable else _nullcontext():
+            search.fit(weight_loader, gate_loader, steps, progress=not opts.quiet and prep.accelerator.is_main_process,
+                       callback=checkpoint)
+    except TrainingError as exc:  # the loss diverged: say which options steer the search, and what was kept
+        kept = f"; the last good checkpoint is {ckpt.path('search')}" if resumable and ckpt.path("search").exists() else ""
+        raise TrainingError(f"{exc} (search options: --search-lr, --gate-lr){kept}") from None
     agree = _ranks_agree(search.gates.beta.detach())
     selection = search.discretize()
     seconds = previous_seconds + time.perf_counter() - start
@@ -306,7 +326,11 @@ def train_job(opts: Options, dam: Optional[str] = None, modules: Optional[list[s
     if record is not None:
         if "selection" not in record:
             raise DataError(f"{dam} holds no selection; it was written before discretisation")
-        modules = list(record["selection"]["modules"])
+        modules = record["selection"].get("modules") if isinstance(record["selection"], dict) else None
+        if not isinstance(modules, list) or not modules or not all(isinstance(m, str) for m in modules):
+            raise DataError(f"{dam}: 'selection.modules' must be a non-empty list of module names; pass a dam.json "
+                            "written by 'diffora search'")
+        modules = list(modules)
     seed_everything(opts.seed)
     accelerator = _accelerator()
     prep = _Prepared(opts, accelerator)
@@ -345,6 +369,8 @@ def eval_job(opts: Options, adapter: str, output_file: Optional[str] = None, mod
     from peft import PeftConfig, PeftModel
 
     adapter_dir = Path(adapter)
+    if output_file:
+        check_output_file(output_file)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise DataError(f"'{adapter_dir}' is not a PEFT adapter folder (no adapter_config.json); pass OUT/adapter")
     try:

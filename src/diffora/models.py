@@ -17,13 +17,18 @@ Only safetensors weights are loaded from local folders: pickle-based ``.bin`` ch
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
 import os
 import re
-from collections.abc import Mapping
+import socket
+import sys
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -347,6 +352,61 @@ def _hub_offline_mode() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint opens within ``timeout`` seconds (name lookup included).
+
+    True when a proxy is configured: only the HTTP client knows how to get through it."""
+    if any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return True
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    if not url.hostname:
+        return True
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)  # a thread, so a hanging name lookup is bounded too
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+@contextlib.contextmanager
+def hub_offline_if_unreachable() -> Iterator[bool]:
+    """Run the block in Hugging Face offline mode when the hub cannot be reached (yields whether it did).
+
+    Without this a machine without network waits ~30-60 s while huggingface_hub retries every request; in offline
+    mode cached models and datasets still load and anything else fails at once (diffora turns that into one line)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or _hub_reachable():
+        yield False
+        return
+    holders = [constants] + [sys.modules[m] for m in ("datasets.config",) if m in sys.modules]
+    saved = [(holder, holder.HF_HUB_OFFLINE) for holder in holders]
+    for holder in holders:
+        holder.HF_HUB_OFFLINE = True
+    try:
+        yield True
+    finally:
+        for holder, value in saved:
+            holder.HF_HUB_OFFLINE = value
+
+
 def _hub_errors() -> tuple[type[BaseException], ...]:
     try:
         from huggingface_hub.errors import HfHubHTTPError
@@ -400,11 +460,12 @@ def load_model_and_tokenizer(
     auto_cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     errors: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, ImportError, *_hub_errors())
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
-        with torch.random.fork_rng(devices=[], enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            model = auto_cls.from_pretrained(resolved.path, dtype=dtype, **head_kwargs, **load_kwargs)
+        with hub_offline_if_unreachable() if not resolved.is_local else contextlib.nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                model = auto_cls.from_pretrained(resolved.path, dtype=dtype, **head_kwargs, **load_kwargs)
     except errors as exc:
         raise _load_error(resolved, name, exc) from exc
 

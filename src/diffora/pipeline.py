@@ -13,8 +13,11 @@ interrupted run leaves no half-written ``OUT`` and never damages an existing one
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,6 +101,7 @@ class Options:
     checkpoint_every: int = field(default=50, metadata={"help": "Write a resumable checkpoint every N steps (0: never; SIGINT/SIGTERM still stop cleanly only with N > 0).", "group": "run"})
 
     def __post_init__(self) -> None:
+        _check_option_types(self)
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -105,10 +109,19 @@ class Options:
         for name in ("max_length", "batch_size", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_length < 2:
+            raise ConfigError(f"--max-length must be at least 2 (room for the special tokens), got {self.max_length}")
         if self.num_labels is not None and self.num_labels <= 0:
             raise ConfigError(f"--num-labels must be positive, got {self.num_labels}")
+        for name in ("search_epochs", "search_steps", "weight_decay", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.search_epochs <= 0 and self.search_steps <= 0:
             raise ConfigError("the search needs a length: --search-epochs > 0 or --search-steps > 0")
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be an integer between 0 and {2**32 - 1}, got {self.seed}")
         self.search_config()  # validates the search options early, before any data or model is loaded
         self.finetune_options()
 
@@ -126,6 +139,48 @@ class Options:
             epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
             max_grad_norm=self.max_grad_norm, eval_every=self.eval_every, keep_best=self.keep_best,
         )
+
+
+@functools.lru_cache(maxsize=None)
+def _option_kinds() -> dict[str, tuple[type, bool, bool]]:
+    """name -> (element type, is_list, optional) of every :class:`Options` field."""
+    import typing
+
+    kinds = {}
+    for name, hint in typing.get_type_hints(Options).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = typing.get_origin(hint) is Union and len(args) == 1
+        if optional:
+            hint = args[0]
+        is_list = typing.get_origin(hint) is list
+        kinds[name] = (typing.get_args(hint)[0] if is_list else hint, is_list, optional)
+    return kinds
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _check_option_types(opts: "Options") -> None:
+    """Every option must have its field's type (a config file or a library caller can pass anything), and numbers
+    must be finite: a wrong type is a :class:`ConfigError`, never a ``TypeError`` from deep inside a run."""
+    for name, (kind, is_list, optional) in _option_kinds().items():
+        value = getattr(opts, name)
+        flag = "--" + name.replace("_", "-")
+        if value is None and optional:
+            continue
+        items = value if is_list and isinstance(value, (list, tuple)) else [value]
+        if is_list and not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{flag} must be a list of strings, got {value!r}")
+        for item in items:
+            ok = isinstance(item, kind) and (kind is bool or not isinstance(item, bool))
+            if kind is float and isinstance(item, int) and not isinstance(item, bool):
+                ok = True
+            if not ok:
+                raise ConfigError(f"{flag} must be {_TYPE_WORDS.get(kind, kind.__name__)}, got {item!r}")
+            if kind is float and not math.isfinite(item):
+                raise ConfigError(f"{flag} must be a finite number, got {item!r}")
+        if is_list:
+            setattr(opts, name, list(value))
 
 
 # ----------------------------------------------------------------------------------------------------- task data
@@ -291,15 +346,48 @@ def check_output_dir(path: str, overwrite: bool, resume: bool = False) -> Path:
             raise ConfigError(f"output directory '{out}' holds an interrupted run; pass --resume to continue it "
                               "or --overwrite to start over")
         raise ConfigError(f"output directory '{out}' already exists; pass --overwrite to replace it or choose another --output-dir")
-    parent = out.resolve().parent
-    probe = parent
+    elif out.exists():
+        _check_replaceable(out)
+    _check_writable_parent(out, "--output-dir")
+    return out
+
+
+#: what a diffora output folder holds; --overwrite replaces only folders holding some of these (or nothing)
+OUTPUT_NAMES = {"adapter", "search_adapter", "checkpoints", "dam.json", "dam.png", "metrics.json"}
+
+
+def _check_replaceable(out: Path) -> None:
+    """``--overwrite`` deletes the folder: allow it only for an empty folder or an earlier diffora output, and
+    never for the current folder (or one that contains it), so a mistyped path cannot wipe unrelated files."""
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise ConfigError(f"refusing to --overwrite '{out}': it contains the current folder; choose a new --output-dir")
+    entries = [p.name for p in resolved.iterdir()]
+    if entries and not OUTPUT_NAMES.intersection(entries):
+        raise ConfigError(
+            f"refusing to --overwrite '{out}': it is not a diffora output folder ({len(entries)} other entries, e.g. "
+            f"'{sorted(entries)[0]}'); choose a new --output-dir or empty that folder first"
+        )
+
+
+def _check_writable_parent(target: Path, flag: str) -> None:
+    """The nearest existing ancestor of ``target`` must be a folder this process can create entries in."""
+    probe = target.resolve().parent
     while not probe.exists():
         probe = probe.parent
-    import os
-
+    if not probe.is_dir():
+        raise ConfigError(f"cannot create '{target}': '{probe}' is a file, not a folder; choose another {flag}")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write to '{probe}' (permission denied); choose another --output-dir")
-    return out
+        raise ConfigError(f"cannot write to '{probe}' (permission denied); choose another {flag}")
+
+
+def check_output_file(path: str) -> Path:
+    """``diffora eval --output-file``: a file path whose folder can be created and written."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--output-file '{target}' is a folder; pass a file path such as '{target / 'eval.json'}'")
+    _check_writable_parent(target, "--output-file")
+    return target
 
 
 def write_outputs(
@@ -309,16 +397,24 @@ def write_outputs(
     """Write the whole output folder atomically (into a temporary folder renamed onto ``out``)."""
     from .record import plot_dam
 
-    with atomic_dir(out, overwrite=True) as tmp:
-        if adapter_model is not None:
-            adapter_model.save_pretrained(tmp / "adapter")
-        for name, model in (extra_adapters or {}).items():
-            model.save_pretrained(tmp / name)
-        if record is not None:
-            atomic_write_json(tmp / "dam.json", record)
-            plot_dam(record, tmp / "dam.png", title=title)
-        if metrics is not None:
-            atomic_write_json(tmp / "metrics.json", metrics)
+    try:
+        with atomic_dir(out, overwrite=True) as tmp:
+            if adapter_model is not None:
+                adapter_model.save_pretrained(tmp / "adapter")
+            for name, model in (extra_adapters or {}).items():
+                model.save_pretrained(tmp / name)
+            if record is not None:
+                atomic_write_json(tmp / "dam.json", record)
+                plot_dam(record, tmp / "dam.png", title=title)
+            if metrics is not None:
+                atomic_write_json(tmp / "metrics.json", metrics)
+    except OSError:
+        raise
+    except Exception as exc:
+        # safetensors reports a full disk as SafetensorError("... No space left on device ..."), not as OSError
+        if "No space left on device" in str(exc) or "StorageFull" in str(exc):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from exc
+        raise
 
 
 def options_dict(opts: Options) -> dict:

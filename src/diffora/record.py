@@ -56,8 +56,13 @@ def load_record(path: str | Path) -> dict:
         raise DataError(f"search record {path} does not exist; pass the dam.json written by 'diffora search'") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"search record {path} is not valid JSON ({exc.__class__.__name__}); pass a dam.json") from None
+    except OSError as exc:
+        raise DataError(f"cannot read search record {path} ({exc.strerror}); pass the dam.json file") from None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or "grid" not in record:
         raise DataError(f"{path} is not a diffora search record (expected format '{RECORD_FORMAT}')")
+    names = record["grid"].get("names") if isinstance(record["grid"], dict) else None
+    if not isinstance(names, list) or not all(isinstance(row, list) for row in names):
+        raise DataError(f"{path}: the search record's 'grid' is damaged; pass a dam.json written by 'diffora search'")
     return record
 
 

@@ -77,7 +77,7 @@ def infer_format(path: PathLike) -> Format:
         known = ", ".join(sorted(FORMATS))
         raise DataError(
             f"{path}: cannot tell the format from the suffix {suffix!r}; "
-            f"use one of {known} or pass the format explicitly"
+            f"name it with one of the suffixes {known}"
         )
     return FORMATS[suffix]
 

@@ -273,8 +273,11 @@ def _load_from_hub(spec: TaskSpec, split: str) -> Examples:
         raise DataError(
             f"task {spec.name!r}: no --data-dir given and the 'datasets' package is not installed; {hint}"
         ) from None
+    from diffora.models import hub_offline_if_unreachable  # imports torch: only this fallback needs it
+
     try:
-        data = datasets.load_dataset("nyu-mll/glue", spec.hub_name, split=hub_split)
+        with hub_offline_if_unreachable():  # no network: fail (or use the cache) at once instead of retrying ~30 s
+            data = datasets.load_dataset("nyu-mll/glue", spec.hub_name, split=hub_split)
         text_col, pair_col = spec.hub_columns
         texts = [str(t) for t in data[text_col]]
         pairs = None if pair_col is None else [str(t) for t in data[pair_col]]
