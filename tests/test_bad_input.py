@@ -134,7 +134,7 @@ def ctx(tmp_path, monkeypatch, tiny_bert_dir, tiny_llama_dir, data_dir) -> Ctx:
     return Ctx(tmp_path, monkeypatch, tiny_bert_dir, tiny_llama_dir, data_dir)
 
 
-@pytest.mark.parametrize("row", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("row", CASES, ids=lambda c: c.name)
 def test_bad_input(row: Case, ctx: Ctx, capsys) -> None:
     spec = row.build(ctx)
     out = spec.out or ctx.out
@@ -221,17 +221,17 @@ def _(ctx: Ctx) -> Spec:
 # ------------------------------------------------------------------------------------------------- options
 @case("keep-ratio-zero")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--keep-ratio", "0"), ("keep_ratio must be in (0, 1]", "got 0.0"))
+    return Spec(ctx.run("--keep-ratio", "0"), ("--keep-ratio must be in (0, 1]", "got 0.0"))
 
 
 @case("keep-ratio-above-one")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--keep-ratio", "1.5"), ("keep_ratio must be in (0, 1]", "got 1.5"))
+    return Spec(ctx.run("--keep-ratio", "1.5"), ("--keep-ratio must be in (0, 1]", "got 1.5"))
 
 
 @case("rank-zero")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--rank", "0"), ("rank must be a positive integer", "got 0"))
+    return Spec(ctx.run("--rank", "0"), ("--rank must be a positive integer", "got 0"))
 
 
 @case("budget-below-smallest-module")
@@ -242,17 +242,17 @@ def _(ctx: Ctx) -> Spec:
 
 @case("bad-gate")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--gate", "tanh"), ("gate must be one of", "'sigmoid', 'softmax'"))
+    return Spec(ctx.run("--gate", "tanh"), ("--gate must be one of", "'sigmoid', 'softmax'"))
 
 
 @case("bad-granularity")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--granularity", "row"), ("granularity must be one of", "'layer', 'global', 'budget'"))
+    return Spec(ctx.run("--granularity", "row"), ("--granularity must be one of", "'layer', 'global', 'budget'"))
 
 
 @case("bad-order")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--order", "third"), ("order must be one of", "'first', 'second'"))
+    return Spec(ctx.run("--order", "third"), ("--order must be one of", "'first', 'second'"))
 
 
 @case("unknown-task")
@@ -337,7 +337,7 @@ def _(ctx: Ctx) -> Spec:
 @case("non-numeric-regression-label")
 def _(ctx: Ctx) -> Spec:
     train = ctx.file("r.csv", "text,label\ngood,4.5\nok,high\n")
-    return Spec(ctx.run("--task", "regression", train=train), ("r.csv line 3", "'high'", "not a finite number"))
+    return Spec(ctx.run("--task", "regression", train=train), ("r.csv line 3", "\"high\"", "not a finite number"))
 
 
 @case("mixed-label-types")
@@ -394,10 +394,15 @@ def _(ctx: Ctx) -> Spec:
     return Spec(argv, ("dev7.csv line 3: unknown label '7'", "the labels are ['0', '1']"))
 
 
+@case("single-class-training-data")
+def _(ctx: Ctx) -> Spec:
+    return Spec(ctx.run(train=ctx.file("one.csv", "text,label\ngood,1\nfine,1\n")),
+                ("only one class (1)", "add examples of the other classes"))
+
+
 @case("too-few-training-rows")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run(train=ctx.file("two.csv", "text,label\ngood,1\nbad,0\n")),
-                ("too few to split", "add data"))
+    return Spec(ctx.run("--max-train-samples", "1"), ("1 training rows are too few to split", "add data"))
 
 
 @case("search-shorter-than-warmup")
@@ -440,12 +445,12 @@ def _(ctx: Ctx) -> Spec:
 # -------------------------------------------------------------------------------------------------- config
 @case("config-file-missing")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--config", str(ctx.tmp / "nope.yaml")), ("config file", "does not exist"))
+    return Spec(ctx.run("--config", str(ctx.tmp / "nope.yaml")), ("config file", "does not exist", "check the --config path"))
 
 
 @case("config-not-valid-yaml")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--config", ctx.file("c.yaml", "rank: [1\nalpha: 2\n")), ("is not valid yaml", "c.yaml"))
+    return Spec(ctx.run("--config", ctx.file("c.yaml", "rank: [1\nalpha: 2\n")), ("c.yaml' is not valid yaml (line 2", "fix the syntax"))
 
 
 @case("config-not-a-mapping")
@@ -580,7 +585,7 @@ def _(ctx: Ctx) -> Spec:
     (ctx.out / "checkpoints").mkdir(parents=True)
     torch.save({"format": "diffora.checkpoint/1", "phase": "search", "evil": _Payload(marker)},
                ctx.out / "checkpoints" / "search.pt")
-    return Spec(ctx.run("--resume"), ("refusing to load", "search.pt", "only load files you trust"))
+    return Spec(ctx.run("--resume"), ("refusing to load", "search.pt", "unsupported global", "only load files you trust"))
 
 
 @case("corrupt-checkpoint")
@@ -639,7 +644,7 @@ def _(ctx: Ctx) -> Spec:
 @case("unknown-module-name")
 def _(ctx: Ctx) -> Spec:
     return Spec(ctx.run("--modules", "bert.encoder.layer.7.attention.self.query", command="train"),
-                ("'bert.encoder.layer.7.attention.self.query'", "does not have"))
+                ("'bert.encoder.layer.7.attention.self.query'", "does not have", "pass full module names such as 'bert."))
 
 
 @case("adapter-not-peft")
@@ -651,7 +656,7 @@ def _(ctx: Ctx) -> Spec:
 @case("adapter-config-broken")
 def _(ctx: Ctx) -> Spec:
     return Spec(ctx.eval(adapter=ctx.folder("broken", **{"adapter_config.json": "{ nope"})),
-                ("cannot be read as a peft config",))
+                ("cannot be read as a peft config", "pass the adapter folder a run wrote"))
 
 
 @case("adapter-for-another-model")

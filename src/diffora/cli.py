@@ -122,7 +122,7 @@ def load_config_file(path: str, overridden: typing.Collection[str] = ()) -> dict
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file '{path}' does not exist") from None
+        raise ConfigError(f"config file '{path}' does not exist; check the --config path") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file '{path}': {exc.__class__.__name__}") from None
     try:
@@ -133,8 +133,11 @@ def load_config_file(path: str, overridden: typing.Collection[str] = ()) -> dict
 
             data = yaml.safe_load(text)
     except Exception as exc:  # yaml and json raise many types
-        raise ConfigError(f"config file '{path}' is not valid {file.suffix.lstrip('.').upper() or 'YAML'}: "
-                          f"{str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: {exc.problem}" if mark is not None and getattr(exc, "problem", None) else (
+            str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+        raise ConfigError(f"config file '{path}' is not valid {file.suffix.lstrip('.').upper() or 'YAML'} "
+                          f"({where}); fix the syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -268,11 +268,13 @@ def torch_load_safe(path: PathLike) -> Any:
         # torch's message is many lines of advice about weights_only=False, which is exactly what we must not do.
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         reason = next((ln for ln in lines if "Unsupported global" in ln or "Unsupported operand" in ln), None)
-        detail = f" ({reason})" if reason else ""
+        # keep "Unsupported global: GLOBAL x.y", drop torch's advice on how to allow it anyway
+        detail = f" ({reason.split(' was not an allowed global')[0].split('. Please')[0]})" if reason else ""
         raise DiffoRAError(
             f"refusing to load '{source}': it contains pickled objects other than plain tensors/containers{detail};"
             " only load files you trust, ideally re-saved as safetensors"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first.split(". ")[0].rstrip(".")  # torch appends paragraphs of advice to the first sentence
         raise DiffoRAError(f"'{source}' is not a readable torch file ({first}); re-create it or pass another file") from exc

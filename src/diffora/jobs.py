@@ -337,11 +337,14 @@ def train_job(opts: Options, dam: Optional[str] = None, modules: Optional[list[s
     names = {n for n, _ in prep.model.named_modules()}
     missing = [m for m in modules if m not in names]
     if missing:
-        where = f"search record {dam}" if dam else "--modules"
-        raise ModelError(
-            f"{where} names module '{missing[0]}' that model '{opts.model}' does not have (a record from a "
-            "different model?); rerun diffora search with this model"
-        )
+        if dam:
+            raise ModelError(
+                f"search record {dam} names module '{missing[0]}' that model '{opts.model}' does not have (a record "
+                "from a different model?); rerun diffora search with this model"
+            )
+        example = next((n for n, m in prep.model.named_modules() if isinstance(m, torch.nn.Linear)), "")
+        raise ModelError(f"--modules names module '{missing[0]}' that model '{opts.model}' does not have; pass full "
+                         f"module names such as '{example}'")
     search_adapter = Path(dam).parent / "search_adapter" if dam else None
     if opts.weight_sharing and search_adapter is not None and (search_adapter / "adapter_config.json").exists():
         peft_model = PeftModel.from_pretrained(prep.model, str(search_adapter), is_trainable=True)
@@ -376,7 +379,8 @@ def eval_job(opts: Options, adapter: str, output_file: Optional[str] = None, mod
     try:
         peft_config = PeftConfig.from_pretrained(str(adapter_dir))
     except Exception as exc:  # PEFT raises several types for a broken config
-        raise DataError(f"'{adapter_dir}/adapter_config.json' cannot be read as a PEFT config ({exc.__class__.__name__})") from None
+        raise DataError(f"'{adapter_dir}/adapter_config.json' cannot be read as a PEFT config ({exc.__class__.__name__}); "
+                        "pass the adapter folder a run wrote (OUT/adapter)") from None
     if not model_given and peft_config.base_model_name_or_path:
         opts.model = peft_config.base_model_name_or_path
     seed_everything(opts.seed)

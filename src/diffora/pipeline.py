@@ -122,8 +122,15 @@ class Options:
             raise ConfigError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"--seed must be an integer between 0 and {2**32 - 1}, got {self.seed}")
-        self.search_config()  # validates the search options early, before any data or model is loaded
-        self.finetune_options()
+        try:
+            self.search_config()  # validates the search options early, before any data or model is loaded
+            self.finetune_options()
+        except ConfigError as exc:  # "keep_ratio must be ..." -> "--keep-ratio must be ...": the name users typed
+            name, _, rest = str(exc).partition(" ")
+            flag = {"dropout": "lora_dropout", "weight_lr": "search_lr"}.get(name, name)
+            if flag in _option_kinds():
+                raise ConfigError(f"--{flag.replace('_', '-')} {rest}") from None
+            raise
 
     def search_config(self) -> DiffoRAConfig:
         return DiffoRAConfig(
@@ -243,7 +250,7 @@ def _generic_task(kind: str, opts: Options, need_train: bool) -> TaskData:
         if kind == "causal_lm":
             records = read_records(path, encoding=opts.encoding)
             text_column = opts.text_column if opts.prompt_column is None and opts.response_column is None else None
-            if text_column is None and opts.response_column is None:
+            if text_column is None and opts.response_column is None and opts.prompt_column is None:
                 text_column = "text"
             return build_lm_examples(records, text_column=text_column, prompt_column=opts.prompt_column,
                                      response_column=opts.response_column, source=path)
@@ -286,6 +293,11 @@ def _limit(data: TaskData, opts: Options, need_train: bool) -> TaskData:
         raise DataError("the evaluation data holds no examples")
     if data.kind != "causal_lm" and getattr(data.eval, "labels", None) is None:
         raise DataError("the evaluation data has no labels; pass --label-column naming the label column")
+    if need_train and data.kind == "classification" and data.num_labels < 2:
+        raise DataError(
+            f"the training data has only one class ({', '.join(map(str, data.label_names or []))}); classification "
+            "needs at least two: add examples of the other classes, or use --task regression for a score"
+        )
     if data.kind == "classification" and opts.num_labels is not None and data.num_labels != opts.num_labels:
         raise DataError(
             f"--num-labels is {opts.num_labels} but the data has {data.num_labels} classes "

@@ -81,8 +81,13 @@ def plot_dam(record: dict, path: str | Path, title: Optional[str] = None) -> Pat
     shown = np.where(valid, gates, np.nan)
     rows, cols = gates.shape
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * cols, 1.2 + 0.38 * rows), dpi=110)
-    vmax = max(1.0, float(np.nanmax(shown))) if valid.any() else 1.0
-    image = ax.imshow(shown, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+    # Colour the range the gates actually span: after a short search they differ by tenths, and a fixed 0..1
+    # scale would paint them all alike. The printed values keep the absolute scale readable.
+    vmin = float(np.nanmin(shown)) if valid.any() else 0.0
+    vmax = float(np.nanmax(shown)) if valid.any() else 1.0
+    if vmax - vmin < 1e-6:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    image = ax.imshow(shown, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
     fig.colorbar(image, ax=ax, label="gate g = relaxed DAM entry", fraction=0.05, pad=0.03)
     ax.set_xticks(range(cols), grid.labels, rotation=35, ha="right")
     ax.set_yticks(range(rows), [_layer_label(layer) for layer in grid.layers])
@@ -105,7 +110,7 @@ def plot_dam(record: dict, path: str | Path, title: Optional[str] = None) -> Pat
             for j in range(cols):
                 if valid[i, j]:
                     ax.text(j, i, f"{gates[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if gates[i, j] < 0.6 * vmax else "black")
+                            color="white" if gates[i, j] < vmin + 0.6 * (vmax - vmin) else "black")
     ax.set_title((title + "\n" if title else "") + subtitle, fontsize=9)
     fig.tight_layout()
     path = Path(path)
