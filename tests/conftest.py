@@ -14,6 +14,8 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 transformers.logging.set_verbosity_error()
+# Tiny models gain nothing from a second thread, and on a busy 2-core machine two threads per process thrash.
+torch.set_num_threads(1)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 VOCAB = 64

@@ -173,11 +173,12 @@ def test_record_round_trips_as_dam_json(bert_result, tmp_path):
     assert load_record(path)["selection"]["modules"] == result.target_modules
 
 
-def test_split_is_the_cli_split():
-    from diffora.pipeline import split_for_search
-
+def test_split_is_seeded_disjoint_and_complete():
     for n, fraction, seed in ((40, 0.3, 0), (7, 0.5, 3), (100, 0.1, 11)):
-        assert split_indices(n, fraction, seed) == split_for_search(n, fraction, seed)
+        weight, gate = split_indices(n, fraction, seed)
+        assert split_indices(n, fraction, seed) == (weight, gate)
+        assert sorted(weight + gate) == list(range(n)) and len(gate) == max(1, round(fraction * n))
+    assert split_indices(40, 0.3, 0) != split_indices(40, 0.3, 1)
 
 
 def test_refuses_bad_inputs():

@@ -287,7 +287,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"diffora: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("diffora: interrupted; nothing was written to the output directory", file=sys.stderr)
+        checkpoints = Path(opts.output_dir) / "checkpoints" if opts is not None else None
+        if checkpoints is not None and any(checkpoints.glob("*.pt")):
+            print(f"diffora: interrupted; the checkpoints in {checkpoints} were kept: rerun the same command with "
+                  "--resume to continue", file=sys.stderr)
+        else:
+            print("diffora: interrupted; nothing was written to the output directory", file=sys.stderr)
         return 130
     except Exception as exc:  # an internal error: say so, and how to get details
         if debug:

@@ -35,6 +35,18 @@ class Selection:
     def num_kept(self) -> int:
         return len(self.modules)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Selection":
+        """Inverse of :meth:`to_dict` (e.g. the ``selection`` of a ``dam.json``)."""
+        return cls(
+            mask=[list(row) for row in data["mask"]],
+            modules=list(data["modules"]),
+            keep_ratio=float(data["keep_ratio"]),
+            granularity=str(data["granularity"]),
+            lora_params=int(data["lora_params"]),
+            total_lora_params=int(data["total_lora_params"]),
+        )
+
     def to_dict(self) -> dict:
         return {
             "mask": self.mask,

@@ -37,6 +37,7 @@ from .evaluation.predict import evaluate_model
 from .io import atomic_dir, atomic_write_json
 from .models import load_model_and_tokenizer
 from .runtime import peak_rss_mib, seed_everything
+from .splits import split_for_search  # noqa: F401  (re-exported for the jobs)
 from .train import FinetuneOptions, finetune
 
 GENERIC_TASKS = ("classification", "regression", "causal_lm")
@@ -328,15 +329,6 @@ def make_loader(items: list[dict], tokenizer: Any, kind: str, batch_size: int, *
     collate = enc.make_collator(tokenizer, "causal_lm" if kind == "causal_lm" else "classification")
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
-
-
-def split_for_search(n: int, gate_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split of the training rows into the weight split and the gate split."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 17)).tolist()
-    n_gate = max(1, int(round(gate_fraction * n)))
-    if n - n_gate < 1:
-        raise DataError(f"{n} training rows are too few to split for the search; add data or lower --gate-fraction")
-    return sorted(order[n_gate:]), sorted(order[:n_gate])
 
 
 # ------------------------------------------------------------------------------------------------------- output dir

@@ -125,6 +125,12 @@ class DAMSearch:
         self.history.weight_losses.append(value)
         return value
 
+    def record_weight_step(self, loss: float) -> None:
+        """Count a weight step that an outside training loop (e.g. a ``transformers.Trainer``) performed."""
+        self._check_live()
+        self.weight_steps += 1
+        self.history.weight_losses.append(float(loss))
+
     def gate_step(self, gate_batch: Batch, weight_batch: Optional[Batch] = None) -> float:
         """One Adam step on the betas on a gate-split batch; LoRA weights and head are left bit-identical.
 

@@ -260,7 +260,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _load_from_hub(spec: TaskSpec, split: str) -> Examples:
     """The online fallback: ``datasets.load_dataset("nyu-mll/glue", name)``. Any failure becomes one DataError."""
-    file = spec.file_for(split)  # validates the split name
+    spec.file_for(split)  # validates the split name
     hint = f"pass --data-dir with a folder holding the GLUE-format files ({', '.join(f for _, f in spec.files)})"
     if spec.hub_name is None:
         raise DataError(f"task {spec.name!r} has no online copy; {hint}")

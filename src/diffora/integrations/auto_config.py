@@ -27,6 +27,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..splits import split_for_search
 from ..config import DiffoRAConfig
 from ..discretize import Selection
 from ..errors import ConfigError, DataError, ModelError
@@ -82,13 +83,8 @@ class AutoLoraResult:
         return peft_model
 
 
-def split_indices(n: int, gate_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split of ``n`` training rows into (weight split, gate split) — the same split as ``diffora run``."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 17)).tolist()
-    n_gate = max(1, int(round(gate_fraction * n)))
-    if n - n_gate < 1:
-        raise DataError(f"{n} training rows are too few to split for the search; add data or lower gate_fraction")
-    return sorted(order[n_gate:]), sorted(order[:n_gate])
+#: the CLI's weight/gate split (re-exported under the name this module has always used)
+split_indices = split_for_search
 
 
 def default_search_steps(n_weight_batches: int, config: DiffoRAConfig, cap: int = DEFAULT_MAX_SEARCH_STEPS) -> int:

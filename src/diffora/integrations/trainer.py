@@ -40,7 +40,6 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -335,8 +334,9 @@ class DiffoRATrainer(Trainer):
         if self._phase != "search":
             return
         search, config, step = self.search, self.diffora_config, state.global_step
-        search.weight_steps = step
-        search.history.weight_losses.append(self._step_weight_loss)
+        search.record_weight_step(self._step_weight_loss)
+        if search.weight_steps != step:
+            raise SearchStateError(f"search step {search.weight_steps} is out of step with the Trainer's {step}")
         self._step_weight_loss = 0.0
         if step > config.gate_warmup_steps:
             gate_batch = self._gate_batch(search.gate_steps)
@@ -463,8 +463,7 @@ class DiffoRATrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _restore_selection(self, saved: dict) -> None:
-        names = {f.name for f in fields(Selection)}
-        self.selection = Selection(**{k: v for k, v in saved["selection"].items() if k in names})
+        self.selection = Selection.from_dict(saved["selection"])
         self.record = saved.get("record")
         if self.record is not None and self.search.gate_steps == 0:
             with torch.no_grad():
