@@ -19,7 +19,6 @@ import errno
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time

@@ -2,8 +2,9 @@
 
 Every option is a field of :class:`diffora.pipeline.Options` (its ``help`` metadata is the ``--help`` text), spelled
 with dashes on the command line (``--keep-ratio``) and with dashes or underscores in a ``--config`` YAML/JSON file.
-Command-line flags override the config file. Errors in the input print one line and exit with status 2 (1 for
-internal errors); ``--debug`` shows the traceback.
+Command-line flags override the config file. Relative paths in a config file are relative to the file's folder, and
+a config file may only write (``output-dir``, ``output-file``) below that folder (see docs/reliability.md). Errors in
+the input print one line and exit with status 2 (1 for internal errors); ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command, groups in COMMAND_GROUPS.items():
         sub = commands.add_parser(command, help=COMMAND_HELP[command], description=COMMAND_HELP[command])
-        sub.add_argument("--config", metavar="FILE", help="YAML or JSON file with options (keys as the flags' names)")
+        sub.add_argument("--config", metavar="FILE", help="YAML or JSON file with options (keys as the flags' names; relative paths are relative to the file)")
         sub.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
         if command == "train":
             sub.add_argument("--dam", metavar="DAM_JSON", help="search record from 'diffora search' (uses its kept modules)")

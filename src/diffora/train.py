@@ -7,6 +7,7 @@ checkpoint restored at the end. Data parallelism (``accelerate launch`` / ``torc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ def finetune(
     bar = tqdm(total=total, initial=s.step, desc=desc, dynamic_ncols=True,
                disable=not progress or not accelerator.is_main_process)
     wrapped.train()
-    guard = checkpointer.catching_signals() if checkpointer is not None else _nullcontext()
+    guard = checkpointer.catching_signals() if checkpointer is not None else contextlib.nullcontext()
     with guard:
         if checkpointer is not None and s.step == 0 and not distributed:
             save()  # the starting point (e.g. weights inherited from the search)
@@ -222,11 +223,3 @@ class _LoopState:
             best_metrics=dict(loop["best_metrics"]), final_metrics=dict(loop["final_metrics"]),
             best_state=dict(saved["best_state"]) or None,
         )
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
