@@ -188,15 +188,20 @@ def paired(report: dict, a: str, b: str) -> Optional[dict]:
     sa = {r["seed"]: r["final"][m] for r in groups[a]}
     sb = {r["seed"]: r["final"][m] for r in groups[b]}
     seeds = sorted(set(sa) & set(sb))
+    if not seeds:
+        return None
     diffs = [sa[s] - sb[s] for s in seeds]
+    a_vals, b_vals = [sa[s] for s in seeds], [sb[s] for s in seeds]  # only seeds both methods ran
     out = {
-        "seeds": seeds, "diffs": diffs, "mean_a": mean(sa.values()), "mean_b": mean(sb.values()),
-        "std_a": std(sa.values()), "std_b": std(sb.values()), "mean_diff": mean(diffs), "std_diff": std(diffs),
+        "seeds": seeds, "diffs": diffs, "mean_a": mean(a_vals), "mean_b": mean(b_vals),
+        "std_a": std(a_vals), "std_b": std(b_vals), "mean_diff": mean(diffs), "std_diff": std(diffs),
         "wins": sum(d > 0 for d in diffs),
     }
     out["margin"] = out["mean_a"] - out["mean_b"]
-    out["max_std"] = max(x for x in (out["std_a"], out["std_b"], 0.0) if not math.isnan(x))
-    out["holds"] = out["margin"] > out["max_std"]
+    out["max_std"] = max([x for x in (out["std_a"], out["std_b"]) if not math.isnan(x)], default=float("nan"))
+    # a spread needs seeds: with fewer than 2 paired seeds the comparison is not testable
+    out["testable"] = len(seeds) >= 2
+    out["holds"] = out["testable"] and out["margin"] > out["max_std"]
     return out
 
 
@@ -366,7 +371,7 @@ def paired_table(report: dict, rhos=(0.25, 0.5)) -> list[str]:
             continue
         lines.append(f"| {a} vs {b} | {', '.join(f'{d:+.3f}' for d in p['diffs'])} | {p['mean_diff']:+.3f} | "
                      f"{fmt(p['std_diff'])} | {p['wins']}/{len(p['diffs'])} | {p['margin']:+.3f} | {fmt(p['max_std'])} | "
-                     f"{'yes' if p['holds'] else 'no'} |")
+                     f"{('yes' if p['holds'] else 'no') if p['testable'] else 'not testable (1 seed)'} |")
     return lines
 
 
@@ -424,11 +429,17 @@ def targets(reports: list[dict]) -> list[str]:
         for r in main:
             p = paired(r, f"diffora_rho{rho}", f"random_rho{rho}")
             if p:
-                parts.append(f"{r['task']} {p['margin']:+.3f} vs std {p['max_std']:.3f} (wins {p['wins']}/{len(p['diffs'])})")
-                oks.append(p["holds"])
+                n = len(p["diffs"])
+                parts.append(f"{r['task']} {p['margin']:+.3f} vs std {fmt(p['max_std'])} (wins {p['wins']}/{n} paired seeds)")
+                if p["testable"]:
+                    oks.append(p["holds"])
         if parts:
-            lines.append(f"2. *DiffoRA > random selection at ρ={rho} by more than the seed std*: {'; '.join(parts)} → "
-                         f"{verdict(all(oks)) if all(oks) or not any(oks) else f'**holds on {sum(oks)}/{len(oks)} tasks**'}.")
+            v = ("**not testable** (fewer than 2 paired seeds)" if not oks
+                 else f"**holds on {sum(oks)}/{len(oks)} testable task(s)** (the others have < 2 paired seeds)"
+                 if len(oks) < len(parts) else verdict(all(oks)) if all(oks) or not any(oks)
+                 else f"**holds on {sum(oks)}/{len(oks)} tasks**")
+            lines.append(f"2. *DiffoRA > random selection at ρ={rho} by more than the seed std* (means and stds over the "
+                         f"seeds both ran): {'; '.join(parts)} → {v}.")
     # 3. steps to target
     parts, oks = [], []
     for r in main:
@@ -452,7 +463,7 @@ def targets(reports: list[dict]) -> list[str]:
         p = paired(r, "diffora_rho0.5", "adalora")
         if p:
             oks.append(p["margin"] >= 0)
-            parts.append(f"{r['task']} {p['margin']:+.3f} (seed std {p['max_std']:.3f})")
+            parts.append(f"{r['task']} {p['margin']:+.3f} (seed std {fmt(p['max_std'])}, {len(p['diffs'])} paired seeds)")
     if parts:
         lines.append(f"4. *DiffoRA ≥ AdaLoRA at a matched final budget*: {'; '.join(parts)} → "
                      f"{verdict(all(oks)) if all(oks) or not any(oks) else f'**holds on {sum(oks)}/{len(oks)} tasks**'}.")
