@@ -727,7 +727,8 @@ def run(args: argparse.Namespace) -> dict:
         jobs, unlocked = ablation_plan(seeds, budget.rank, variants)
     if args.only:
         keep = set(args.only)
-        jobs = [j for j in jobs if j["kind"] == "search" or j.get("method") in keep]
+        needs_search = any(k.startswith(("diffora", "random_ws")) or k == "lora_all_matched" for k in keep)
+        jobs = [j for j in jobs if (j["kind"] == "search" and needs_search) or j.get("method") in keep]
         base_unlocked = unlocked
         unlocked = lambda s: [j for j in base_unlocked(s) if j.get("method") in keep]  # noqa: E731
 

@@ -110,7 +110,12 @@ def merge(reports: list[dict]) -> list[dict]:
             m["timing"] = r["timing"]
     for m in merged.values():
         done = {(x["method"], x["seed"]) for x in m["runs"]}
-        m["skipped"] = [j for j in m.get("skipped") or [] if (j.get("method"), j["seed"]) not in done]
+        seen, skipped = set(done), []
+        for j in m.get("skipped") or []:
+            if (j.get("method"), j["seed"]) not in seen:
+                seen.add((j.get("method"), j["seed"]))
+                skipped.append(j)
+        m["skipped"] = skipped
         m["seeds"] = sorted({x["seed"] for x in m["runs"]} | {x["seed"] for x in m["searches"]})
     return list(merged.values())
 
@@ -334,7 +339,7 @@ def results_table(report: dict) -> list[str]:
     target = target_value(report)
     ref = groups.get(f"lora_all_r{report['budget']['rank']}")
     ref_params = mean([r["trainable_params"] for r in ref]) if ref else None
-    head = (f"| method | kept modules | rank | trainable params | % of LoRA-all | {m} | {m2 + ' |' if m2 else ''} "
+    head = (f"| method | kept modules | rank | trainable params | % of LoRA-all | {m} |{' ' + m2 + ' |' if m2 else ''} "
             f"steps to target | search s | fine-tune s | (search+ft) / LoRA-all ft | peak RSS MiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for method in ordered(groups):
@@ -464,6 +469,9 @@ def targets(reports: list[dict]) -> list[str]:
         if p:
             oks.append(p["margin"] >= 0)
             parts.append(f"{r['task']} {p['margin']:+.3f} (seed std {fmt(p['max_std'])}, {len(p['diffs'])} paired seeds)")
+    if not parts:
+        lines.append("4. *DiffoRA ≥ AdaLoRA at a matched final budget*: AdaLoRA did not run in these results → "
+                     "**not measured**.")
     if parts:
         lines.append(f"4. *DiffoRA ≥ AdaLoRA at a matched final budget*: {'; '.join(parts)} → "
                      f"{verdict(all(oks)) if all(oks) or not any(oks) else f'**holds on {sum(oks)}/{len(oks)} tasks**'}.")

