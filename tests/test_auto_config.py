@@ -16,15 +16,6 @@ from diffora.integrations.auto_config import default_search_steps, split_indices
 FAST = dict(gate_warmup_steps=2, gate_lr=0.2, weight_lr=5e-3, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only add contention (on a busy 2-core machine a step goes from ~20 ms to >1 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def seq_cls_rows(n: int = 40, length: int = 8, seed: int = 0) -> list[dict]:
     """Rows as a tokenized data set holds them, with a raw-text column the model does not take."""
     g = torch.Generator().manual_seed(seed)

@@ -34,15 +34,6 @@ from diffora.integrations.trainer import STATE_JSON, STATE_TENSORS
 MAX_STEPS, SEARCH_STEPS, WARMUP = 12, 6, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only add contention (on a busy 2-core machine a step goes from ~20 ms to >1 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def rows(n: int = 64, length: int = 10, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     out = []
