@@ -75,3 +75,11 @@ def test_missing_cells_are_never_selected():
 def test_bad_ratio(ratio):
     with pytest.raises(ConfigError, match="keep_ratio"):
         select_modules(grid(), SCORES, keep_ratio=ratio)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "global", "budget"])
+def test_empty_grid_is_a_config_error(granularity):
+    g = grid()
+    empty = DAMGrid(g.layers, g.types, g.labels, [[None] * 4 for _ in g.layers], [[0] * 4 for _ in g.layers])
+    with pytest.raises(ConfigError, match="no candidate modules"):
+        select_modules(empty, SCORES, keep_ratio=0.5, granularity=granularity, rank=1)

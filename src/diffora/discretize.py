@@ -88,6 +88,8 @@ def select_modules(
     if len(scores) != rows or any(len(r) != cols for r in scores):
         raise ConfigError(f"scores must be a {rows}x{cols} grid to match the DAM")
     cells = list(iter_cells(grid))
+    if not cells:
+        raise ConfigError("the DAM grid has no candidate modules to select from")
     cost = {(i, j): rank * grid.param_costs[i][j] for i, j, _ in cells}
     total = sum(cost.values())
     kept: set[tuple[int, int]] = set()
