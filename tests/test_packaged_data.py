@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from diffora.data import packaged
+from diffora import runtime
 from diffora.data.packaged import PACKAGED_DATASETS, PACKAGED_TASKS, load_packaged, package_dir, stratified_split
 from diffora.data.readers import Examples
 from diffora.errors import ConfigError, DataError
@@ -37,7 +37,7 @@ def test_unknown_dataset() -> None:
 
 
 def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(packaged.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError) as excinfo:
         load_packaged("tweets")
     message = str(excinfo.value)

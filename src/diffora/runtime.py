@@ -7,10 +7,12 @@ A DiffoRA search is only resumable bit-for-bit if every random source is restore
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import sys
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -192,3 +194,15 @@ class Stopwatch:
             return 0.0
         end = self._stop if self._stop is not None else time.perf_counter()
         return end - self._start
+
+
+def installed_package_dir(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it (some packages that ship models or data
+    run code or pull in heavy dependencies on import); ``None`` when it is not installed."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))

