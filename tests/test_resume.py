@@ -117,3 +117,13 @@ def test_interrupted_output_needs_resume_or_overwrite(job, tmp_path):
     done = subprocess.run([sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out)],
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert done.returncode == 2 and "--resume" in done.stderr
+
+
+def test_sigterm_stops_cleanly_and_resume_finishes(job, tmp_path):
+    args, _ = job
+    out = tmp_path / "out"
+    _interrupt(args, out, "search", signal.SIGTERM)  # asserts exit 130, a checkpoint, the --resume hint
+    done = subprocess.run([sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out), "--resume"],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and not (out / "checkpoints").exists()
