@@ -61,11 +61,18 @@ class ResumableLoader:
             skip = 0
         self._resume = False
         self.position = skip
-        for index, batch in enumerate(self.loader):
-            if index < skip:
-                continue
-            self.position = index + 1
-            yield batch
+        # Look one batch ahead so the loader is exhausted *before* the epoch's last batch is handed out: when the
+        # rows divide evenly into batches, torch's RandomSampler draws once more from the generator only when it is
+        # advanced past its last index, and a checkpoint taken after the last batch must already include that draw.
+        iterator, done = enumerate(self.loader), object()
+        current = next(iterator, done)
+        while current is not done:
+            following = next(iterator, done)
+            index, batch = current
+            if index >= skip:
+                self.position = index + 1
+                yield batch
+            current = following
         self.epoch += 1
         self.position = 0
         self._epoch_start = None
