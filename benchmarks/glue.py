@@ -215,12 +215,13 @@ def search_config(ctx: Context, seed: int, variant: dict):
 
     b = ctx.budget
     steps, warm = search_lengths(ctx, variant.get("search_scale", 1.0))
+    library = DiffoRAConfig()  # the library's defaults, so the benchmark measures what users get
     return DiffoRAConfig(
-        rank=b.rank, alpha=b.alpha, dropout=0.0, gate=variant.get("gate", "sigmoid"),
-        order=variant.get("order", "first"), gate_fraction=variant.get("gate_fraction", 0.3), weight_lr=b.lr,
-        gate_lr=variant.get("gate_lr", 5e-2), gate_warmup_steps=variant.get("gate_warmup_steps", warm),
-        zero_one_weight=variant.get("zero_one_weight", 0.0), temperature=variant.get("temperature", 1.0),
-        keep_ratio=DEFAULT_RHO, granularity="layer", seed=seed,
+        rank=b.rank, alpha=b.alpha, dropout=0.0, weight_lr=b.lr, keep_ratio=DEFAULT_RHO, granularity="layer",
+        seed=seed, gate_warmup_steps=variant.get("gate_warmup_steps", warm),
+        **{key: variant.get(key, getattr(library, key))
+           for key in ("gate", "order", "gate_fraction", "gate_lr", "zero_one_weight", "temperature",
+                       "selection_score")},
     ), steps
 
 
@@ -311,7 +312,7 @@ def run_finetune(ctx: Context, seed: int, method: str, spec: dict) -> dict:
         search = prepare_search(model, config)
         search.load_state_dict(torch.load(spec["state_path"], weights_only=False))
         if family == "diffora":
-            selection = search.discretize(spec["rho"], spec.get("granularity", "layer"))
+            selection = search.discretize(spec["rho"], spec.get("granularity", "layer"), score=spec.get("score"))
         else:
             selection = _random_selection(search.grid, spec["rho"], seed, b.rank, spec.get("granularity", "layer"))
         peft_model = search.export(selection, weight_sharing=spec.get("weight_sharing", True))
@@ -538,7 +539,7 @@ def main_plan(seeds, rank: int, search_result_for) -> tuple[list[dict], Any]:
 
 ABLATION_RHO = 0.25
 ABLATION_SEARCHES = {
-    "default": {},
+    "default": {},  # the library's defaults (selection_score: see DiffoRAConfig)
     "softmax": {"gate": "softmax"},
     "second_order": {"order": "second"},
     "gate_fraction_0.5": {"gate_fraction": 0.5},
@@ -567,6 +568,8 @@ def ablation_plan(seeds, rank: int, variants: list[str]):
                  "spec": {"family": "diffora", "granularity": "global", **common}},
                 {"kind": "finetune", "seed": seed, "method": "diffora[budget]",
                  "spec": {"family": "diffora", "granularity": "budget", **common}},
+                {"kind": "finetune", "seed": seed, "method": "diffora[movement]",
+                 "spec": {"family": "diffora", "score": "movement", **common}},
                 {"kind": "finetune", "seed": seed, "method": "diffora[re-init]",
                  "spec": {"family": "diffora", "weight_sharing": False, **common}},
                 {"kind": "finetune", "seed": seed, "method": "random_ws",

@@ -14,7 +14,7 @@ import math
 import os
 import statistics
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_ORDER = ["mrpc", "tweets", "sst2"]
@@ -513,13 +513,15 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
              f"| variant | what changes | {m} (held-out train split) | paired diff vs default | trainable params | "
              f"search s | kept-module overlap across seeds (Jaccard) |", "|---|---|---|---|---|---|---|"]
     what = {
-        "diffora[default]": "sigmoid gates, first order, gate split 0.3, per-layer top-ρ, weight sharing",
+        "diffora[default]": "sigmoid gates, first order, gate split 0.3, per-layer top-ρ, weight sharing, modules "
+                            "ranked by gate value (the default when these ran; see the movement row)",
         "diffora[softmax]": "per-layer softmax gates", "diffora[second_order]": "second-order (unrolled) gate gradient",
         "diffora[gate_fraction_0.5]": "gate split 0.5 of train", "diffora[search_x0.5]": "search half as long",
         "diffora[search_x2]": "search twice as long", "diffora[global]": "global top-ρ discretisation",
         "diffora[budget]": "parameter-budget discretisation", "diffora[re-init]": "no weight sharing (fresh LoRA + head)",
         "random_ws": "random modules, but inheriting the same search's weights",
         "diffora[zero_one_1.0]": "FairDARTS zero-one loss weight 1.0", "diffora[gate_lr_0.2]": "gate LR 0.2 (default 0.05)",
+        "diffora[movement]": "rank modules by |gate − initial| instead of the gate value (same search)",
         "random_rho0.25": "random modules, fresh LoRA", "lora_all_r8": "LoRA on all modules",
     }
     ref = {r["seed"]: r["final"][m] for r in groups.get(base, [])}
@@ -531,6 +533,33 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
         lines.append(f"| {method} | {what.get(method, '')} | {pm([r['final'][m] for r in runs])} | "
                      f"{(pm(diffs) if method != base else '—')} | {human(mean([r['trainable_params'] for r in runs]))} | "
                      f"{fmt(search, 0) if search else '—'} | {fmt(stab, 2) if stab is not None else '—'} |")
+    return lines
+
+
+def gate_diagnostics(report: dict) -> list[str]:
+    """What each search variant's gates did: how far they moved, whether they moved up or down, and whether the
+    within-layer ranking (what per-layer discretisation uses) agrees between seeds."""
+    import itertools
+
+    import numpy as np
+
+    variants: dict[str, list[dict]] = {}
+    for s in report.get("searches", []):
+        variants.setdefault(s["variant"], []).append(s)
+    if not variants:
+        return []
+    lines = ["| search variant | gate spread (max − min), per seed | mean gate − initial, per seed | "
+             "within-layer ranking agreement across seeds (Pearson of row-centred gates, per pair) |",
+             "|---|---|---|---|"]
+    for variant, searches in variants.items():
+        searches = sorted(searches, key=lambda s: s["seed"])
+        gates = [np.array(s["gates"], dtype=float) for s in searches]
+        init = 1.0 if searches[0]["config"].get("gate") == "softmax" else 0.5
+        centred = [g - g.mean(axis=1, keepdims=True) for g in gates]
+        pairs = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in itertools.combinations(centred, 2)]
+        lines.append(f"| {variant} | {', '.join(f'{g.max() - g.min():.3f}' for g in gates)} | "
+                     f"{', '.join(f'{g.mean() - init:+.3f}' for g in gates)} | "
+                     f"{', '.join(f'{c:+.2f}' for c in pairs) if pairs else '—'} |")
     return lines
 
 
@@ -553,9 +582,9 @@ def render(results: Path, out: Path, img: Path, include_quick: bool = False) -> 
         m0 = main[0]["machine"]
         L += ["## Setup", "",
               f"Machine: {m0['cpu']}, {m0['cores']} cores, {m0.get('memory_gib')} GiB, no GPU; "
-              f"{m0['workers']} worker processes × {m0['threads_per_worker']} torch thread(s), shared with other jobs "
-              f"(load average at start: {', '.join(f'{x:.1f}' for x in m0['load_average_at_start'])}), so absolute "
-              f"seconds are noisy; compare ratios. Model: packaged `{main[0]['budget']['model']}` (6-layer MiniLM, "
+              f"{m0['workers']} worker processes × {m0['threads_per_worker']} torch thread(s) (load average at "
+              f"start: {', '.join(f'{x:.1f}' for x in m0['load_average_at_start'])}); the machine is a shared VM, so "
+              f"absolute seconds are noisy: compare the ratios. Model: packaged `{main[0]['budget']['model']}` (6-layer MiniLM, "
               "36 candidate modules = 6 layers × q, k, v, attn-out, ffn-in, ffn-out). Versions: "
               + ", ".join(f"{k} {v}" for k, v in main[0]["versions"].items() if k not in ("src_dirty",)) + ".", "",
               "| task | command | started | wall |", "|---|---|---|---|"]
@@ -581,7 +610,7 @@ def render(results: Path, out: Path, img: Path, include_quick: bool = False) -> 
                          f"(random ρ=0.5: {fmt(selection_stability(r, 'random_rho0.5'), 2)}).")
                 L.append("")
             if r.get("skipped"):
-                L.append(f"Skipped (the run's `--max-minutes` budget ran out): "
+                L.append("Skipped (the run's `--max-minutes` budget ran out): "
                          + ", ".join(f"{j.get('method') or j.get('variant')} seed {j['seed']}" for j in r["skipped"]) + ".")
                 L.append("")
             if r["errors"]:
@@ -602,6 +631,10 @@ def render(results: Path, out: Path, img: Path, include_quick: bool = False) -> 
               "target compares it to a LoRA step plus the reference cost of a gate step.", ""]
     for r in ablations:
         L += ["## Ablations", "", *ablation_section(r, out, img), ""]
+        diag = gate_diagnostics(r)
+        if diag:
+            L += ["What the gates of each search variant did (one search per seed; same searches as above):", "",
+                  *diag, ""]
     notes = results / "discussion.md"
     if notes.exists():
         L += [notes.read_text().strip(), ""]

@@ -249,6 +249,11 @@ def _(ctx: Ctx) -> Spec:
     return Spec(ctx.run("--granularity", "row"), ("--granularity must be one of", "'layer', 'global', 'budget'"))
 
 
+@case("bad-selection-score")
+def _(ctx: Ctx) -> Spec:
+    return Spec(ctx.run("--selection-score", "loss"), ("--selection-score must be one of", "'gate', 'movement'"))
+
+
 @case("bad-order")
 def _(ctx: Ctx) -> Spec:
     return Spec(ctx.run("--order", "third"), ("--order must be one of", "'first', 'second'"))

@@ -118,3 +118,23 @@ def test_nan_loss_stops_with_clear_error():
         search.lora_layer(search.grid.names[0][0]).lora_A["default"].weight.fill_(float("nan"))
     with pytest.raises(TrainingError, match="loss became nan"):
         search.weight_step(random_batch())
+
+@pytest.mark.parametrize("form", ["sigmoid", "softmax"])
+def test_movement_score_ranks_by_distance_from_the_initial_gate(form):
+    """'gate' keeps the largest gates; 'movement' keeps the gates that moved furthest, down as well as up."""
+    search, _ = _search("bert", gate=form, keep_ratio=0.5, granularity="global", gate_init=0.3)
+    search.gate_steps = 1  # betas are set by hand below instead of by gate steps
+    with torch.no_grad():
+        beta = torch.full_like(search.gates.beta, 0.3)
+        beta[0, 0], beta[0, 1] = 3.0, -6.0  # one gate far up, one far further down
+        search.gates.beta.copy_(beta)
+    start = search.gates.initial_values(0.3)
+    assert torch.allclose(start[search.gates.valid], start[search.gates.valid][0])  # all gates start equal
+    names = search.grid.names
+    by_gate = set(search.discretize(score="gate").modules)
+    by_move = set(search.discretize(score="movement").modules)
+    assert names[0][0] in by_gate and names[0][1] not in by_gate
+    assert names[0][0] in by_move and names[0][1] in by_move
+    moved = search.selection_scores("movement")
+    assert min(moved[0][0], moved[0][1]) > 0.3 and moved[1][0] == pytest.approx(0.0, abs=1e-6)
+    assert torch.equal(search.gates.beta, beta)  # computing the initial gates leaves the betas alone

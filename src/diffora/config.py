@@ -15,10 +15,12 @@ from .errors import ConfigError
 GateForm = Literal["sigmoid", "softmax"]
 Granularity = Literal["layer", "global", "budget"]
 SearchOrder = Literal["first", "second"]
+SelectionScore = Literal["gate", "movement"]
 
 GATE_FORMS = ("sigmoid", "softmax")
 GRANULARITIES = ("layer", "global", "budget")
 SEARCH_ORDERS = ("first", "second")
+SELECTION_SCORES = ("gate", "movement")
 
 
 _NUMBER_FIELDS = (
@@ -100,6 +102,14 @@ class DiffoRAConfig:
 
     # --- discretisation ---
     keep_ratio: float = field(default=0.5, metadata={"help": "Fraction rho of the DAM kept (of entries or of parameters)."})
+    selection_score: SelectionScore = field(
+        default="movement",
+        metadata={
+            "help": "What discretisation ranks: 'gate' = the learned gate value (DARTS: keep the largest); "
+            "'movement' = how far each gate moved from its initial value, in either direction (ours: a module "
+            "whose gate the held-out loss pushed hard matters, whichever way the early search pushed it)."
+        },
+    )
     granularity: Granularity = field(
         default="layer",
         metadata={
@@ -153,6 +163,10 @@ class DiffoRAConfig:
         need(
             0.0 < self.keep_ratio <= 1.0,
             f"keep_ratio must be in (0, 1] (the fraction of modules to keep), got {self.keep_ratio!r}",
+        )
+        need(
+            isinstance(self.selection_score, str) and self.selection_score in SELECTION_SCORES,
+            f"selection_score must be one of {SELECTION_SCORES}, got {self.selection_score!r}",
         )
         need(
             isinstance(self.granularity, str) and self.granularity in GRANULARITIES,

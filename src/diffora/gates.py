@@ -58,6 +58,16 @@ class DAMGates(nn.Module):
             raise ValueError(f"unknown gate form {self.form!r}")
         return gates.masked_fill(~self.valid, 0.0)
 
+    def initial_values(self, init: float) -> torch.Tensor:
+        """The gate matrix every search starts from (all betas = ``init``)."""
+        with torch.no_grad():
+            saved = self.beta.detach().clone()
+            self.beta.fill_(float(init))
+            try:
+                return self.values().detach().clone()
+            finally:
+                self.beta.copy_(saved)
+
     def forward(self) -> torch.Tensor:  # so the module can be called like any other
         return self.values()
 

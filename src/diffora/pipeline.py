@@ -70,6 +70,7 @@ class Options:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout.", "group": "search"})
     keep_ratio: float = field(default=0.5, metadata={"help": "Fraction rho of the DAM kept.", "group": "search"})
     granularity: str = field(default="layer", metadata={"help": "layer | global | budget.", "group": "search"})
+    selection_score: str = field(default="movement", metadata={"help": "movement | gate: rank modules by how far their gate moved (up or down) or by the gate value.", "group": "search"})
     gate: str = field(default="sigmoid", metadata={"help": "sigmoid | softmax gate relaxation.", "group": "search"})
     order: str = field(default="first", metadata={"help": "first | second order bi-level search.", "group": "search"})
     gate_fraction: float = field(default=0.3, metadata={"help": "Fraction of train held out for gate steps.", "group": "search"})
@@ -137,7 +138,8 @@ class Options:
             rank=self.rank, alpha=self.alpha, dropout=self.lora_dropout, target_types=self.target_types,
             gate=self.gate, order=self.order, gate_fraction=self.gate_fraction, weight_lr=self.search_lr,
             gate_lr=self.gate_lr, gate_warmup_steps=self.gate_warmup_steps, zero_one_weight=self.zero_one_weight,
-            keep_ratio=self.keep_ratio, granularity=self.granularity, weight_sharing=self.weight_sharing,
+            keep_ratio=self.keep_ratio, granularity=self.granularity, selection_score=self.selection_score,
+            weight_sharing=self.weight_sharing,
             seed=self.seed,
         )
 

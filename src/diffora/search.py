@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .candidates import DAMGrid, detect_task_heads, find_candidates
 from .config import DiffoRAConfig
 from .discretize import Selection, select_modules
-from .errors import SearchStateError, TrainingError
+from .errors import ConfigError, SearchStateError, TrainingError
 from .gates import DAMGates, GateHooks
 
 Batch = dict[str, Any]
@@ -214,11 +214,23 @@ class DAMSearch:
         with torch.no_grad():
             return [[float(v) for v in row] for row in self.gates.values()]
 
+    def selection_scores(self, score: Optional[str] = None) -> list[list[float]]:
+        """What discretisation ranks: the gate values, or (``"movement"``) ``|g - g_initial|`` per entry."""
+        score = score or self.config.selection_score
+        if score == "gate":
+            return self.gate_values()
+        if score != "movement":
+            raise ConfigError(f"selection_score must be 'gate' or 'movement', got {score!r}")
+        with torch.no_grad():
+            moved = (self.gates.values() - self.gates.initial_values(self.config.gate_init)).abs()
+        return [[float(v) for v in row] for row in moved]
+
     def discretize(
         self,
         keep_ratio: Optional[float] = None,
         granularity: Optional[str] = None,
         budget_params: Optional[int] = None,
+        score: Optional[str] = None,
     ) -> Selection:
         """Keep the top entries of the learned DAM (defaults from the config)."""
         if self.gate_steps == 0:
@@ -228,7 +240,7 @@ class DAMSearch:
             )
         return select_modules(
             self.grid,
-            self.gate_values(),
+            self.selection_scores(score),
             keep_ratio if keep_ratio is not None else self.config.keep_ratio,
             granularity or self.config.granularity,
             rank=self.config.rank,
