@@ -583,17 +583,19 @@ def ablation_plan(seeds, rank: int, variants: list[str]):
 # ------------------------------------------------------------------------------------------------- running
 TIERS = [  # scheduling order: the comparisons the issue is about first, so a stopped run keeps them
     ("search",), ("lora_all_r", "diffora_rho0.5", "random_rho0.5", "diffora_rho0.25", "random_rho0.25", "diffora["),
-    ("random_ws", "diffora_rho0.75", "lora_all_matched", "adalora", "lora_qv_r"), ("full_ft",),
+    ("adalora", "full_ft", "lora_all_matched", "lora_qv_r", "diffora_rho0.75", "random_ws"),
 ]
 
 
 def priority(job: dict) -> tuple:
+    """Searches, then the core comparisons for every seed; then the other baselines seed by seed, so that a run
+    cut short by --max-minutes still has every method on its first seeds."""
     name = "search" if job["kind"] == "search" else job["method"]
     for tier, prefixes in enumerate(TIERS):
         for k, prefix in enumerate(prefixes):
             if name.startswith(prefix):
-                return (tier, job["seed"], k, name)
-    return (len(TIERS), job["seed"], 0, name)
+                return (tier, job["seed"], 0, k, name) if tier <= 1 else (2, job["seed"], tier, k, name)
+    return (2, job["seed"], len(TIERS), 0, name)
 
 
 def _machine(workers: int, threads: int) -> dict:

@@ -508,10 +508,11 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
     groups = by_method(report)
     base = "diffora[default]"
     lines = [f"### Ablations on {report['task']} (evaluated on {report['data']['eval_rows']} rows held out from *train*; "
-             f"ρ={report['runs'][0].get('rho') if report['runs'] else '?'}; seeds {', '.join(map(str, report['seeds']))})", "",
+             f"ρ={next((r['rho'] for r in report['runs'] if r.get('rho')), '?')}; seeds "
+             f"{', '.join(map(str, report['seeds']))})", "",
              "Commands: " + "; ".join(f"`{c}` ({st}, {w / 60:.0f} min)" for c, st, w in report["commands"]) + ".", "",
-             f"| variant | what changes | {m} (held-out train split) | paired diff vs default | trainable params | "
-             f"search s | kept-module overlap across seeds (Jaccard) |", "|---|---|---|---|---|---|---|"]
+             f"| variant | what changes | seeds | {m} (held-out train split) | paired diff vs default (same seeds) | "
+             f"trainable params | search s | kept-module overlap across seeds (Jaccard) |", "|---|---|---|---|---|---|---|---|"]
     what = {
         "diffora[default]": "sigmoid gates, first order, gate split 0.3, per-layer top-ρ, weight sharing, modules "
                             "ranked by gate value (the default when these ran; see the movement row)",
@@ -521,7 +522,7 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
         "diffora[budget]": "parameter-budget discretisation", "diffora[re-init]": "no weight sharing (fresh LoRA + head)",
         "random_ws": "random modules, but inheriting the same search's weights",
         "diffora[zero_one_1.0]": "FairDARTS zero-one loss weight 1.0", "diffora[gate_lr_0.2]": "gate LR 0.2 (default 0.05)",
-        "diffora[movement]": "rank modules by |gate − initial| instead of the gate value (same search)",
+        "diffora[movement]": "rank modules by how far the gate moved (absolute gate − initial) instead of its value (same search)",
         "random_rho0.25": "random modules, fresh LoRA", "lora_all_r8": "LoRA on all modules",
     }
     ref = {r["seed"]: r["final"][m] for r in groups.get(base, [])}
@@ -530,9 +531,13 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
         diffs = [r["final"][m] - ref[r["seed"]] for r in runs if r["seed"] in ref]
         search = median([r.get("search_seconds") for r in runs]) if runs[0].get("search_seconds") else None
         stab = selection_stability(report, method)
-        lines.append(f"| {method} | {what.get(method, '')} | {pm([r['final'][m] for r in runs])} | "
+        lines.append(f"| {method} | {what.get(method, '')} | {','.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))} | "
+                     f"{pm([r['final'][m] for r in runs])} | "
                      f"{(pm(diffs) if method != base else '—')} | {human(mean([r['trainable_params'] for r in runs]))} | "
                      f"{fmt(search, 0) if search else '—'} | {fmt(stab, 2) if stab is not None else '—'} |")
+    if report.get("skipped"):
+        lines += ["", "Not run (the `--max-minutes` budget ran out): " + ", ".join(
+            f"{j.get('method') or j.get('variant')} seed {j['seed']}" for j in report["skipped"]) + "."]
     return lines
 
 
@@ -633,8 +638,8 @@ def render(results: Path, out: Path, img: Path, include_quick: bool = False) -> 
         L += ["## Ablations", "", *ablation_section(r, out, img), ""]
         diag = gate_diagnostics(r)
         if diag:
-            L += ["What the gates of each search variant did (one search per seed; same searches as above):", "",
-                  *diag, ""]
+            L += ["What the gates of each search variant did (one search per seed; same searches as above). Softmax "
+                  "gates average 1 per row by construction, so their mean shift is 0:", "", *diag, ""]
     notes = results / "discussion.md"
     if notes.exists():
         L += [notes.read_text().strip(), ""]

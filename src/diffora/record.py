@@ -101,7 +101,7 @@ def plot_dam(record: dict, path: str | Path, title: Optional[str] = None) -> Pat
                     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.2))
         subtitle = (
             f"kept {len(selection['modules'])}/{int(valid.sum())} (red boxes), rho={selection['keep_ratio']}, "
-            f"{selection['granularity']}"
+            f"{selection['granularity']}, ranked by {record.get('config', {}).get('selection_score', 'gate')}"
         )
     else:
         subtitle = "no selection yet"
