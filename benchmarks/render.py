@@ -260,8 +260,13 @@ def plot_params(reports: list[dict], path: Path) -> Path:
         ax.set_ylabel(f"dev {m} (mean ± std over seeds)")
         ax.set_title(report["task"])
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    legend: dict = {}  # one legend for all panels, below them, so it hides no point
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend.keys()), fontsize=8, loc="lower center",
+               ncol=min(len(legend), 5), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(legend) - 1) // 5), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

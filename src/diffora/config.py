@@ -114,7 +114,7 @@ class DiffoRAConfig:
         default="layer",
         metadata={
             "help": "'layer' = top ceil(rho*M) of each layer; 'global' = top ceil(rho*L*M) overall; "
-            "'budget' = best gates first until rho of all candidate LoRA parameters are spent."
+            "'budget' = best-scoring entries first until rho of all candidate LoRA parameters are spent."
         },
     )
 
