@@ -47,7 +47,10 @@ class DAMGates(nn.Module):
         """The gate matrix ``g`` (``layers × types``; 0 where a block has no such module)."""
         if self._forced is not None:
             return self._forced
-        logits = self.beta / self.temperature
+        return self._relax(self.beta)
+
+    def _relax(self, beta: torch.Tensor) -> torch.Tensor:
+        logits = beta / self.temperature
         if self.form == "sigmoid":
             gates = torch.sigmoid(logits)
         elif self.form == "softmax":
@@ -61,12 +64,7 @@ class DAMGates(nn.Module):
     def initial_values(self, init: float) -> torch.Tensor:
         """The gate matrix every search starts from (all betas = ``init``)."""
         with torch.no_grad():
-            saved = self.beta.detach().clone()
-            self.beta.fill_(float(init))
-            try:
-                return self.values().detach().clone()
-            finally:
-                self.beta.copy_(saved)
+            return self._relax(torch.full_like(self.beta, float(init)))
 
     def forward(self) -> torch.Tensor:  # so the module can be called like any other
         return self.values()

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .candidates import DAMGrid, detect_task_heads, find_candidates
-from .config import DiffoRAConfig
+from .config import SELECTION_SCORES, DiffoRAConfig
 from .discretize import Selection, select_modules
 from .errors import ConfigError, SearchStateError, TrainingError
 from .gates import DAMGates, GateHooks
@@ -219,8 +219,8 @@ class DAMSearch:
         score = score or self.config.selection_score
         if score == "gate":
             return self.gate_values()
-        if score != "movement":
-            raise ConfigError(f"selection_score must be 'gate' or 'movement', got {score!r}")
+        if score not in SELECTION_SCORES:
+            raise ConfigError(f"selection_score must be one of {SELECTION_SCORES}, got {score!r}")
         with torch.no_grad():
             moved = (self.gates.values() - self.gates.initial_values(self.config.gate_init)).abs()
         return [[float(v) for v in row] for row in moved]
