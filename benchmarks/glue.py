@@ -65,6 +65,12 @@ class Budget:
     eval_points: int = 5  # evaluations during fine-tuning (learning curve)
     lr: float = 5e-4  # LoRA family (DiffoRA, random, LoRA, AdaLoRA)
     full_lr: float = 5e-5  # full fine-tuning (5e-4 diverges for a full BERT; BERT's usual 2e-5..5e-5)
+    # AdaLoRA: its own LR, chosen on a held-out split of train (`--suite ablations --adalora-lrs ...`, see
+    # benchmarks/README.md). At the LoRA LR it never left the majority class in one epoch: its singular values E
+    # start at 0 and their gradient is scaled by the 0.02-std P and Q, so it moves far more slowly than LoRA's B.
+    # Measured (SST-2, 872 held-out train rows, seed 0; results/sst2_adalora_lr.json): 5e-4 and 2e-3 -> majority
+    # class, 5e-3 -> 0.825, 1e-2 -> 0.834. 1e-2 is the best and the edge of that sweep.
+    adalora_lr: Optional[float] = 1e-2
     warmup_ratio: float = 0.06
     rank: int = 8
     alpha: float = 16.0
@@ -350,7 +356,9 @@ def run_finetune(ctx: Context, seed: int, method: str, spec: dict) -> dict:
     else:
         raise ValueError(family)
 
-    eval_loader = _loader(ctx, eval_items, 0, shuffle=False, batch_size=b.eval_batch_size)
+    # sorted by length: batches pad to their longest row, so this cuts evaluation time; metrics ignore order
+    by_length = sorted(eval_items, key=lambda item: len(item["input_ids"]))
+    eval_loader = _loader(ctx, by_length, 0, shuffle=False, batch_size=b.eval_batch_size)
     eval_time = [0.0]
 
     def evaluate(m):
@@ -363,7 +371,9 @@ def run_finetune(ctx: Context, seed: int, method: str, spec: dict) -> dict:
     curve0 = []
     if family in ("diffora", "random_ws") and spec.get("weight_sharing", True):
         curve0 = [{"step": 0, "epoch": 0.0, **evaluate(peft_model)}]
-    options = FinetuneOptions(epochs=b.epochs, lr=b.full_lr if family == "full" else b.lr, weight_decay=0.0,
+    lr = spec.get("lr") or (b.full_lr if family == "full" else (b.adalora_lr or b.lr) if family == "adalora" else b.lr)
+    out["lr"] = lr
+    options = FinetuneOptions(epochs=b.epochs, lr=lr, weight_decay=0.0,
                               warmup_ratio=b.warmup_ratio, max_grad_norm=1.0,
                               eval_every=max(1, math.ceil(total / b.eval_points)), keep_best=False)
     train_loader = _loader(ctx, train_items, seed + 2)
@@ -529,6 +539,9 @@ def main_plan(seeds, rank: int, search_result_for) -> tuple[list[dict], Any]:
         common = {"state_path": search["state_path"], "search_config": search["config"], "search_seconds": search["seconds"]}
         out = [{"kind": "finetune", "seed": seed, "method": f"diffora_rho{rho}",
                 "spec": {"family": "diffora", "rho": rho, **common}} for rho in RHOS]
+        # control: random modules at rho 0.5 that inherit this search's weights -> is the edge the warm start?
+        out.append({"kind": "finetune", "seed": seed, "method": "random_ws",
+                    "spec": {"family": "random_ws", "rho": DEFAULT_RHO, **common}})
         matched = max(1, round(rank * search["rho05_lora_params"] / search["total_lora_params"]))
         out.append({"kind": "finetune", "seed": seed, "method": "lora_all_matched",
                     "spec": {"family": "lora", "rank": matched}})
@@ -550,8 +563,13 @@ ABLATION_SEARCHES = {
 }
 
 
-def ablation_plan(seeds, rank: int, variants: list[str]):
+def ablation_plan(seeds, rank: int, variants: list[str], adalora_lrs: tuple[float, ...] = ()):
     jobs = [{"kind": "search", "seed": s, "variant": v, "spec": ABLATION_SEARCHES[v]} for v in variants for s in seeds]
+    target_r = max(1, round(rank * DEFAULT_RHO))
+    for lr in adalora_lrs:  # AdaLoRA's own LR, selected here on held-out train rows (never on dev)
+        jobs += [{"kind": "finetune", "seed": s, "method": f"adalora[lr={lr:g}]",
+                  "spec": {"family": "adalora", "target_r": target_r, "init_r": math.ceil(1.5 * target_r), "lr": lr}}
+                 for s in seeds]
     for seed in seeds:
         jobs.append({"kind": "finetune", "seed": seed, "method": f"random_rho{ABLATION_RHO}",
                      "spec": {"family": "random", "rho": ABLATION_RHO}})
@@ -674,7 +692,8 @@ def run(args: argparse.Namespace) -> dict:
             budget = dataclasses.replace(budget, holdout_rows=64, train_rows=160)
     else:
         budget = dataclasses.replace((ABLATION_BUDGETS if suite == "ablations" else BUDGETS)[args.task])
-    for key in ("train_rows", "eval_rows", "epochs", "eval_points", "rank", "search_fraction", "max_length"):
+    for key in ("train_rows", "eval_rows", "epochs", "eval_points", "rank", "search_fraction", "max_length",
+                "adalora_lr"):
         value = getattr(args, key)
         if value is not None:
             budget = dataclasses.replace(budget, **{key: value})
@@ -729,7 +748,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         variants = args.variants or (["default", "softmax", "second_order", "gate_fraction_0.5", "search_x0.5",
                                       "search_x2"])
-        jobs, unlocked = ablation_plan(seeds, budget.rank, variants)
+        jobs, unlocked = ablation_plan(seeds, budget.rank, variants, tuple(args.adalora_lrs or ()))
     if args.only:
         keep = set(args.only)
         needs_search = any(k.startswith(("diffora", "random_ws")) or k == "lora_all_matched" for k in keep)
@@ -811,12 +830,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", help="result JSON (default benchmarks/results/<task>[_<suite>].json)")
     p.add_argument("--name")
     p.add_argument("--variants", nargs="*", choices=sorted(ABLATION_SEARCHES))
-    p.add_argument("--only", nargs="*", help="main suite: only these methods (searches always run)")
+    p.add_argument("--only", nargs="*", help="only these methods (searches run where a method needs one)")
+    p.add_argument("--adalora-lrs", type=float, nargs="*",
+                   help="ablations suite: also train AdaLoRA at each of these LRs (to choose Budget.adalora_lr)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no new job after this many minutes (skipped jobs are listed in the JSON)")
     p.add_argument("--command", help=argparse.SUPPRESS)
     for key, typ in (("train_rows", int), ("eval_rows", int), ("epochs", float), ("eval_points", int),
-                     ("rank", int), ("search_fraction", float), ("max_length", int)):
+                     ("rank", int), ("search_fraction", float), ("max_length", int), ("adalora_lr", float)):
         p.add_argument("--" + key.replace("_", "-"), type=typ, default=None, help="override the task budget")
     args = p.parse_args(argv)
     if args.workers is None:

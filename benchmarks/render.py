@@ -85,6 +85,11 @@ def load_results(folder: Path, include_quick: bool) -> list[dict]:
     return out
 
 
+def _budget_key(budget: dict) -> dict:
+    """A budget without its unset fields, so files written before a field existed still merge with newer ones."""
+    return {k: v for k, v in budget.items() if v is not None}
+
+
 def merge(reports: list[dict]) -> list[dict]:
     """Reports of the same task and suite (e.g. a supplemental run for another seed) become one report; a
     (method, seed) that two files hold is taken from the first file."""
@@ -95,7 +100,7 @@ def merge(reports: list[dict]) -> list[dict]:
             merged[key] = dict(r, commands=[(r["command"], r["started"], r.get("wall_seconds", 0))])
             continue
         m = merged[key]
-        same = m["budget"] == r["budget"]
+        same = _budget_key(m["budget"]) == _budget_key(r["budget"])
         if not same:
             raise SystemExit(f"{r['_path']} has another budget than {m['_path']}: cannot merge")
         have = {(x["method"], x["seed"]) for x in m["runs"]}
@@ -324,7 +329,7 @@ def rel(path: Path, out: Path) -> str:
 
 
 def budget_table(reports: list[dict]) -> list[str]:
-    lines = ["| task | train rows | eval rows (set) | epochs | fine-tune steps | max len | batch | LR (LoRA / full) | "
+    lines = ["| task | train rows | eval rows (set) | epochs | fine-tune steps | max len | batch | LR (LoRA / full / AdaLoRA) | "
              "search iterations (warm-up) | seeds | majority baseline |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
@@ -333,7 +338,7 @@ def budget_table(reports: list[dict]) -> list[str]:
         lines.append(
             f"| {r['task']}{' (ablations)' if r['suite'] == 'ablations' else ''} | {d['train_rows']:,} | "
             f"{d['eval_rows']:,} ({d['eval_set']}) | {b['epochs']:g} | {d['finetune_steps']} | {b['max_length']} | "
-            f"{b['batch_size']} | {b['lr']:g} / {b['full_lr']:g} | {d['search_steps']} ({d['search_warmup_steps']}) | "
+            f"{b['batch_size']} | {b['lr']:g} / {b['full_lr']:g} / {b.get('adalora_lr') or b['lr']:g} | {d['search_steps']} ({d['search_warmup_steps']}) | "
             f"{', '.join(map(str, r['seeds']))} | {m} {fmt(d['majority_baseline'].get(m))} |")
     return lines
 
@@ -530,6 +535,9 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
         "diffora[movement]": "rank modules by how far the gate moved (absolute gate − initial) instead of its value (same search)",
         "random_rho0.25": "random modules, fresh LoRA", "lora_all_r8": "LoRA on all modules",
     }
+    for method in groups:
+        if method.startswith("adalora[lr="):
+            what[method] = f"AdaLoRA (final rank budget = ρ 0.5) at LR {method[len('adalora[lr='):-1]}"
     ref = {r["seed"]: r["final"][m] for r in groups.get(base, [])}
     for method in sorted(groups, key=lambda k: (k != base, not k.startswith("diffora"), k)):
         runs = groups[method]

@@ -39,7 +39,7 @@ def test_every_method_runs_for_every_seed(quick_report):
     assert report["errors"] == []
     methods = {r["method"] for r in report["runs"]}
     expected = {"diffora_rho0.25", "diffora_rho0.5", "diffora_rho0.75", "random_rho0.25", "random_rho0.5",
-                "lora_all_r8", "lora_all_matched", "lora_qv_r8", "adalora", "full_ft"}
+                "lora_all_r8", "lora_all_matched", "lora_qv_r8", "adalora", "full_ft", "random_ws"}
     assert methods == expected
     for method in expected:
         assert sorted(r["seed"] for r in report["runs"] if r["method"] == method) == report["seeds"] == [0, 1]
@@ -65,6 +65,10 @@ def test_runs_record_what_the_report_needs(quick_report):
     assert runs["full_ft", 0]["trainable_params"] > 10 * runs["lora_all_r8", 0]["trainable_params"]
     # random selection keeps as many modules as DiffoRA at the same rho, and differs across seeds
     assert runs["random_rho0.5", 0]["kept_modules"] == runs["diffora_rho0.5", 0]["kept_modules"]
+    # the warm-start control: random modules at rho 0.5, inheriting the search's weights (evaluated at step 0 too)
+    ws = runs["random_ws", 0]
+    assert ws["kept_modules"] == runs["diffora_rho0.5", 0]["kept_modules"] and ws["curve"][0]["step"] == 0
+    assert ws["kept_module_names"] == runs["random_rho0.5", 0]["kept_module_names"]
     # AdaLoRA really allocated: called every step, final total rank = target_r x modules
     a = runs["adalora", 0]
     assert a["adalora_allocate_calls"] == steps
