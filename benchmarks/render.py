@@ -554,6 +554,15 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
     return lines
 
 
+def initial_gate(config: dict) -> float:
+    """The gate every search starts from, from its recorded config (as ``DAMGates.initial_values``): every beta
+    equals ``gate_init``, so a per-layer softmax (scaled by the row's size) gives 1 and a sigmoid gives
+    sigmoid(gate_init / temperature)."""
+    if config.get("gate") == "softmax":
+        return 1.0
+    return 1.0 / (1.0 + math.exp(-float(config.get("gate_init", 0.0)) / float(config.get("temperature", 1.0))))
+
+
 def gate_diagnostics(report: dict) -> list[str]:
     """What each search variant's gates did: how far they moved, whether they moved up or down, and whether the
     within-layer ranking (what per-layer discretisation uses) agrees between seeds."""
@@ -572,7 +581,7 @@ def gate_diagnostics(report: dict) -> list[str]:
     for variant, searches in variants.items():
         searches = sorted(searches, key=lambda s: s["seed"])
         gates = [np.array(s["gates"], dtype=float) for s in searches]
-        init = 1.0 if searches[0]["config"].get("gate") == "softmax" else 0.5
+        init = initial_gate(searches[0]["config"])
         centred = [g - g.mean(axis=1, keepdims=True) for g in gates]
         pairs = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in itertools.combinations(centred, 2)]
         lines.append(f"| {variant} | {', '.join(f'{g.max() - g.min():.3f}' for g in gates)} | "
