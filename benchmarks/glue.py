@@ -316,7 +316,7 @@ def run_finetune(ctx: Context, seed: int, method: str, spec: dict) -> dict:
         t0 = time.perf_counter()
         config = DiffoRAConfig.from_dict(spec["search_config"])
         search = prepare_search(model, config)
-        search.load_state_dict(torch.load(spec["state_path"], weights_only=False))
+        search.load_state_dict(torch.load(spec["state_path"], weights_only=True))  # plain data only
         if family == "diffora":
             selection = search.discretize(spec["rho"], spec.get("granularity", "layer"), score=spec.get("score"))
         else:
