@@ -575,6 +575,11 @@ def ablation_plan(seeds, rank: int, variants: list[str], adalora_lrs: tuple[floa
                      "spec": {"family": "random", "rho": ABLATION_RHO}})
         jobs.append({"kind": "finetune", "seed": seed, "method": f"lora_all_r{rank}", "spec": {"family": "lora", "rank": rank}})
 
+    from diffora import DiffoRAConfig
+    from diffora.config import SELECTION_SCORES
+
+    other = next(x for x in SELECTION_SCORES if x != DiffoRAConfig().selection_score)
+
     def unlocked(search: dict) -> list[dict]:
         seed, v = search["seed"], search["variant"]
         common = {"state_path": search["state_path"], "search_config": search["config"],
@@ -586,8 +591,9 @@ def ablation_plan(seeds, rank: int, variants: list[str], adalora_lrs: tuple[floa
                  "spec": {"family": "diffora", "granularity": "global", **common}},
                 {"kind": "finetune", "seed": seed, "method": "diffora[budget]",
                  "spec": {"family": "diffora", "granularity": "budget", **common}},
-                {"kind": "finetune", "seed": seed, "method": "diffora[movement]",
-                 "spec": {"family": "diffora", "score": "movement", **common}},
+                # the ranking the default does not use, from the same search
+                {"kind": "finetune", "seed": seed, "method": f"diffora[score={other}]",
+                 "spec": {"family": "diffora", "score": other, **common}},
                 {"kind": "finetune", "seed": seed, "method": "diffora[re-init]",
                  "spec": {"family": "diffora", "weight_sharing": False, **common}},
                 {"kind": "finetune", "seed": seed, "method": "random_ws",
@@ -746,8 +752,7 @@ def run(args: argparse.Namespace) -> dict:
     if suite == "main":
         jobs, unlocked = main_plan(seeds, budget.rank, None)
     else:
-        variants = args.variants or (["default", "softmax", "second_order", "gate_fraction_0.5", "search_x0.5",
-                                      "search_x2"])
+        variants = args.variants or list(ABLATION_SEARCHES)
         jobs, unlocked = ablation_plan(seeds, budget.rank, variants, tuple(args.adalora_lrs or ()))
     if args.only:
         keep = set(args.only)

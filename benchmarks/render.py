@@ -91,18 +91,16 @@ def _budget_key(budget: dict) -> dict:
 
 
 def merge(reports: list[dict]) -> list[dict]:
-    """Reports of the same task and suite (e.g. a supplemental run for another seed) become one report; a
-    (method, seed) that two files hold is taken from the first file."""
+    """Reports of the same task, suite and budget (e.g. a supplemental run for another seed) become one report; a
+    (method, seed) that two files hold is taken from the first file. Reports with different budgets stay apart."""
     merged: dict[tuple, dict] = {}
     for r in reports:
-        key = (r["task"], r["suite"], bool(r.get("quick")))
+        # files of one task and suite merge; a file with another budget (e.g. a sweep of its own) stays separate
+        key = (r["task"], r["suite"], bool(r.get("quick")), json.dumps(_budget_key(r["budget"]), sort_keys=True))
         if key not in merged:
             merged[key] = dict(r, commands=[(r["command"], r["started"], r.get("wall_seconds", 0))])
             continue
         m = merged[key]
-        same = _budget_key(m["budget"]) == _budget_key(r["budget"])
-        if not same:
-            raise SystemExit(f"{r['_path']} has another budget than {m['_path']}: cannot merge")
         have = {(x["method"], x["seed"]) for x in m["runs"]}
         m["runs"] = m["runs"] + [x for x in r["runs"] if (x["method"], x["seed"]) not in have]
         have_s = {(x["variant"], x["seed"]) for x in m["searches"]}
@@ -523,9 +521,15 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
              "Commands: " + "; ".join(f"`{c}` ({st}, {w / 60:.0f} min)" for c, st, w in report["commands"]) + ".", "",
              f"| variant | what changes | seeds | {m} (held-out train split) | paired diff vs default (same seeds) | "
              f"trainable params | search s | kept-module overlap across seeds (Jaccard) |", "|---|---|---|---|---|---|---|---|"]
+    cfg = next((x["config"] for x in report.get("searches", []) if x["variant"] == "default"), {})
+    ranking = {"gate": "gate value", "movement": "gate movement |gate − initial|"}
     what = {
-        "diffora[default]": "sigmoid gates, first order, gate split 0.3, per-layer top-ρ, weight sharing, modules "
-                            "ranked by gate value (the default when these ran; see the movement row)",
+        "diffora[default]": f"the library defaults when run: {cfg.get('gate', 'sigmoid')} gates, "
+                            f"{cfg.get('order', 'first')} order, gate split {cfg.get('gate_fraction', 0.3):g}, "
+                            f"per-layer top-ρ, weight sharing, modules ranked by "
+                            f"{ranking[cfg.get('selection_score', 'gate')]}",
+        "diffora[score=gate]": "rank modules by gate value instead of gate movement (same search as default)",
+        "diffora[score=movement]": "rank modules by gate movement instead of gate value (same search as default)",
         "diffora[softmax]": "per-layer softmax gates", "diffora[second_order]": "second-order (unrolled) gate gradient",
         "diffora[gate_fraction_0.5]": "gate split 0.5 of train", "diffora[search_x0.5]": "search half as long",
         "diffora[search_x2]": "search twice as long", "diffora[global]": "global top-ρ discretisation",

@@ -88,3 +88,21 @@ def test_render_writes_markdown_and_plots(quick_report, tmp_path):
     assert "| diffora_rho0.5 vs random_rho0.5 |" in text
     for png in ("score_vs_params.png", "curves_mrpc.png", "dam_mrpc.png"):
         assert (tmp_path / "img" / png).stat().st_size > 1000
+
+
+def test_ablation_suite_runs_each_choice_from_the_default_search(tmp_path):
+    """The default search yields the discretisation, ranking, weight-sharing and warm-start controls; AdaLoRA LR
+    sweep jobs carry their own LR. Everything is scored on rows held out from train."""
+    glue = _load("glue")
+    out = tmp_path / "quick_ablations.json"
+    glue.run(glue.parse_args(["--quick", "--suite", "ablations", "--seeds", "0", "--variants", "default",
+                              "--adalora-lrs", "0.01", "--out", str(out), "--data-dir", str(glue_dir())]))
+    report = json.loads(out.read_text())
+    assert report["errors"] == [] and report["data"]["eval_set"] == "held-out split of train"
+    runs = {r["method"]: r for r in report["runs"]}
+    assert set(runs) == {"diffora[default]", "diffora[global]", "diffora[budget]", "diffora[re-init]",
+                         "diffora[score=gate]", "random_ws", "random_rho0.25", "lora_all_r8", "adalora[lr=0.01]"}
+    assert runs["adalora[lr=0.01]"]["lr"] == 0.01 and runs["lora_all_r8"]["lr"] == report["budget"]["lr"]
+    # same search, other ranking: the kept sets may differ but the module count is the same
+    assert runs["diffora[score=gate]"]["kept_modules"] == runs["diffora[default]"]["kept_modules"]
+    assert report["searches"][0]["config"]["selection_score"] == "movement"
