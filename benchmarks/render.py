@@ -240,6 +240,7 @@ COLORS = {
     "diffora_rho0.25": "#08519c", "diffora_rho0.5": "#3182bd", "diffora_rho0.75": "#9ecae1",
     "random_rho0.25": "#a50f15", "random_rho0.5": "#fb6a4a", "lora_all_r8": "#000000",
     "lora_all_matched": "#737373", "lora_qv_r8": "#31a354", "adalora": "#756bb1", "full_ft": "#e6550d",
+    "random_ws": "#8c510a",
 }
 
 
