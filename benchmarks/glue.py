@@ -563,13 +563,17 @@ ABLATION_SEARCHES = {
 }
 
 
-def ablation_plan(seeds, rank: int, variants: list[str], adalora_lrs: tuple[float, ...] = ()):
+def ablation_plan(seeds, rank: int, variants: list[str], adalora_lrs: tuple[float, ...] = (),
+                  lora_lrs: tuple[float, ...] = ()):
     jobs = [{"kind": "search", "seed": s, "variant": v, "spec": ABLATION_SEARCHES[v]} for v in variants for s in seeds]
     target_r = max(1, round(rank * DEFAULT_RHO))
     for lr in adalora_lrs:  # AdaLoRA's own LR, selected here on held-out train rows (never on dev)
         jobs += [{"kind": "finetune", "seed": s, "method": f"adalora[lr={lr:g}]",
                   "spec": {"family": "adalora", "target_r": target_r, "init_r": math.ceil(1.5 * target_r), "lr": lr}}
                  for s in seeds]
+    for lr in lora_lrs:  # is the shared LoRA LR itself under-tuned for a one-epoch schedule?
+        jobs += [{"kind": "finetune", "seed": s, "method": f"lora_all_r{rank}[lr={lr:g}]",
+                  "spec": {"family": "lora", "rank": rank, "lr": lr}} for s in seeds]
     for seed in seeds:
         jobs.append({"kind": "finetune", "seed": seed, "method": f"random_rho{ABLATION_RHO}",
                      "spec": {"family": "random", "rho": ABLATION_RHO}})
@@ -753,7 +757,8 @@ def run(args: argparse.Namespace) -> dict:
         jobs, unlocked = main_plan(seeds, budget.rank, None)
     else:
         variants = args.variants or list(ABLATION_SEARCHES)
-        jobs, unlocked = ablation_plan(seeds, budget.rank, variants, tuple(args.adalora_lrs or ()))
+        jobs, unlocked = ablation_plan(seeds, budget.rank, variants, tuple(args.adalora_lrs or ()),
+                                       tuple(args.lora_lrs or ()))
     if args.only:
         keep = set(args.only)
         needs_search = any(k.startswith(("diffora", "random_ws")) or k == "lora_all_matched" for k in keep)
@@ -838,6 +843,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--only", nargs="*", help="only these methods (searches run where a method needs one)")
     p.add_argument("--adalora-lrs", type=float, nargs="*",
                    help="ablations suite: also train AdaLoRA at each of these LRs (to choose Budget.adalora_lr)")
+    p.add_argument("--lora-lrs", type=float, nargs="*",
+                   help="ablations suite: also train LoRA on all modules at each of these LRs (checks Budget.lr)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no new job after this many minutes (skipped jobs are listed in the JSON)")
     p.add_argument("--command", help=argparse.SUPPRESS)

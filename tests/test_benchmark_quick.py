@@ -96,13 +96,15 @@ def test_ablation_suite_runs_each_choice_from_the_default_search(tmp_path):
     glue = _load("glue")
     out = tmp_path / "quick_ablations.json"
     glue.run(glue.parse_args(["--quick", "--suite", "ablations", "--seeds", "0", "--variants", "default",
-                              "--adalora-lrs", "0.01", "--out", str(out), "--data-dir", str(glue_dir())]))
+                              "--adalora-lrs", "0.01", "--lora-lrs", "0.002", "--out", str(out), "--data-dir", str(glue_dir())]))
     report = json.loads(out.read_text())
     assert report["errors"] == [] and report["data"]["eval_set"] == "held-out split of train"
     runs = {r["method"]: r for r in report["runs"]}
     assert set(runs) == {"diffora[default]", "diffora[global]", "diffora[budget]", "diffora[re-init]",
-                         "diffora[score=gate]", "random_ws", "random_rho0.25", "lora_all_r8", "adalora[lr=0.01]"}
+                         "diffora[score=gate]", "random_ws", "random_rho0.25", "lora_all_r8", "adalora[lr=0.01]",
+                         "lora_all_r8[lr=0.002]"}
     assert runs["adalora[lr=0.01]"]["lr"] == 0.01 and runs["lora_all_r8"]["lr"] == report["budget"]["lr"]
+    assert runs["lora_all_r8[lr=0.002]"]["lr"] == 0.002
     # same search, other ranking: the kept sets may differ but the module count is the same
     assert runs["diffora[score=gate]"]["kept_modules"] == runs["diffora[default]"]["kept_modules"]
     assert report["searches"][0]["config"]["selection_score"] == "movement"
