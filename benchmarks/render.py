@@ -521,7 +521,9 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
     groups = by_method(report)
     base = "diffora[default]"
     rho = next((r["rho"] for r in report["runs"] if r.get("rho")), None)
-    kind = "Ablations" if base in groups else "Held-out sweep"
+    lr_sweep = bool(groups) and all("[lr=" in k for k in groups)
+    kind = "Ablations" if base in groups else (
+        f"Learning-rate sweep ({', '.join(sorted({k.split('[')[0] for k in groups}))})" if lr_sweep else "Held-out runs")
     lines = [f"### {kind} on {report['task']} (evaluated on {report['data']['eval_rows']} rows held out from *train*"
              f"{f'; ρ={rho}' if rho else ''}; seeds "
              f"{', '.join(map(str, report['seeds']))})", "",
