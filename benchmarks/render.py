@@ -531,7 +531,7 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
              f"| variant | what changes | seeds | {m} (held-out train split) | paired diff vs default (same seeds) | "
              f"trainable params | search s | kept-module overlap across seeds (Jaccard) |", "|---|---|---|---|---|---|---|---|"]
     cfg = next((x["config"] for x in report.get("searches", []) if x["variant"] == "default"), {})
-    ranking = {"gate": "gate value", "movement": "gate movement |gate − initial|"}
+    ranking = {"gate": "gate value", "movement": "gate movement (absolute gate − initial)"}
     what = {
         "diffora[default]": f"the library defaults when run: {cfg.get('gate', 'sigmoid')} gates, "
                             f"{cfg.get('order', 'first')} order, gate split {cfg.get('gate_fraction', 0.3):g}, "
