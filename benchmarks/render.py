@@ -86,6 +86,10 @@ def load_results(folder: Path, include_quick: bool) -> list[dict]:
     return out
 
 
+def _commit(report: dict) -> str:
+    return report.get("versions", {}).get("git_commit") or "?"
+
+
 def _budget_key(budget: dict) -> dict:
     """A budget without its unset fields, so files written before a field existed still merge with newer ones."""
     return {k: v for k, v in budget.items() if v is not None}
@@ -99,7 +103,7 @@ def merge(reports: list[dict]) -> list[dict]:
         # files of one task and suite merge; a file with another budget (e.g. a sweep of its own) stays separate
         key = (r["task"], r["suite"], bool(r.get("quick")), json.dumps(_budget_key(r["budget"]), sort_keys=True))
         if key not in merged:
-            merged[key] = dict(r, commands=[(r["command"], r["started"], r.get("wall_seconds", 0))])
+            merged[key] = dict(r, commands=[(r["command"], r["started"], r.get("wall_seconds", 0), _commit(r))])
             continue
         m = merged[key]
         have = {(x["method"], x["seed"]) for x in m["runs"]}
@@ -109,7 +113,7 @@ def merge(reports: list[dict]) -> list[dict]:
         m["errors"] = m["errors"] + r["errors"]
         m["skipped"] = (m.get("skipped") or []) + (r.get("skipped") or [])
         m["seeds"] = sorted(set(m["seeds"]) | set(r["seeds"]))
-        m["commands"].append((r["command"], r["started"], r.get("wall_seconds", 0)))
+        m["commands"].append((r["command"], r["started"], r.get("wall_seconds", 0), _commit(r)))
         if not m.get("timing") and r.get("timing"):
             m["timing"] = r["timing"]
     for m in merged.values():
@@ -335,10 +339,11 @@ def budget_table(reports: list[dict]) -> list[str]:
     for r in reports:
         b, d = r["budget"], r["data"]
         m = main_metric(r)
+        ada = f"{b['adalora_lr']:g}" if b.get("adalora_lr") else "— (per run)"
         lines.append(
             f"| {r['task']}{' (ablations)' if r['suite'] == 'ablations' else ''} | {d['train_rows']:,} | "
             f"{d['eval_rows']:,} ({d['eval_set']}) | {b['epochs']:g} | {d['finetune_steps']} | {b['max_length']} | "
-            f"{b['batch_size']} | {b['lr']:g} / {b['full_lr']:g} / {b.get('adalora_lr') or b['lr']:g} | {d['search_steps']} ({d['search_warmup_steps']}) | "
+            f"{b['batch_size']} | {b['lr']:g} / {b['full_lr']:g} / {ada} | {d['search_steps']} ({d['search_warmup_steps']}) | "
             f"{', '.join(map(str, r['seeds']))} | {m} {fmt(d['majority_baseline'].get(m))} |")
     return lines
 
@@ -527,7 +532,7 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
     lines = [f"### {kind} on {report['task']} (evaluated on {report['data']['eval_rows']} rows held out from *train*"
              f"{f'; ρ={rho}' if rho else ''}; seeds "
              f"{', '.join(map(str, report['seeds']))})", "",
-             "Commands: " + "; ".join(f"`{c}` ({st}, {w / 60:.0f} min)" for c, st, w in report["commands"]) + ".", "",
+             "Commands: " + "; ".join(f"`{c}` ({st}, {w / 60:.0f} min)" for c, st, w, _ in report["commands"]) + ".", "",
              f"| variant | what changes | seeds | {m} (held-out train split) | paired diff vs default (same seeds) | "
              f"trainable params | search s | kept-module overlap across seeds (Jaccard) |", "|---|---|---|---|---|---|---|---|"]
     cfg = next((x["config"] for x in report.get("searches", []) if x["variant"] == "default"), {})
@@ -628,12 +633,13 @@ def render(results: Path, out: Path, img: Path, include_quick: bool = False) -> 
               f"start: {', '.join(f'{x:.1f}' for x in m0['load_average_at_start'])}); the machine is a shared VM, so "
               f"absolute seconds are noisy: compare the ratios. Model: packaged `{main[0]['budget']['model']}` (6-layer MiniLM, "
               "36 candidate modules = 6 layers × q, k, v, attn-out, ffn-in, ffn-out). Versions: "
-              + ", ".join(f"{k} {v}" for k, v in main[0]["versions"].items() if k not in ("src_dirty",)) + ".", "",
-              "| task | command | started | wall |", "|---|---|---|---|"]
+              + ", ".join(f"{k} {v}" for k, v in main[0]["versions"].items() if k not in ("src_dirty", "git_commit"))
+              + "; the git commit of each invocation is in the table.", "",
+              "| task | command | started | wall | commit |", "|---|---|---|---|---|"]
         for r in main + ablations:
-            for command, started, wall in r["commands"]:
+            for command, started, wall, commit in r["commands"]:
                 L.append(f"| {r['task']}{' ablations' if r['suite'] == 'ablations' else ''} | `{command}` | "
-                         f"{started} | {wall / 60:.0f} min |")
+                         f"{started} | {wall / 60:.0f} min | {commit} |")
         L += ["", *budget_table(main + ablations), ""]
         L += ["## Targets", "", *targets(main), ""]
         L += ["## Results per task", ""]
