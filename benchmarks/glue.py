@@ -371,7 +371,7 @@ def run_finetune(ctx: Context, seed: int, method: str, spec: dict) -> dict:
     curve0 = []
     if family in ("diffora", "random_ws") and spec.get("weight_sharing", True):
         curve0 = [{"step": 0, "epoch": 0.0, **evaluate(peft_model)}]
-    lr = spec.get("lr") or (b.full_lr if family == "full" else (b.adalora_lr or b.lr) if family == "adalora" else b.lr)
+    lr = spec.get("lr") or {"full": b.full_lr, "adalora": b.adalora_lr or b.lr}.get(family, b.lr)
     out["lr"] = lr
     options = FinetuneOptions(epochs=b.epochs, lr=lr, weight_decay=0.0,
                               warmup_ratio=b.warmup_ratio, max_grad_norm=1.0,
@@ -518,6 +518,12 @@ def execute(job: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the plans
+def adalora_spec(rank: int) -> dict:
+    """AdaLoRA at a final rank budget matching DiffoRA(rho=0.5): target_r = rho * r, starting from 1.5x that."""
+    target_r = max(1, round(rank * DEFAULT_RHO))
+    return {"family": "adalora", "target_r": target_r, "init_r": math.ceil(1.5 * target_r)}
+
+
 def main_plan(seeds, rank: int, search_result_for) -> tuple[list[dict], Any]:
     """Jobs that need no search, and a function giving the jobs unlocked by one seed's search."""
     jobs = []
@@ -528,9 +534,7 @@ def main_plan(seeds, rank: int, search_result_for) -> tuple[list[dict], Any]:
         jobs.append({"kind": "finetune", "seed": seed, "method": f"lora_all_r{rank}", "spec": {"family": "lora", "rank": rank}})
         jobs.append({"kind": "finetune", "seed": seed, "method": f"lora_qv_r{rank}",
                      "spec": {"family": "lora", "rank": rank, "types": ["query", "value"]}})
-        target_r = max(1, round(rank * DEFAULT_RHO))
-        jobs.append({"kind": "finetune", "seed": seed, "method": "adalora",
-                     "spec": {"family": "adalora", "target_r": target_r, "init_r": math.ceil(1.5 * target_r)}})
+        jobs.append({"kind": "finetune", "seed": seed, "method": "adalora", "spec": adalora_spec(rank)})
         for rho in RANDOM_RHOS:
             jobs.append({"kind": "finetune", "seed": seed, "method": f"random_rho{rho}", "spec": {"family": "random", "rho": rho}})
 
@@ -566,10 +570,8 @@ ABLATION_SEARCHES = {
 def ablation_plan(seeds, rank: int, variants: list[str], adalora_lrs: tuple[float, ...] = (),
                   lora_lrs: tuple[float, ...] = ()):
     jobs = [{"kind": "search", "seed": s, "variant": v, "spec": ABLATION_SEARCHES[v]} for v in variants for s in seeds]
-    target_r = max(1, round(rank * DEFAULT_RHO))
     for lr in adalora_lrs:  # AdaLoRA's own LR, selected here on held-out train rows (never on dev)
-        jobs += [{"kind": "finetune", "seed": s, "method": f"adalora[lr={lr:g}]",
-                  "spec": {"family": "adalora", "target_r": target_r, "init_r": math.ceil(1.5 * target_r), "lr": lr}}
+        jobs += [{"kind": "finetune", "seed": s, "method": f"adalora[lr={lr:g}]", "spec": dict(adalora_spec(rank), lr=lr)}
                  for s in seeds]
     for lr in lora_lrs:  # is the shared LoRA LR itself under-tuned for a one-epoch schedule?
         jobs += [{"kind": "finetune", "seed": s, "method": f"lora_all_r{rank}[lr={lr:g}]",

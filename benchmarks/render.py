@@ -550,7 +550,6 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
         "diffora[budget]": "parameter-budget discretisation", "diffora[re-init]": "no weight sharing (fresh LoRA + head)",
         "random_ws": "random modules, but inheriting the same search's weights",
         "diffora[zero_one_1.0]": "FairDARTS zero-one loss weight 1.0", "diffora[gate_lr_0.2]": "gate LR 0.2 (default 0.05)",
-        "diffora[movement]": "rank modules by how far the gate moved (absolute gate − initial) instead of its value (same search)",
         "random_rho0.25": "random modules, fresh LoRA", "lora_all_r8": "LoRA on all modules",
     }
     for method in groups:
