@@ -63,7 +63,7 @@ class Budget:
     batch_size: int = 16
     eval_batch_size: int = 64
     eval_points: int = 5  # evaluations during fine-tuning (learning curve)
-    lr: float = 5e-4  # LoRA family (DiffoRA, random, LoRA, AdaLoRA)
+    lr: float = 5e-4  # LoRA family (DiffoRA, random, LoRA); checked on held-out rows with --lora-lrs
     full_lr: float = 5e-5  # full fine-tuning (5e-4 diverges for a full BERT; BERT's usual 2e-5..5e-5)
     # AdaLoRA: its own LR, chosen on a held-out split of train (`--suite ablations --adalora-lrs ...`, see
     # benchmarks/README.md). At the LoRA LR it never left the majority class in one epoch: its singular values E

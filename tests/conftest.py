@@ -22,6 +22,18 @@ VOCAB = 64
 REPO = Path(__file__).resolve().parents[1]
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not part of the package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def glue_dir() -> Path | None:
     env = os.environ.get("DIFFORA_GLUE_DIR")
     candidates = [Path(env)] if env else []

@@ -6,28 +6,18 @@ No timing assertions: only that every method ran, the JSON has what the report n
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from conftest import REPO, glue_dir
+from conftest import glue_dir, load_benchmark
 
 pytestmark = pytest.mark.skipif(glue_dir() is None, reason="GLUE data (shared/data/glue/MRPC) not available")
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
-    glue = _load("glue")
+    glue = load_benchmark("glue")
     out = tmp_path_factory.mktemp("bench") / "quick_mrpc.json"
     args = glue.parse_args(["--quick", "--out", str(out), "--data-dir", str(glue_dir())])
     glue.run(args)
@@ -79,7 +69,7 @@ def test_runs_record_what_the_report_needs(quick_report):
 
 
 def test_render_writes_markdown_and_plots(quick_report, tmp_path):
-    render = _load("render")
+    render = load_benchmark("render")
     report, path = quick_report
     out = tmp_path / "BENCHMARKS.md"
     text = render.render(path.parent, out, tmp_path / "img", include_quick=True)
@@ -93,7 +83,7 @@ def test_render_writes_markdown_and_plots(quick_report, tmp_path):
 def test_ablation_suite_runs_each_choice_from_the_default_search(tmp_path):
     """The default search yields the discretisation, ranking, weight-sharing and warm-start controls; AdaLoRA LR
     sweep jobs carry their own LR. Everything is scored on rows held out from train."""
-    glue = _load("glue")
+    glue = load_benchmark("glue")
     out = tmp_path / "quick_ablations.json"
     glue.run(glue.parse_args(["--quick", "--suite", "ablations", "--seeds", "0", "--variants", "default",
                               "--adalora-lrs", "0.01", "--lora-lrs", "0.002", "--out", str(out), "--data-dir", str(glue_dir())]))

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, tiny_model
+from conftest import load_benchmark, tiny_model
 from diffora import DiffoRAConfig, find_candidates
 from diffora.gates import DAMGates
-
-
-def _render():
-    spec = importlib.util.spec_from_file_location("bench_render_lib", REPO / "benchmarks" / "render.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("form", ["sigmoid", "softmax"])
@@ -30,11 +20,11 @@ def test_initial_gate_matches_the_library(form, gate_init, temperature):
     gates = DAMGates(find_candidates(tiny_model("bert")), form=form, init=gate_init, temperature=temperature)
     start = gates.initial_values(gate_init)[gates.valid]
     assert torch.allclose(start, start[0])
-    assert _render().initial_gate(config) == pytest.approx(float(start[0]), rel=1e-6)
+    assert load_benchmark("render").initial_gate(config) == pytest.approx(float(start[0]), rel=1e-6)
 
 
 def test_merge_joins_files_of_one_budget_even_across_new_fields():
-    render = _render()
+    render = load_benchmark("render")
     base = {"format": "diffora.benchmark/1", "task": "sst2", "suite": "main", "command": "c", "started": "s",
             "runs": [{"method": "a", "seed": 0}], "searches": [], "errors": [], "seeds": [0], "_path": "x"}
     old = dict(base, budget={"lr": 5e-4})
