@@ -109,7 +109,7 @@ class Context:
     quick: bool = False
 
     def options(self, seed: int = 0):
-        from diffora.pipeline import Options
+        from diffora.options import Options
 
         b = self.budget
         return Options(task=b.task, data_dir=self.data_dir, model=self.model, max_length=b.max_length,
@@ -128,7 +128,7 @@ def _prepared(ctx: Context):
     import torch
 
     from diffora.models import load_model_and_tokenizer
-    from diffora.pipeline import encode, load_task_data, model_task
+    from diffora.loading import encode, load_task_data
 
     b = ctx.budget
     opts = ctx.options(0)
@@ -145,7 +145,7 @@ def _prepared(ctx: Context):
             data.train = data.train.subset(sorted(order[: b.train_rows]))
         if b.eval_rows is not None:
             data.eval = data.eval.select(b.eval_rows)  # the packaged test split is already shuffled
-    _, tokenizer = load_model_and_tokenizer(ctx.model, task=model_task(data.kind), num_labels=data.num_labels,
+    _, tokenizer = load_model_and_tokenizer(ctx.model, task=data.kind, num_labels=data.num_labels,
                                             seed=0)
     train_items = encode(data.train, tokenizer, data.kind, b.max_length)
     eval_items = encode(data.eval, tokenizer, data.kind, b.max_length)
@@ -156,15 +156,14 @@ def _prepared(ctx: Context):
 
 def _load_model(ctx: Context, seed: int):
     from diffora.models import load_model_and_tokenizer
-    from diffora.pipeline import model_task
 
     data = _prepared(ctx)[0]
-    model, _ = load_model_and_tokenizer(ctx.model, task=model_task(data.kind), num_labels=data.num_labels, seed=seed)
+    model, _ = load_model_and_tokenizer(ctx.model, task=data.kind, num_labels=data.num_labels, seed=seed)
     return model
 
 
 def _loader(ctx: Context, items: list, seed: int, shuffle: bool = True, batch_size: Optional[int] = None):
-    from diffora.pipeline import make_loader
+    from diffora.loading import make_loader
 
     data, tokenizer = _prepared(ctx)[:2]
     return make_loader(items, tokenizer, data.kind, batch_size or ctx.budget.batch_size, shuffle=shuffle, seed=seed)
@@ -236,7 +235,7 @@ def run_search(ctx: Context, seed: int, variant_name: str, variant: dict) -> dic
     import torch
 
     from diffora import prepare_search
-    from diffora.pipeline import split_for_search
+    from diffora.splits import split_for_search
     from diffora.runtime import seed_everything
 
     _reset_peak_rss()

@@ -19,7 +19,7 @@ from diffora.config import DiffoRAConfig
 from diffora.data.readers import Examples, load_examples, read_records
 from diffora.discretize import select_modules
 from diffora.errors import ConfigError, DataError
-from diffora.pipeline import Options
+from diffora.options import Options
 
 FUZZ = settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])

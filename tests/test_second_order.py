@@ -3,7 +3,7 @@
 import torch
 
 from diffora import DiffoRAConfig, prepare_search
-from diffora.second_order import exact_mixed_hvp, finite_difference_hvp, unrolled_gate_gradient
+from diffora.second_order import exact_mixed_hvp, finite_difference_hvp
 
 from conftest import random_batch, randomize_lora_b, tiny_model
 
@@ -38,13 +38,13 @@ def test_unrolled_gradient_leaves_weights_untouched_and_differs_from_first_order
     search = _search64()
     wb, gb = random_batch(seed=1), random_batch(seed=2)
     before = [w.detach().clone() for w in search.weight_params]
-    second, _ = unrolled_gate_gradient(search, wb, gb, xi=0.5)
+    second, _ = search.second_order_gradient(gb, wb, xi=0.5)
     assert all(torch.equal(w, b) for w, b in zip(search.weight_params, before))
     (first,) = torch.autograd.grad(search.gate_loss(gb), [search.gates.beta])
     assert second.shape == first.shape
     assert not torch.allclose(second, first)
     # xi -> 0 recovers the first-order gradient
-    tiny, _ = unrolled_gate_gradient(search, wb, gb, xi=1e-9)
+    tiny, _ = search.second_order_gradient(gb, wb, xi=1e-9)
     torch.testing.assert_close(tiny, first, rtol=1e-5, atol=1e-8)
 
 
@@ -65,5 +65,5 @@ def test_unrolled_gradient_matches_brute_force_reference():
     loss = functional_call(search.model, params, args=(), kwargs=gb).loss
     (reference,) = torch.autograd.grad(loss, [beta])
     assert all(torch.equal(w, s) for w, s in zip(weights, saved))
-    ours, _ = unrolled_gate_gradient(search, wb, gb, xi)
+    ours, _ = search.second_order_gradient(gb, wb, xi)
     torch.testing.assert_close(ours, reference, rtol=1e-3, atol=1e-7)

@@ -5,6 +5,9 @@ Pipeline (one module each)::
 
     candidates  ->  gates  ->  search (+ second_order)  ->  discretize  ->  export  ->  train  ->  evaluation
     DAM grid        relaxed    bi-level optimisation       keep top rho    PEFT LoRA
+
+The CLI is ``options`` (every flag) -> ``loading`` (data, model) -> ``pipeline`` (the four commands) ->
+``outputs`` (the output folder); see README's "How the code is laid out".
 """
 
 __version__ = "0.1.0"
@@ -13,9 +16,9 @@ from .candidates import DAMGrid, detect_task_heads, find_candidates
 from .config import DiffoRAConfig
 from .discretize import Selection, select_modules
 from .errors import ConfigError, DataError, DiffoRAError, ModelError, SearchStateError, TrainingError
-from .export import export_peft_model, infer_task_type, lora_config_for
+from .export import infer_task_type, lora_config_for
 from .gates import DAMGates
-from .record import build_record, load_record, plot_dam
+from .record import load_record, plot_dam
 from .search import DAMSearch, prepare_search
 
 __all__ = [
@@ -30,9 +33,7 @@ __all__ = [
     "SearchStateError",
     "Selection",
     "TrainingError",
-    "build_record",
     "detect_task_heads",
-    "export_peft_model",
     "find_candidates",
     "infer_task_type",
     "load_record",

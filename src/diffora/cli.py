@@ -1,6 +1,6 @@
 """``diffora`` command line: ``run``, ``search``, ``train``, ``eval``.
 
-Every option is a field of :class:`diffora.pipeline.Options` (its ``help`` metadata is the ``--help`` text), spelled
+Every option is a field of :class:`diffora.options.Options` (its ``help`` metadata is the ``--help`` text), spelled
 with dashes on the command line (``--keep-ratio``) and with dashes or underscores in a ``--config`` YAML/JSON file.
 Command-line flags override the config file. Relative paths in a config file are relative to the file's folder, and
 a config file may only write (``output-dir``, ``output-file``) below that folder (see docs/reliability.md). Errors in
@@ -58,7 +58,7 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
 
 
 def _add_options(parser: argparse.ArgumentParser, groups: Sequence[str], command: str) -> None:
-    from .pipeline import Options
+    from .options import Options
 
     sections = {g: parser.add_argument_group(GROUP_TITLES[g]) for g in groups}
     for f in fields(Options):
@@ -117,7 +117,7 @@ def load_config_file(path: str, overridden: typing.Collection[str] = ()) -> dict
     """Options from a YAML/JSON file; keys may use dashes or underscores. Values are converted to the options'
     types; relative paths are resolved against the file's folder, and write locations must stay below it
     (options in ``overridden``, given on the command line, are not checked)."""
-    from .pipeline import Options
+    from .options import Options
 
     file = Path(path)
     try:
@@ -171,9 +171,9 @@ _KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str:
 def _coerce(path: str, key: Any, name: str, value: Any) -> Any:
     """A config value in the option's type, converted the way argparse converts a flag's text (YAML reads
     ``1e-3`` as a string, JSON may quote numbers); anything else is a one-line :class:`ConfigError`."""
-    from .pipeline import _option_kinds
+    from .options import option_kinds
 
-    kind, is_list, optional = {**_option_kinds(), **EXTRA_KINDS}[name]
+    kind, is_list, optional = {**option_kinds(), **EXTRA_KINDS}[name]
 
     def bad() -> ConfigError:
         what = "a list of strings" if is_list else _KIND_WORDS.get(kind, kind.__name__)
@@ -232,7 +232,7 @@ def _config_path(path: str, base: Path, name: str, value: str) -> str:
 
 def parse(argv: Optional[Sequence[str]] = None) -> tuple[str, Any, argparse.Namespace]:
     """Parse ``argv`` into (command, Options, raw namespace)."""
-    from .pipeline import Options
+    from .options import Options
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -261,16 +261,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = None
     try:
         command, opts, args = parse(argv)
-        from . import jobs
+        from . import pipeline
 
         if command == "run":
-            jobs.run_job(opts)
+            pipeline.run_job(opts)
         elif command == "search":
-            jobs.search_job(opts)
+            pipeline.search_job(opts)
         elif command == "train":
-            jobs.train_job(opts, dam=getattr(args, "dam", None), modules=getattr(args, "modules", None))
+            pipeline.train_job(opts, dam=getattr(args, "dam", None), modules=getattr(args, "modules", None))
         else:
-            jobs.eval_job(opts, args.adapter, getattr(args, "output_file", None), model_given=args.model_given)
+            pipeline.eval_job(opts, args.adapter, getattr(args, "output_file", None), model_given=args.model_given)
     except Interrupted as exc:
         print(f"diffora: {exc}", file=sys.stderr)
         return 130

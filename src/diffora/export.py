@@ -18,17 +18,15 @@ The result has no diffora code in it: ``save_pretrained`` writes plain ``adapter
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from .candidates import DAMGrid
 from .discretize import Selection
 from .errors import SearchStateError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .search import DAMSearch
 
 _TASK_TYPES = {
     "ForSequenceClassification": "SEQ_CLS",
@@ -68,60 +66,55 @@ def lora_config_for(
     )
 
 
-def export_peft_model(search: "DAMSearch", selection: Selection, weight_sharing: bool = True) -> PeftModel:
-    """Build the final PEFT model from a finished search (which is consumed)."""
-    search._check_live()
-    adapter = search.adapter_name
-    base_model = search.model.get_base_model()
-    unknown = [m for m in selection.modules if m not in search.grid.module_names()]
+#: what weight sharing carries from the search into the exported model: module -> (A, g*B), head -> (trained, original)
+SharedWeights = tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, tuple[dict, dict]]]
+
+
+def collect_shared_weights(
+    base_model: nn.Module, selection: Selection, grid: DAMGrid, gates: torch.Tensor, heads: list[str],
+    adapter_name: str = "default",
+) -> SharedWeights:
+    """Copy the kept branches' ``A`` and gate-folded ``B`` and the heads' weights out of the searched model."""
+    unknown = [m for m in selection.modules if m not in grid.module_names()]
     if unknown:
         raise SearchStateError(f"the selection names modules that are not DAM candidates: {unknown[:3]}")
-
-    # Collect what to carry over before the search's LoRA layers are removed.
     with torch.no_grad():
-        gates = search.gates.values().detach()
-        lora_weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in selection.modules:
             layer = base_model.get_submodule(name)
-            i, j = search.grid.position(name)
-            a = layer.lora_A[adapter].weight.detach().clone()
-            b = layer.lora_B[adapter].weight.detach().clone() * gates[i, j].to(layer.lora_B[adapter].weight.dtype)
-            lora_weights[name] = (a, b)
+            i, j = grid.position(name)
+            b = layer.lora_B[adapter_name].weight
+            lora[name] = (layer.lora_A[adapter_name].weight.detach().clone(),
+                          b.detach().clone() * gates[i, j].to(device=b.device, dtype=b.dtype))
         head_states: dict[str, tuple[dict, dict]] = {}
-        for head in search.heads:
+        for head in heads:
             wrapper = base_model.get_submodule(head)
-            trained = {k: v.detach().clone() for k, v in wrapper.modules_to_save[adapter].state_dict().items()}
+            trained = {k: v.detach().clone() for k, v in wrapper.modules_to_save[adapter_name].state_dict().items()}
             original = {k: v.detach().clone() for k, v in wrapper.original_module.state_dict().items()}
             head_states[head] = (trained, original)
+    return lora, head_states
 
-    search._hooks.remove()
-    plain_model = search.model.unload()  # removes every LoRA layer; heads are plain modules again
-    search.exported = True
 
-    config = lora_config_for(
-        selection,
-        rank=search.config.rank,
-        alpha=search.config.alpha,
-        dropout=search.config.dropout,
-        modules_to_save=search.heads,
-        task_type=infer_task_type(search.model_class),
-        fan_in_fan_out=search.fan_in_fan_out,
-    )
+def build_exported_model(
+    plain_model: nn.Module, config: LoraConfig, shared: SharedWeights, *, adapter_name: str = "default",
+    weight_sharing: bool = True, seed: int = 1,
+) -> PeftModel:
+    """Wrap the search's base model (LoRA layers removed) in a stock PEFT model; copy ``shared`` into it."""
+    lora, head_states = shared
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(search.config.seed + 1)
-        exported = get_peft_model(plain_model, config, adapter_name=adapter)
-
+        torch.manual_seed(seed)
+        exported = get_peft_model(plain_model, config, adapter_name=adapter_name)
     with torch.no_grad():
         new_base = exported.get_base_model()
         for head, (trained, original) in head_states.items():
             wrapper = new_base.get_submodule(head)
             wrapper.original_module.load_state_dict(original)
-            wrapper.modules_to_save[adapter].load_state_dict(trained if weight_sharing else original)
+            wrapper.modules_to_save[adapter_name].load_state_dict(trained if weight_sharing else original)
         if weight_sharing:
-            for name, (a, b) in lora_weights.items():
+            for name, (a, b) in lora.items():
                 layer = new_base.get_submodule(name)
-                layer.lora_A[adapter].weight.copy_(a)
-                layer.lora_B[adapter].weight.copy_(b)
+                layer.lora_A[adapter_name].weight.copy_(a)
+                layer.lora_B[adapter_name].weight.copy_(b)
     return exported
 
 

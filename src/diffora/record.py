@@ -9,42 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Optional
 
-from . import __version__
 from .candidates import DAMGrid
-from .discretize import Selection
 from .errors import DataError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .search import DAMSearch
-
+#: the ``format`` field of a record; :meth:`diffora.search.DAMSearch.record` writes it
 RECORD_FORMAT = "diffora.dam/1"
-
-
-def build_record(search: "DAMSearch", selection: Optional[Selection] = None, **extra: Any) -> dict:
-    with_grad = search.gates.beta.detach()
-    record: dict[str, Any] = {
-        "format": RECORD_FORMAT,
-        "diffora_version": __version__,
-        "model_class": search.model_class,
-        "grid": search.grid.to_dict(),
-        "betas": [[float(v) for v in row] for row in with_grad],
-        "gates": search.gate_values(),
-        "config": search.config.to_dict(),
-        "heads": search.heads,
-        "weight_steps": search.weight_steps,
-        "gate_steps": search.gate_steps,
-        "history": {
-            "weight_loss": search.history.weight_losses,
-            "gate_loss": search.history.gate_losses,
-            "gate_snapshots": [{"step": s, "gates": g} for s, g in search.history.gate_snapshots],
-        },
-    }
-    if selection is not None:
-        record["selection"] = selection.to_dict()
-    record.update(extra)
-    return record
 
 
 def load_record(path: str | Path) -> dict:

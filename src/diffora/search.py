@@ -28,11 +28,15 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import __version__
 from .candidates import DAMGrid, detect_task_heads, find_candidates
 from .config import SELECTION_SCORES, DiffoRAConfig
 from .discretize import Selection, select_modules
 from .errors import ConfigError, SearchStateError, TrainingError
+from .export import build_exported_model, collect_shared_weights, infer_task_type, lora_config_for
 from .gates import DAMGates, GateHooks
+from .record import RECORD_FORMAT
+from .second_order import unrolled_gate_gradient
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -92,7 +96,7 @@ class DAMSearch:
             torch.manual_seed(config.seed)
             self.model: PeftModel = get_peft_model(model, lora_config, adapter_name=adapter_name)
         self.gates = DAMGates(self.grid, config.gate, config.gate_init, config.temperature)
-        self._hooks = GateHooks(self.model, self.grid, self.gates, adapter_name)
+        self.hooks = GateHooks(self.model, self.grid, self.gates, adapter_name)
         self.weight_params = [p for p in self.model.parameters() if p.requires_grad]
         self.weight_optimizer = torch.optim.AdamW(
             self.weight_params, lr=config.weight_lr, weight_decay=config.weight_decay
@@ -109,7 +113,7 @@ class DAMSearch:
     # ------------------------------------------------------------------ steps
     def weight_step(self, batch: Batch) -> float:
         """One AdamW step on LoRA A/B and the head on a weight-split batch; the betas do not move."""
-        self._check_live()
+        self.check_live()
         self.model.train()
         self.weight_optimizer.zero_grad(set_to_none=True)
         with _no_grad_for(self.gates.beta):
@@ -127,7 +131,7 @@ class DAMSearch:
 
     def record_weight_step(self, loss: float) -> None:
         """Count a weight step that an outside training loop (e.g. a ``transformers.Trainer``) performed."""
-        self._check_live()
+        self.check_live()
         self.weight_steps += 1
         self.history.weight_losses.append(float(loss))
 
@@ -136,15 +140,12 @@ class DAMSearch:
 
         ``weight_batch`` is needed by the second-order search (its unrolled virtual step).
         """
-        self._check_live()
+        self.check_live()
         self.model.train()
         if self.config.order == "second":
             if weight_batch is None:
                 raise SearchStateError("the second-order gate step needs the weight batch: gate_step(gate, weight)")
-            from .second_order import unrolled_gate_gradient
-
-            xi = self.config.unroll_lr if self.config.unroll_lr is not None else self.config.weight_lr
-            grad, loss = unrolled_gate_gradient(self, weight_batch, gate_batch, xi)
+            grad, loss = self.second_order_gradient(gate_batch, weight_batch)
         else:
             loss = self.gate_loss(gate_batch)
             (grad,) = torch.autograd.grad(loss, [self.gates.beta])
@@ -157,6 +158,17 @@ class DAMSearch:
         value = float(loss.detach())
         self.history.gate_losses.append(value)
         return value
+
+    def second_order_gradient(
+        self, gate_batch: Batch, weight_batch: Batch, xi: Optional[float] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DARTS' unrolled gate gradient (see :mod:`diffora.second_order`) and the gate loss; weights unchanged."""
+        if xi is None:
+            xi = self.config.unroll_lr if self.config.unroll_lr is not None else self.config.weight_lr
+        return unrolled_gate_gradient(
+            lambda: self.loss_fn(self.model, weight_batch), lambda: self.gate_loss(gate_batch),
+            self.weight_params, self.gates.beta, xi,
+        )
 
     def gate_loss(self, batch: Batch) -> torch.Tensor:
         """Task loss on a gate batch plus the optional zero-one regulariser."""
@@ -252,16 +264,46 @@ class DAMSearch:
 
         The search is consumed: its model becomes the exported model's base.
         """
-        from .export import export_peft_model
-
+        self.check_live()
         sharing = self.config.weight_sharing if weight_sharing is None else weight_sharing
-        return export_peft_model(self, selection, weight_sharing=sharing)
+        with torch.no_grad():
+            gates = self.gates.values().detach()
+        shared = collect_shared_weights(self.model.get_base_model(), selection, self.grid, gates, self.heads,
+                                        self.adapter_name)
+        self.hooks.remove()
+        plain_model = self.model.unload()  # removes every LoRA layer; heads are plain modules again
+        self.exported = True
+        config = lora_config_for(
+            selection, rank=self.config.rank, alpha=self.config.alpha, dropout=self.config.dropout,
+            modules_to_save=self.heads, task_type=infer_task_type(self.model_class),
+            fan_in_fan_out=self.fan_in_fan_out,
+        )
+        return build_exported_model(plain_model, config, shared, adapter_name=self.adapter_name,
+                                    weight_sharing=sharing, seed=self.config.seed + 1)
 
     def record(self, selection: Optional[Selection] = None, **extra: Any) -> dict:
-        """The search record (``dam.json``)."""
-        from .record import build_record
-
-        return build_record(self, selection, **extra)
+        """The search record (``dam.json``, format :data:`diffora.record.RECORD_FORMAT`)."""
+        record: dict[str, Any] = {
+            "format": RECORD_FORMAT,
+            "diffora_version": __version__,
+            "model_class": self.model_class,
+            "grid": self.grid.to_dict(),
+            "betas": [[float(v) for v in row] for row in self.gates.beta.detach()],
+            "gates": self.gate_values(),
+            "config": self.config.to_dict(),
+            "heads": self.heads,
+            "weight_steps": self.weight_steps,
+            "gate_steps": self.gate_steps,
+            "history": {
+                "weight_loss": self.history.weight_losses,
+                "gate_loss": self.history.gate_losses,
+                "gate_snapshots": [{"step": s, "gates": g} for s, g in self.history.gate_snapshots],
+            },
+        }
+        if selection is not None:
+            record["selection"] = selection.to_dict()
+        record.update(extra)
+        return record
 
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -282,7 +324,7 @@ class DAMSearch:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (of a search over the same model and grid)."""
-        self._check_live()
+        self.check_live()
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if set(params) != set(state["weights"]):
             raise SearchStateError("the search state belongs to a different model or DAM grid")
@@ -307,7 +349,8 @@ class DAMSearch:
     def lora_layer(self, module_name: str) -> nn.Module:
         return self.model.get_base_model().get_submodule(module_name)
 
-    def _check_live(self) -> None:
+    def check_live(self) -> None:
+        """Raise if :meth:`export` consumed this search."""
         if self.exported:
             raise SearchStateError("this search was exported; its model now belongs to the exported PeftModel")
 

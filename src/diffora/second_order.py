@@ -22,12 +22,9 @@ LoRA dropout draws the same mask in each.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .search import Batch, DAMSearch
 
 
 def finite_difference_hvp(
@@ -72,27 +69,32 @@ def exact_mixed_hvp(
 
 
 def unrolled_gate_gradient(
-    search: "DAMSearch", weight_batch: "Batch", gate_batch: "Batch", xi: float
+    weight_loss: Callable[[], torch.Tensor],
+    gate_loss: Callable[[], torch.Tensor],
+    weights: Sequence[torch.nn.Parameter],
+    beta: torch.nn.Parameter,
+    xi: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Second-order gate gradient and the gate loss at the unrolled weights. Weights are left unchanged."""
-    weights = [p for p in search.weight_params]
-    beta = search.gates.beta
+    """Second-order gate gradient and the gate loss at the unrolled weights. Weights are left unchanged.
+
+    ``weight_loss()`` / ``gate_loss()`` evaluate the current model on the weight / gate batch.
+    """
+    weights = list(weights)
     saved = [w.detach().clone() for w in weights]
     try:
         # Virtual step w' = w - xi * dL_weight/dw (plain SGD, as in DARTS' derivation).
-        train_loss = search.loss_fn(search.model, weight_batch)
-        train_grads = torch.autograd.grad(train_loss, weights, allow_unused=True)
+        train_grads = torch.autograd.grad(weight_loss(), weights, allow_unused=True)
         with torch.no_grad():
             for w, g in zip(weights, train_grads):
                 if g is not None:
                     w.sub_(xi * g)
-        gate_loss = search.gate_loss(gate_batch)
-        grads = torch.autograd.grad(gate_loss, [beta, *weights], allow_unused=True)
+        loss = gate_loss()
+        grads = torch.autograd.grad(loss, [beta, *weights], allow_unused=True)
         d_beta = grads[0]
         d_weights = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads[1:], weights)]
     finally:
         with torch.no_grad():
             for w, w0 in zip(weights, saved):
                 w.copy_(w0)
-    hvp = finite_difference_hvp(lambda: search.loss_fn(search.model, weight_batch), weights, beta, d_weights)
-    return d_beta - xi * hvp, gate_loss.detach()
+    hvp = finite_difference_hvp(weight_loss, weights, beta, d_weights)
+    return d_beta - xi * hvp, loss.detach()
