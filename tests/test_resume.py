@@ -127,3 +127,22 @@ def test_sigterm_stops_cleanly_and_resume_finishes(job, tmp_path):
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "adapter" / "adapter_model.safetensors").exists() and not (out / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def scaled_job(job, tmp_path_factory):
+    """The same run with bf16 autocast and 2 micro-batches per step (search and fine-tuning)."""
+    args = [*job[0], "--mixed-precision", "bf16", "--gradient-accumulation-steps", "2"]
+    reference = tmp_path_factory.mktemp("reference-scaled") / "out"
+    done = subprocess.run([sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(reference)],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return args, reference
+
+
+@pytest.mark.parametrize("phase", ["search", "finetune"])
+def test_kill9_resume_is_bit_identical_with_accumulation_and_bf16(scaled_job, tmp_path, phase):
+    args, reference = scaled_job
+    out = tmp_path / "out"
+    _interrupt(args, out, phase, signal.SIGKILL)
+    _resume_and_compare(args, out, reference)

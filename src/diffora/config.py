@@ -15,12 +15,13 @@ from .errors import ConfigError
 GateForm = Literal["sigmoid", "softmax"]
 Granularity = Literal["layer", "global", "budget"]
 SearchOrder = Literal["first", "second"]
-SelectionScore = Literal["gate", "movement"]
+SelectionScore = Literal["gate", "movement", "signed", "ntk"]
 
 GATE_FORMS = ("sigmoid", "softmax")
 GRANULARITIES = ("layer", "global", "budget")
 SEARCH_ORDERS = ("first", "second")
-SELECTION_SCORES = ("gate", "movement")
+SELECTION_SCORES = ("gate", "movement", "signed", "ntk")
+RANK_ALLOCATIONS = ("none", "uniform", "proportional")
 
 
 _NUMBER_FIELDS = (
@@ -107,7 +108,18 @@ class DiffoRAConfig:
         metadata={
             "help": "What discretisation ranks: 'gate' = the learned gate value (DARTS: keep the largest); "
             "'movement' = how far each gate moved from its initial value, in either direction (ours: a module "
-            "whose gate the held-out loss pushed hard matters, whichever way the early search pushed it)."
+            "whose gate the held-out loss pushed hard matters, whichever way the early search pushed it); "
+            "'signed' = how far it moved up (g - g0: a module the held-out loss wants more of); 'ntk' = no "
+            "gate ranking: choose the set that maximises lambda_min of the LoRA kernel H(S) (diffora.ntk; the "
+            "paper's convergence argument made operational, ours), computed on gate-split examples."
+        },
+    )
+    rank_allocation: str = field(
+        default="none",
+        metadata={
+            "help": "Budget concentration (ours): 'none' = every kept module keeps rank r; 'uniform' / "
+            "'proportional' = the kept modules share the LoRA parameters of ALL candidates at rank r, equally or "
+            "in proportion to their selection scores (exported as a stock PEFT rank_pattern)."
         },
     )
     granularity: Granularity = field(
@@ -167,6 +179,10 @@ class DiffoRAConfig:
         need(
             isinstance(self.selection_score, str) and self.selection_score in SELECTION_SCORES,
             f"selection_score must be one of {SELECTION_SCORES}, got {self.selection_score!r}",
+        )
+        need(
+            isinstance(self.rank_allocation, str) and self.rank_allocation in RANK_ALLOCATIONS,
+            f"rank_allocation must be one of {RANK_ALLOCATIONS}, got {self.rank_allocation!r}",
         )
         need(
             isinstance(self.granularity, str) and self.granularity in GRANULARITIES,

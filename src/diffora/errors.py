@@ -28,3 +28,10 @@ class SearchStateError(DiffoRAError, RuntimeError):
 
 class TrainingError(DiffoRAError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN or infinite)."""
+
+
+class ResourceError(DiffoRAError, RuntimeError):
+    """The machine ran out of a resource (accelerator memory) mid-run. The CLI exits with 1, not 2: the input was
+    valid, and the checkpoints written so far are kept for ``--resume``."""
+
+    exit_code = 1

@@ -27,6 +27,7 @@ from torch import nn
 from .candidates import DAMGrid
 from .discretize import Selection
 from .errors import SearchStateError
+from .ranks import rank_pattern_for, transfer_lora_weights
 
 _TASK_TYPES = {
     "ForSequenceClassification": "SEQ_CLS",
@@ -50,11 +51,24 @@ def lora_config_for(
     modules_to_save: Optional[list[str]],
     task_type: Optional[str],
     fan_in_fan_out: bool = False,
+    ranks: Optional[dict[str, int]] = None,
 ) -> LoraConfig:
-    """The plain ``LoraConfig`` a PEFT user would write by hand for this selection."""
+    """The plain ``LoraConfig`` a PEFT user would write by hand for this selection.
+
+    ``ranks`` (budget concentration) gives modules their own rank: a ``rank_pattern`` with one exact key per
+    module, and an ``alpha_pattern`` that keeps every branch's scale ``alpha / r`` (so a wider branch starts as the
+    searched one and its extra directions learn at the same scale)."""
     modules = list(selection.modules if isinstance(selection, Selection) else selection)
     if not modules:
         raise SearchStateError("the selection keeps no module; raise keep_ratio")
+    patterns = {}
+    if ranks:
+        unknown = sorted(set(ranks) - set(modules))
+        if unknown:
+            raise SearchStateError(f"ranks are given for modules that are not kept: {unknown[:3]}")
+        rank_pattern = rank_pattern_for(ranks, rank)
+        patterns = {"rank_pattern": rank_pattern,
+                    "alpha_pattern": {key: alpha * r / rank for key, r in rank_pattern.items()}}
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -63,6 +77,7 @@ def lora_config_for(
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         task_type=task_type,
         fan_in_fan_out=fan_in_fan_out,
+        **patterns,
     )
 
 
@@ -97,9 +112,12 @@ def collect_shared_weights(
 
 def build_exported_model(
     plain_model: nn.Module, config: LoraConfig, shared: SharedWeights, *, adapter_name: str = "default",
-    weight_sharing: bool = True, seed: int = 1,
+    weight_sharing: bool = True, seed: int = 1, search_scaling: Optional[float] = None,
 ) -> PeftModel:
-    """Wrap the search's base model (LoRA layers removed) in a stock PEFT model; copy ``shared`` into it."""
+    """Wrap the search's base model (LoRA layers removed) in a stock PEFT model; copy ``shared`` into it.
+
+    A module whose exported rank differs from the search's (``config.rank_pattern``) gets an equivalent branch
+    (:func:`diffora.ranks.transfer_lora_weights`; ``search_scaling`` = the search's ``alpha / r``)."""
     lora, head_states = shared
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -113,8 +131,12 @@ def build_exported_model(
         if weight_sharing:
             for name, (a, b) in lora.items():
                 layer = new_base.get_submodule(name)
-                layer.lora_A[adapter_name].weight.copy_(a)
-                layer.lora_B[adapter_name].weight.copy_(b)
+                new_a, new_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+                if new_a.shape != a.shape:
+                    a, b = transfer_lora_weights(a, b, new_a, new_b, search_scaling or config.lora_alpha / config.r,
+                                                 layer.scaling[adapter_name])
+                new_a.copy_(a)
+                new_b.copy_(b)
     return exported
 
 

@@ -136,11 +136,32 @@ def _limit(data: TaskData, opts: Options, need_train: bool) -> TaskData:
     return data
 
 
-def load_model(opts: Options, data: TaskData):
-    return load_model_and_tokenizer(
+def load_model(opts: Options, data: TaskData, device: Optional[torch.device] = None):
+    """The model (on ``device``, in ``--dtype``, 4-bit with ``--load-in-4bit``, checkpointed with
+    ``--gradient-checkpointing``) and its tokenizer."""
+    model, tokenizer = load_model_and_tokenizer(
         opts.model, task=data.kind, num_labels=data.num_labels if data.kind == "classification" else None,
-        trust_remote_code=opts.trust_remote_code, seed=opts.seed,
+        trust_remote_code=opts.trust_remote_code, seed=opts.seed, dtype=getattr(torch, opts.dtype),
+        load_in_4bit=opts.load_in_4bit, device=device,
     )
+    if opts.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        # casts norms/head to fp32 and freezes the quantised weights, as PEFT's QLoRA recipe does
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=opts.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif device is not None:
+        model.to(device)
+    if opts.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"model '{opts.model}' does not support gradient checkpointing; drop "
+                              "--gradient-checkpointing")
+        # non-reentrant: the gate step differentiates w.r.t. the gates, which are not inputs of the checkpointed
+        # blocks, and reentrant checkpointing would drop those gradients
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model.config, "use_cache", None):
+            model.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
+    return model, tokenizer
 
 
 def encode(examples: AnyExamples, tokenizer: Any, kind: str, max_length: int) -> list[dict]:

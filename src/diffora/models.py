@@ -50,6 +50,7 @@ __all__ = [
     "Task",
     "cache_root",
     "convert_gguf",
+    "check_4bit_support",
     "load_model_and_tokenizer",
     "resolve_model",
 ]
@@ -412,6 +413,8 @@ def load_model_and_tokenizer(
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
     seed: int | None = None,
+    load_in_4bit: bool = False,
+    device: torch.device | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model for ``task`` and its tokenizer.
 
@@ -426,6 +429,9 @@ def load_model_and_tokenizer(
     usually have none, and batching needs one); ``model.config.pad_token_id`` is set to match. ``trust_remote_code``
     lets transformers run Python code shipped with a hub model: leave it off unless you trust the model's author.
     Problems with the model raise a one-line :class:`ModelError`.
+
+    ``load_in_4bit`` quantises the linear weights to NF4 with bitsandbytes (compute in bfloat16, or ``dtype`` if
+    that is a 16-bit type) and places the model on ``device`` (a CUDA device); see :func:`check_4bit_support`.
     """
     head_kwargs = _validated_head_kwargs(task, num_labels)
     name = os.fspath(name_or_path)
@@ -446,6 +452,17 @@ def load_model_and_tokenizer(
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    if load_in_4bit:
+        check_4bit_support(device)
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=True,
+        )
+        load_kwargs["device_map"] = {"": torch.device(device) if device is not None else torch.device("cuda")}
+        dtype = compute
     auto_cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     errors: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, ImportError, *_hub_errors())
     try:
@@ -460,6 +477,19 @@ def load_model_and_tokenizer(
 
     _ensure_padding(model, tokenizer)
     return model, tokenizer
+
+
+def check_4bit_support(device: torch.device | str | None = None) -> None:
+    """4-bit loading needs bitsandbytes and a CUDA device: raise a one-line :class:`ConfigError` otherwise.
+
+    bitsandbytes has CPU code paths too, but diffora has not verified a 4-bit search on them, so it refuses rather
+    than produce an adapter nobody checked."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes (or drop --load-in-4bit)")
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind != "cuda":
+        raise ConfigError("--load-in-4bit needs a CUDA GPU (bitsandbytes' 4-bit kernels); on this machine drop "
+                          "--load-in-4bit, or pass --dtype bfloat16 to halve the model's memory")
 
 
 def _ensure_padding(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

