@@ -9,9 +9,10 @@ offline in a PyPI package this project can install, so the pairs are built from 
 Two runs with the same data, batches, seed, learning rate and number of optimiser steps:
 
 * **LoRA-all**: ``peft.LoraConfig`` on all 7 linear module types of all 30 blocks (210 modules), plain ``Trainer``;
-* **DiffoRA**: :class:`diffora.integrations.DiffoRATrainer` — search for ``--search-steps`` steps (weight steps on the
-  weight split + gate steps on the held-out gate split), keep half of each layer's modules, then fine-tune the
-  exported LoRA model for the remaining steps.
+* **DiffoRA**: :class:`diffora.integrations.DiffoRATrainer` — two plain ``Trainer`` runs: search for
+  ``--search-steps`` steps (the Trainer's weight steps on the weight split + :class:`~diffora.integrations.DiffoRACallback`'s
+  gate steps on the held-out gate split), keep half of each layer's modules, then fine-tune the exported LoRA model
+  for the remaining steps.
 
 Both are scored on held-out articles (test split): the mean negative log-likelihood of the headline tokens
 (``eval_loss``) and its perplexity; the untrained model is scored too. Outputs in ``--output-dir``: ``results.json``,
@@ -119,16 +120,16 @@ def training_args(opts: argparse.Namespace, out: Path, name: str):
 
 
 class Clock(TrainerCallback):
-    """Trainer callback that timestamps every optimiser step (seconds since train() began)."""
+    """Trainer callback that times each ``train()`` it serves (DiffoRATrainer runs two: search, then fine-tuning)."""
 
     def __init__(self) -> None:
-        self.start, self.times = 0.0, {}
+        self.start, self.seconds = 0.0, []
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times[state.global_step] = time.perf_counter() - self.start
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self.start)
 
 
 def run(opts: argparse.Namespace, load_model: ModelLoader, log: Callable[[str], None] = print) -> dict:
@@ -211,12 +212,13 @@ def run(opts: argparse.Namespace, load_model: ModelLoader, log: Callable[[str], 
     t = time.perf_counter()
     trainer.train()
     diffora_seconds = time.perf_counter() - t
-    search_seconds = clock.times.get(opts.search_steps, float("nan"))
+    search_seconds, finetune_seconds = clock.seconds
     selection = trainer.selection
     results["diffora"] = {
         **evaluate(trainer.model), "train_seconds": diffora_seconds, "search_seconds": search_seconds,
-        "finetune_seconds": diffora_seconds - search_seconds, "modules": selection.num_kept,
-        "lora_params": _lora_params(trainer.model), "train_loss": _losses(trainer),
+        "finetune_seconds": finetune_seconds, "modules": selection.num_kept,
+        "lora_params": _lora_params(trainer.model),
+        "train_loss": _losses(trainer.search_trainer) + _losses(trainer.trainer, offset=opts.search_steps),
         "search_steps": opts.search_steps, "gate_steps": trainer.search.gate_steps,
         "kept_per_type": _kept_per_type(trainer.record),
         "gate_range": [min(min(r) for r in trainer.record["gates"]), max(max(r) for r in trainer.record["gates"])],
@@ -272,8 +274,8 @@ def _lora_params(model: Any) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
 
 
-def _losses(trainer: Any) -> list[list[float]]:
-    return [[h["step"], round(h["loss"], 4)] for h in trainer.state.log_history if "loss" in h]
+def _losses(trainer: Any, offset: int = 0) -> list[list[float]]:
+    return [[h["step"] + offset, round(h["loss"], 4)] for h in trainer.state.log_history if "loss" in h]
 
 
 def _kept_per_type(record: dict) -> dict[str, int]:

@@ -34,7 +34,7 @@ from ..errors import ConfigError, DataError, ModelError
 from ..export import infer_task_type, lora_config_for
 from ..search import LossFn, default_loss, prepare_search
 
-__all__ = ["AutoLoraResult", "DEFAULT_MAX_SEARCH_STEPS", "auto_lora_config", "split_indices"]
+__all__ = ["AutoLoraResult", "DEFAULT_MAX_SEARCH_STEPS", "auto_lora_config", "has_adapters", "split_indices"]
 
 #: Cap of the default search length (one pass over the weight split, at most this many steps).
 DEFAULT_MAX_SEARCH_STEPS = 300
@@ -128,7 +128,7 @@ def auto_lora_config(
         DataError / ConfigError: too little data, a bad option.
     """
     config = config or DiffoRAConfig()
-    if _has_adapters(model):
+    if has_adapters(model):
         raise ModelError(
             "auto_lora_config needs the base model without adapters (it got a PEFT model); pass the model you would "
             "hand to get_peft_model"
@@ -209,7 +209,9 @@ def auto_lora_config(
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-def _has_adapters(model: nn.Module) -> bool:
+def has_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` already carries PEFT adapters (a ``PeftModel``, an HF model with loaded adapters, or PEFT
+    tuner layers injected in place)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if isinstance(model, PeftModel) or getattr(model, "_hf_peft_config_loaded", False):
