@@ -19,9 +19,12 @@ LoRA's ``B`` starts at zero, so ``∂L/∂g`` (hence ``∂L/∂β``) is exactly 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -40,6 +43,20 @@ from .second_order import unrolled_gate_gradient
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+#: ``mixed_precision`` values: no autocast, bfloat16 autocast, float16 autocast with gradient scaling
+MIXED_PRECISION = ("no", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: device types where the search refuses float16 autocast (a module constant, so tests can lift it)
+_FP16_UNSUPPORTED = frozenset({"cpu"})
+
+
+class MicroBatches(list):
+    """Micro-batches of one accumulated step. A plain ``list`` of dict batches means the same; this type also
+    marks a list of non-dict batches (e.g. tuples for a custom ``loss_fn``) as micro-batches."""
+
+
+StepBatch = Union[Batch, Sequence[Batch]]
 
 
 def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -64,6 +81,17 @@ class DAMSearch:
     """A model with a gated LoRA on every candidate, the two optimisers and the search state.
 
     Create it with :func:`prepare_search`. The model passed in is modified in place (PEFT injects LoRA layers).
+    The gates are put on the model's device; every batch is moved to it before the forward pass.
+
+    Args (besides those of :func:`prepare_search`):
+        mixed_precision: ``"no"`` (default), ``"bf16"`` or ``"fp16"``: the forward passes of weight and first-order
+            gate steps run under ``torch.autocast`` in that dtype; LoRA weights, head and betas stay in their own
+            (float32) dtype. ``"fp16"`` scales the losses with a ``torch.amp.GradScaler`` per step kind (weight,
+            gate) and skips a step whose gradients overflowed; it needs a CUDA device. The second-order gate
+            gradient always runs without autocast: its finite differences need full precision.
+        accelerator: an ``accelerate.Accelerator``; the model is moved to its device and, when
+            ``mixed_precision`` is ``"no"``, its ``mixed_precision`` is used. Processes are counted through
+            ``torch.distributed`` either way.
     """
 
     def __init__(
@@ -73,10 +101,25 @@ class DAMSearch:
         *,
         adapter_name: str = "default",
         loss_fn: Optional[LossFn] = None,
+        mixed_precision: str = "no",
+        accelerator: Any = None,
     ) -> None:
+        if accelerator is not None:
+            if mixed_precision == "no":
+                mixed_precision = str(getattr(accelerator, "mixed_precision", "no") or "no")
+            if _model_device(model) != torch.device(accelerator.device):
+                model.to(accelerator.device)
+        device = _model_device(model)
+        # checked before PEFT touches the model, so a refused search leaves it as it was
+        if mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+        if mixed_precision == "fp16" and device.type in _FP16_UNSUPPORTED:
+            raise ConfigError(f"mixed_precision='fp16' on {device.type}: float16 mixed precision needs a CUDA "
+                              "device; use bf16 on CPU")
         self.config = config
         self.adapter_name = adapter_name
         self.loss_fn: LossFn = loss_fn or default_loss
+        self.mixed_precision = mixed_precision
         self.model_class = type(model).__name__
         self.grid: DAMGrid = find_candidates(model, config.target_types, config.target_modules)
         self.heads: list[str] = (
@@ -95,7 +138,8 @@ class DAMSearch:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.model: PeftModel = get_peft_model(model, lora_config, adapter_name=adapter_name)
-        self.gates = DAMGates(self.grid, config.gate, config.gate_init, config.temperature)
+        self.gates = DAMGates(self.grid, config.gate, config.gate_init, config.temperature).to(
+            _model_device(self.model))
         self.hooks = GateHooks(self.model, self.grid, self.gates, adapter_name)
         self.weight_params = [p for p in self.model.parameters() if p.requires_grad]
         self.weight_optimizer = torch.optim.AdamW(
@@ -105,27 +149,59 @@ class DAMSearch:
         self.gate_optimizer = torch.optim.Adam(
             self.gates.parameters(), lr=config.gate_lr, betas=(0.5, 0.999), weight_decay=config.gate_weight_decay
         )
+        # fp16 gradients underflow without loss scaling; one scaler per step kind, as their losses differ
+        fp16 = mixed_precision == "fp16"
+        self.weight_scaler: Optional[torch.amp.GradScaler] = torch.amp.GradScaler(device.type) if fp16 else None
+        self.gate_scaler: Optional[torch.amp.GradScaler] = torch.amp.GradScaler(device.type) if fp16 else None
         self.weight_steps = 0
         self.gate_steps = 0
         self.history = SearchHistory()
         self.exported = False
 
     # ------------------------------------------------------------------ steps
-    def weight_step(self, batch: Batch) -> float:
-        """One AdamW step on LoRA A/B and the head on a weight-split batch; the betas do not move."""
+    def weight_step(self, batch: StepBatch) -> float:
+        """One AdamW step on LoRA A/B and the head on a weight-split batch; the betas do not move.
+
+        ``batch`` is one batch, or a list of micro-batches (dicts; :class:`MicroBatches` for other batch types):
+        each micro-batch's loss is divided by their number, the gradients accumulate, and one optimiser step
+        follows. With a mean-reduced loss and equally sized micro-batches this is the update of one big batch; with
+        unequal sizes it is not (the mean of means weights every micro-batch alike), and a causal LM's loss is a
+        mean over *tokens*, whose count differs between micro-batches even at equal numbers of rows.
+        Returns the (mean) loss.
+        """
         self.check_live()
         self.model.train()
+        batches = _micro_batches(batch)
+        n = len(batches)
+        scaler = self.weight_scaler
         self.weight_optimizer.zero_grad(set_to_none=True)
+        losses: list[torch.Tensor] = []
+        code = 0
         with _no_grad_for(self.gates.beta):
-            loss = self.loss_fn(self.model, batch)
-            _check_finite(loss, "weight", self.weight_steps)
-            loss.backward()
-        _average_across_processes([p.grad for p in self.weight_params if p.grad is not None])
+            for micro in batches:
+                loss = self._loss(micro)
+                losses.append(loss.detach())
+                code = _nonfinite_code(loss)
+                if code:  # no backward: the step is abandoned once every rank knows
+                    break
+                if n > 1:
+                    loss = loss / n
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+        value = sum(float(v) for v in losses) / len(losses)
+        self._sync(self.weight_params, "weight", self.weight_steps, code, value)
+        if scaler is not None:
+            scaler.unscale_(self.weight_optimizer)  # clip the true gradients, not the scaled ones
         if self.config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.weight_params, self.config.max_grad_norm)
-        self.weight_optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(self.weight_params, self.config.max_grad_norm)
+            # after the all-reduce every rank holds the same gradients, so all see the same norm and agree
+            if scaler is None and not bool(torch.isfinite(norm)):
+                raise TrainingError(_gradient_message("weight", self.weight_steps))
+        if scaler is not None:
+            scaler.step(self.weight_optimizer)  # skipped when the scaled gradients overflowed
+            scaler.update()
+        else:
+            self.weight_optimizer.step()
         self.weight_steps += 1
-        value = float(loss.detach())
         self.history.weight_losses.append(value)
         return value
 
@@ -135,47 +211,105 @@ class DAMSearch:
         self.weight_steps += 1
         self.history.weight_losses.append(float(loss))
 
-    def gate_step(self, gate_batch: Batch, weight_batch: Optional[Batch] = None) -> float:
+    def gate_step(self, gate_batch: StepBatch, weight_batch: Optional[StepBatch] = None) -> float:
         """One Adam step on the betas on a gate-split batch; LoRA weights and head are left bit-identical.
 
-        ``weight_batch`` is needed by the second-order search (its unrolled virtual step).
+        ``weight_batch`` is needed by the second-order search (its unrolled virtual step). Either may be a list of
+        micro-batches (see :meth:`weight_step`): the beta gradient is the sum of the micro-batches' gradients of
+        ``loss / n``. Returns the (mean) gate loss.
         """
         self.check_live()
         self.model.train()
+        beta = self.gates.beta
+        scaler = None
         if self.config.order == "second":
             if weight_batch is None:
                 raise SearchStateError("the second-order gate step needs the weight batch: gate_step(gate, weight)")
             grad, loss = self.second_order_gradient(gate_batch, weight_batch)
+            code, value = _nonfinite_code(loss), float(loss.detach())
         else:
-            loss = self.gate_loss(gate_batch)
-            (grad,) = torch.autograd.grad(loss, [self.gates.beta])
-        _check_finite(loss, "gate", self.gate_steps)
+            scaler = self.gate_scaler
+            batches = _micro_batches(gate_batch)
+            n = len(batches)
+            grad, losses, code = None, [], 0
+            for micro in batches:
+                loss = self.gate_loss(micro)
+                losses.append(loss.detach())
+                code = _nonfinite_code(loss)
+                if code:
+                    break
+                scaled = loss / n if n > 1 else loss
+                if scaler is not None:
+                    scaled = scaler.scale(scaled)  # unscaled by scaler.unscale_ below
+                (g,) = torch.autograd.grad(scaled, [beta])
+                grad = g if grad is None else grad + g
+            value = sum(float(v) for v in losses) / len(losses)
+        distributed = _world_size() > 1
+        if code and not distributed:
+            raise TrainingError(_loss_message("gate", self.gate_steps, value))
         self.gate_optimizer.zero_grad(set_to_none=True)
-        self.gates.beta.grad = grad.detach().clone()
-        _average_across_processes([self.gates.beta.grad])
-        self.gate_optimizer.step()
+        beta.grad = grad.detach().clone() if grad is not None else None
+        if distributed:
+            self._sync([beta], "gate", self.gate_steps, code, value)
+        if scaler is not None:
+            scaler.unscale_(self.gate_optimizer)
+            scaler.step(self.gate_optimizer)  # skipped when the scaled gate gradient overflowed
+            scaler.update()
+        else:
+            if not bool(torch.isfinite(beta.grad).all()):
+                raise TrainingError(_gradient_message("gate", self.gate_steps))
+            self.gate_optimizer.step()
         self.gate_steps += 1
-        value = float(loss.detach())
         self.history.gate_losses.append(value)
         return value
 
     def second_order_gradient(
-        self, gate_batch: Batch, weight_batch: Batch, xi: Optional[float] = None
+        self, gate_batch: StepBatch, weight_batch: StepBatch, xi: Optional[float] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """DARTS' unrolled gate gradient (see :mod:`diffora.second_order`) and the gate loss; weights unchanged."""
+        """DARTS' unrolled gate gradient (see :mod:`diffora.second_order`) and the gate loss; weights unchanged.
+
+        Runs without autocast whatever ``mixed_precision`` says: the finite-difference HVP needs full precision.
+        """
         if xi is None:
             xi = self.config.unroll_lr if self.config.unroll_lr is not None else self.config.weight_lr
+        weight_losses = [functools.partial(self._loss, b, mixed=False) for b in _micro_batches(weight_batch)]
+        gate_losses = [functools.partial(self.gate_loss, b, mixed=False) for b in _micro_batches(gate_batch)]
         return unrolled_gate_gradient(
-            lambda: self.loss_fn(self.model, weight_batch), lambda: self.gate_loss(gate_batch),
+            weight_losses[0] if len(weight_losses) == 1 else weight_losses,
+            gate_losses[0] if len(gate_losses) == 1 else gate_losses,
             self.weight_params, self.gates.beta, xi,
         )
 
-    def gate_loss(self, batch: Batch) -> torch.Tensor:
-        """Task loss on a gate batch plus the optional zero-one regulariser."""
-        loss = self.loss_fn(self.model, batch)
+    def gate_loss(self, batch: Batch, *, mixed: bool = True) -> torch.Tensor:
+        """Task loss on a gate batch plus the optional zero-one regulariser (``mixed=False``: no autocast)."""
+        loss = self._loss(batch, mixed=mixed)
         if self.config.zero_one_weight > 0:
             loss = loss + self.config.zero_one_weight * self.gates.zero_one_loss()
         return loss
+
+    def _loss(self, batch: Batch, *, mixed: bool = True) -> torch.Tensor:
+        """``loss_fn`` on ``batch`` moved to the model's device, under autocast when mixed precision is on."""
+        batch = _to_device(batch, _model_device(self.model))
+        with self._autocast() if mixed else contextlib.nullcontext():
+            return self.loss_fn(self.model, batch)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = _AUTOCAST_DTYPES.get(self.mixed_precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=_model_device(self.model).type, dtype=dtype)
+
+    def _sync(self, params: Sequence[torch.Tensor], kind: str, step: int, code: int, value: float) -> None:
+        """Raise on a local non-finite loss (one process), or average the gradients across processes in one
+        all-reduce that also tells every rank which ranks failed, so all raise the same error or none does."""
+        if _world_size() == 1:
+            if code:
+                raise TrainingError(_loss_message(kind, step, value))
+            return
+        codes = _all_reduce_mean(params, code)
+        failed = [rank for rank, c in enumerate(codes) if c]
+        if failed:
+            raise TrainingError(_loss_message(kind, step, _CODE_VALUES[codes[failed[0]]], ranks=failed))
 
     def fit(
         self,
@@ -186,11 +320,14 @@ class DAMSearch:
         progress: bool = True,
         snapshot_every: int = 10,
         callback: Optional[Callable[["DAMSearch", int], None]] = None,
+        accumulation_steps: int = 1,
     ) -> SearchHistory:
         """Run search iterations until ``steps`` in total: a weight step, then (after the warm-up) a gate step.
 
         ``weight_data``/``gate_data`` are re-iterated when exhausted (e.g. DataLoaders, reshuffled each pass). A
-        search restored with :meth:`load_state_dict` continues from its step counter.
+        search restored with :meth:`load_state_dict` continues from its step counter. ``accumulation_steps`` > 1
+        draws that many micro-batches from each iterator per iteration and accumulates their gradients into one
+        weight step and one gate step (see :meth:`weight_step` for when that equals one bigger batch).
         """
         if steps <= 0:
             raise SearchStateError(f"steps must be positive, got {steps}")
@@ -199,15 +336,23 @@ class DAMSearch:
                 f"steps ({steps}) must exceed gate_warmup_steps ({self.config.gate_warmup_steps}), "
                 "otherwise no gate step runs and the DAM learns nothing"
             )
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ConfigError(f"accumulation_steps must be a positive integer, got {accumulation_steps!r}")
         weights, gates = _cycle(weight_data), _cycle(gate_data)
+
+        def draw(batches: Iterator[Batch]) -> StepBatch:
+            if accumulation_steps == 1:
+                return next(batches)
+            return MicroBatches([next(batches) for _ in range(accumulation_steps)])
+
         bar = tqdm(range(self.weight_steps, steps), desc="DAM search", disable=not progress, dynamic_ncols=True,
                    initial=self.weight_steps, total=steps)
         for step in bar:
-            weight_batch = next(weights)
+            weight_batch = draw(weights)
             w_loss = self.weight_step(weight_batch)
             postfix = {"w_loss": f"{w_loss:.4f}"}
             if step >= self.config.gate_warmup_steps:
-                g_loss = self.gate_step(next(gates), weight_batch)
+                g_loss = self.gate_step(draw(gates), weight_batch)
                 postfix["g_loss"] = f"{g_loss:.4f}"
                 g = self.gates.values().detach()[self.gates.valid]
                 postfix["gates"] = f"{float(g.min()):.2f}..{float(g.max()):.2f}"
@@ -227,14 +372,20 @@ class DAMSearch:
             return [[float(v) for v in row] for row in self.gates.values()]
 
     def selection_scores(self, score: Optional[str] = None) -> list[list[float]]:
-        """What discretisation ranks: the gate values, or (``"movement"``) ``|g - g_initial|`` per entry."""
+        """What discretisation ranks: the gate values, ``|g - g_initial|`` (``"movement"``) or ``g - g_initial``
+        (``"signed"``) per entry. ``"ntk"`` is not a gate score: it needs data (:mod:`diffora.ntk`)."""
         score = score or self.config.selection_score
         if score == "gate":
             return self.gate_values()
+        if score == "ntk":
+            raise ConfigError("selection_score 'ntk' ranks module sets by their kernel, not by gates: use "
+                              "diffora.ntk.module_kernels + greedy_ntk_selection (diffora run does this)")
         if score not in SELECTION_SCORES:
             raise ConfigError(f"selection_score must be one of {SELECTION_SCORES}, got {score!r}")
         with torch.no_grad():
-            moved = (self.gates.values() - self.gates.initial_values(self.config.gate_init)).abs()
+            moved = self.gates.values() - self.gates.initial_values(self.config.gate_init)
+        if score == "movement":
+            moved = moved.abs()
         return [[float(v) for v in row] for row in moved]
 
     def discretize(
@@ -259,10 +410,13 @@ class DAMSearch:
             budget_params=budget_params,
         )
 
-    def export(self, selection: Selection, weight_sharing: Optional[bool] = None) -> PeftModel:
+    def export(self, selection: Selection, weight_sharing: Optional[bool] = None,
+               ranks: Optional[dict[str, int]] = None) -> PeftModel:
         """A stock ``peft.PeftModel`` with LoRA on the kept modules only (see :mod:`diffora.export`).
 
-        The search is consumed: its model becomes the exported model's base.
+        ``ranks`` (from :func:`diffora.ranks.concentrate_ranks`) gives kept modules their own rank, exported as a
+        ``rank_pattern``; the searched weights go into the first ``r`` directions. The search is consumed: its
+        model becomes the exported model's base.
         """
         self.check_live()
         sharing = self.config.weight_sharing if weight_sharing is None else weight_sharing
@@ -276,10 +430,11 @@ class DAMSearch:
         config = lora_config_for(
             selection, rank=self.config.rank, alpha=self.config.alpha, dropout=self.config.dropout,
             modules_to_save=self.heads, task_type=infer_task_type(self.model_class),
-            fan_in_fan_out=self.fan_in_fan_out,
+            fan_in_fan_out=self.fan_in_fan_out, ranks=ranks,
         )
         return build_exported_model(plain_model, config, shared, adapter_name=self.adapter_name,
-                                    weight_sharing=sharing, seed=self.config.seed + 1)
+                                    weight_sharing=sharing, seed=self.config.seed + 1,
+                                    search_scaling=self.config.alpha / self.config.rank)
 
     def record(self, selection: Optional[Selection] = None, **extra: Any) -> dict:
         """The search record (``dam.json``, format :data:`diffora.record.RECORD_FORMAT`)."""
@@ -320,6 +475,9 @@ class DAMSearch:
                 "gate_losses": list(self.history.gate_losses),
                 "gate_snapshots": list(self.history.gate_snapshots),
             },
+            # fp16 only: the loss scales (without them a resumed run would restart at 2**16 and re-overflow)
+            **({"weight_scaler": self.weight_scaler.state_dict()} if self.weight_scaler is not None else {}),
+            **({"gate_scaler": self.gate_scaler.state_dict()} if self.gate_scaler is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -336,6 +494,10 @@ class DAMSearch:
             self.gates.beta.copy_(state["beta"])
         self.weight_optimizer.load_state_dict(state["weight_optimizer"])
         self.gate_optimizer.load_state_dict(state["gate_optimizer"])
+        # states saved without fp16 (or before scalers existed) keep the fresh scalers
+        for key, scaler in (("weight_scaler", self.weight_scaler), ("gate_scaler", self.gate_scaler)):
+            if scaler is not None and state.get(key):
+                scaler.load_state_dict(state[key])
         self.weight_steps = int(state["weight_steps"])
         self.gate_steps = int(state["gate_steps"])
         history = state.get("history", {})
@@ -361,16 +523,23 @@ def prepare_search(
     *,
     adapter_name: str = "default",
     loss_fn: Optional[LossFn] = None,
+    mixed_precision: str = "no",
+    accelerator: Any = None,
 ) -> DAMSearch:
     """Give every candidate module of ``model`` a gated LoRA branch and return the search.
 
     Args:
-        model: a Hugging Face model (modified in place).
+        model: a Hugging Face model (modified in place). For gradient checkpointing, call
+            ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})`` first
+            (reentrant checkpointing cannot give gate gradients).
         config: search options; defaults to :class:`DiffoRAConfig()`.
         adapter_name: PEFT adapter name used during the search.
         loss_fn: ``loss_fn(model, batch) -> scalar``; default ``model(**batch).loss``.
+        mixed_precision: ``"no"`` | ``"bf16"`` | ``"fp16"`` autocast of the forward passes (see :class:`DAMSearch`).
+        accelerator: optional ``accelerate.Accelerator`` giving the device and (by default) the mixed precision.
     """
-    return DAMSearch(model, config or DiffoRAConfig(), adapter_name=adapter_name, loss_fn=loss_fn)
+    return DAMSearch(model, config or DiffoRAConfig(), adapter_name=adapter_name, loss_fn=loss_fn,
+                     mixed_precision=mixed_precision, accelerator=accelerator)
 
 
 # ---------------------------------------------------------------- utilities
@@ -399,24 +568,127 @@ def _cycle(data: Iterable[Batch]) -> Iterator[Batch]:
             raise SearchStateError("the search data is empty")
 
 
-def _check_finite(loss: torch.Tensor, kind: str, step: int) -> None:
-    if not torch.isfinite(loss.detach()).all():
-        raise TrainingError(
-            f"the {kind} loss became {float(loss.detach())} at {kind} step {step}; lower the learning rate "
-            "or check the data for invalid labels"
-        )
+_CODE_VALUES = {1: float("nan"), 2: float("inf"), 3: float("-inf")}
 
 
-def _average_across_processes(grads: list[torch.Tensor]) -> None:
-    """All-reduce (mean) gradients when running data-parallel (accelerate/torchrun), so every rank steps alike."""
+def _nonfinite_code(loss: torch.Tensor) -> int:
+    """0 for a finite loss, else 1 (nan), 2 (+inf) or 3 (-inf): small integers that survive an all-reduce."""
+    value = loss.detach()
+    if bool(torch.isfinite(value).all()):
+        return 0
+    first = float(value.reshape(-1)[~torch.isfinite(value.reshape(-1))][0])
+    return 1 if first != first else 2 if first > 0 else 3
+
+
+def _loss_message(kind: str, step: int, value: float, ranks: Optional[list[int]] = None) -> str:
+    where = "" if ranks is None else f" on rank {ranks[0]}" if len(ranks) == 1 else \
+        f" on ranks {', '.join(map(str, ranks))}"
+    return (f"the {kind} loss became {value} at {kind} step {step}{where}; lower the learning rate "
+            "or check the data for invalid labels")
+
+
+def _gradient_message(kind: str, step: int) -> str:
+    where = " on some rank" if _world_size() > 1 else ""
+    return (f"the {kind} gradient became non-finite at {kind} step {step}{where} (the loss was finite); lower the "
+            "learning rate or check the data")
+
+
+def _world_size() -> int:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    world = dist.get_world_size()
-    for grad in grads:
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        grad.div_(world)
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce_mean(params: Sequence[torch.Tensor], code: int) -> list[int]:
+    """Average ``p.grad`` over processes in ONE all-reduce; return every rank's failure code (0 = fine).
+
+    The buffer is ``[grads..., has_grad per param, failure code per rank]``: a missing gradient is sent as zeros
+    (every rank must send the same shape), and a parameter gets the average wherever any rank had a gradient, so
+    the ranks keep stepping alike. A rank that failed sends its code instead of stopping, so nobody is left
+    waiting in a collective; when any code is set the gradients are left alone (the caller raises).
+    """
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    device = params[0].device
+    dtype = functools.reduce(torch.promote_types, (p.dtype for p in params), torch.float32)
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, dtype)
+             for p in params]
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=device)
+    codes = torch.zeros(world, dtype=dtype, device=device)
+    codes[rank] = code
+    flat = torch.cat(parts + [has_grad, codes])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    total = flat.numel() - len(params) - world
+    reduced_codes = [int(c) for c in flat[-world:].tolist()]
+    if any(reduced_codes):
+        return reduced_codes
+    flat[:total].div_(world)
+    offset = 0
+    for p, present in zip(params, flat[total:total + len(params)].tolist()):
+        size = p.numel()
+        if present > 0:
+            mean = flat[offset:offset + size].view(p.shape)
+            if p.grad is None:
+                p.grad = mean.to(device=p.device, dtype=p.dtype).clone()
+            else:
+                p.grad.copy_(mean)
+        offset += size
+    return reduced_codes
+
+
+def _micro_batches(batch: Any) -> list:
+    """``batch`` as a list of micro-batches: a :class:`MicroBatches` or a list of dicts is one; anything else is a
+    single batch (so a list batch of tensors for a custom ``loss_fn`` keeps meaning one batch)."""
+    if isinstance(batch, MicroBatches) or (isinstance(batch, list) and batch and
+                                           all(isinstance(b, Mapping) for b in batch)):
+        if not batch:
+            raise SearchStateError("an empty list of micro-batches")
+        return list(batch)
+    if isinstance(batch, list) and not batch:
+        raise SearchStateError("an empty list of micro-batches")
+    return [batch]
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Every tensor of ``batch`` (dicts, lists, tuples, nested) on ``device``; ``batch`` itself when all are there."""
+    if isinstance(batch, torch.Tensor):
+        return batch if batch.device == device else batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        moved = {k: _to_device(v, device) for k, v in batch.items()}
+        if all(moved[k] is v for k, v in batch.items()):
+            return batch
+        if type(batch) is dict:
+            return moved
+        try:  # e.g. transformers' BatchEncoding
+            return type(batch)(moved)
+        except Exception:  # noqa: BLE001 - an exotic mapping: a plain dict does for model(**batch)
+            return moved
+    if isinstance(batch, (list, tuple)):
+        items = [_to_device(v, device) for v in batch]
+        if all(a is b for a, b in zip(items, batch)):
+            return batch
+        if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+            return type(batch)(*items)
+        try:
+            return type(batch)(items)
+        except Exception:  # noqa: BLE001
+            return items
+    return batch
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: its input embedding's device, else its first parameter's (CPU if none)."""
+    try:
+        embeddings = model.get_input_embeddings()
+        weight = getattr(embeddings, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return weight.device
+    except (AttributeError, NotImplementedError, TypeError):
+        pass
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def _uses_conv1d(model: nn.Module, grid: DAMGrid) -> bool:
