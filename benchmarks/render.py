@@ -1,9 +1,19 @@
-"""Render ``benchmarks/results/*.json`` (written by ``benchmarks/glue.py``) into ``BENCHMARKS.md`` and PNG plots.
+"""Render the benchmark results into ``BENCHMARKS.md`` and PNG plots.
 
     .venv/bin/python benchmarks/render.py [--results benchmarks/results] [--out BENCHMARKS.md]
 
-Every number in BENCHMARKS.md comes from the JSON files; nothing is typed in by hand. Aggregates are computed here:
-mean ± sample std over seeds, medians of times, paired (same-seed) differences, steps-to-target.
+It reads two kinds of result files under ``--results``:
+
+* ``<name>/results.json`` written by ``diffora compare`` (format ``diffora.compare/1``): the invocations in
+  ``benchmarks/suites.sh``;
+* ``<name>.json`` written by the benchmark harness before it moved into ``diffora compare`` (format
+  ``diffora.benchmark/1``): the runs BENCHMARKS.md reports today. They are read as they are, so the numbers stay.
+
+A compare result is converted to the harness's shape (:func:`from_compare`: method labels such as
+``diffora[keep_ratio=0.25]`` become ``diffora_rho0.25``), so both render through the same code. Every number in
+BENCHMARKS.md comes from the JSON files; nothing is typed in by hand. The statistics (mean ± sample std over seeds,
+paired same-seed differences, "beyond the seed spread") are ``diffora.compare.report``'s, the ones ``diffora
+compare``'s own report uses; this file adds the issue-#4 targets, the ablation tables and the multi-task layout.
 """
 
 from __future__ import annotations
@@ -15,6 +25,9 @@ import os
 import statistics
 from pathlib import Path
 from typing import Optional
+
+from diffora.compare import report as shared
+from diffora.compare.report import fmt, human, mean, median, pm
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_ORDER = ["mrpc", "tweets", "sst2"]
@@ -32,58 +45,110 @@ LABELS = {
 TARGET_FRACTION = 0.98
 
 
-# ----------------------------------------------------------------------------------------------- helpers
-def mean(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.mean(xs) if xs else float("nan")
-
-
-def std(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.stdev(xs) if len(xs) > 1 else float("nan")
-
-
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else float("nan")
-
-
-def fmt(x, digits=3):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    return f"{x:.{digits}f}"
-
-
-def pm(xs, digits=3, scale=1.0):
-    xs = [x * scale for x in xs if x is not None]
-    if not xs:
-        return "—"
-    s = std(xs)
-    return f"{mean(xs):.{digits}f} ± {s:.{digits}f}" if not math.isnan(s) else f"{mean(xs):.{digits}f}"
-
-
-def human(n):
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return "—"
-    if n >= 1e6:
-        return f"{n / 1e6:.2f}M"
-    if n >= 1e3:
-        return f"{n / 1e3:.1f}k"
-    return str(int(n))
-
-
+# ----------------------------------------------------------------------------------------------- loading
 def load_results(folder: Path, include_quick: bool) -> list[dict]:
+    """The harness's ``*.json`` files and ``diffora compare``'s ``*/results.json``, in the harness's shape. A
+    ``<name>/results.json`` supersedes the harness's ``<name>.json`` (a suite re-run with ``diffora compare``)."""
     out = []
-    for path in sorted(folder.glob("*.json")):
+    old = [p for p in sorted(folder.glob("*.json")) if not (folder / p.stem / "results.json").exists()]
+    for path in old + sorted(folder.glob("*/results.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+        if not isinstance(data, dict):
+            continue
+        if data.get("format") == "diffora.compare/1":
+            data = from_compare(data, path)
         if data.get("format") != "diffora.benchmark/1" or (data.get("quick") and not include_quick):
             continue
         data["_path"] = str(path)
         out.append(data)
     return out
+
+
+#: compare method families -> the harness's method names (the ablation suite names DiffoRA variants by what they change)
+_OLD_NAMES = {"random-ws": "random_ws", "lora-matched": "lora_all_matched", "adalora": "adalora", "full": "full_ft",
+              "eva": "eva"}
+_ABLATION_NAMES = {("granularity", "global"): "global", ("granularity", "budget"): "budget",
+                   ("weight_sharing", False): "re-init", ("selection_score", "gate"): "score=gate",
+                   ("selection_score", "movement"): "score=movement", ("selection_score", "signed"): "score=signed",
+                   ("gate", "softmax"): "softmax", ("order", "second"): "second_order"}
+
+
+def harness_name(method: dict, options: dict, ablations: bool) -> str:
+    """The harness's name of a compare method, e.g. ``diffora[keep_ratio=0.25]`` -> ``diffora_rho0.25``."""
+    family, over = method["family"], dict(method["overrides"])
+    lr = over.pop("lr", None)
+    rank = over.get("rank", options["rank"])
+    rho = over.get("keep_ratio", options["keep_ratio"])
+    if family == "diffora" and ablations:
+        over.pop("keep_ratio", None)
+        parts = [_ABLATION_NAMES.get((k, v), f"zero_one_{v}" if k == "zero_one_weight" else
+                                     f"{k}_{v:g}" if isinstance(v, float) else f"{k}_{v}") for k, v in over.items()]
+        name = f"diffora[{','.join(parts) or 'default'}]"
+    elif family == "diffora" and set(over) <= {"keep_ratio"}:
+        name = f"diffora_rho{rho}"
+    elif family == "random" and set(over) <= {"keep_ratio"}:
+        name = f"random_rho{rho}"
+    elif family in ("lora-all", "lora-qv") and set(over) <= {"rank"}:
+        name = f"{'lora_all' if family == 'lora-all' else 'lora_qv'}_r{rank}"
+    elif family in _OLD_NAMES and set(over) <= {"keep_ratio"}:
+        name = _OLD_NAMES[family]
+    else:
+        return method["label"]
+    return name if lr is None else f"{name}[lr={lr:g}]"
+
+
+def from_compare(res: dict, path: Path) -> dict:
+    """A ``diffora compare`` results.json in the harness's shape (``diffora.benchmark/1``)."""
+    opts, settings, data = res["options"], res["settings"], res["data"]
+    ablations = bool(settings.get("eval_on_holdout"))
+    names = {m["label"]: harness_name(m, opts, ablations) for m in res.get("methods", [])}
+    runs = []
+    for jid in res.get("plan", []):
+        rec = res["jobs"].get(jid)
+        if not rec or rec.get("kind") != "finetune" or "error" in rec:
+            continue
+        run = dict(rec, method=names.get(rec["method"], rec["method"]))
+        if rec.get("family") == "lora-matched" and rec.get("matched_ranks"):
+            run["rank"] = "/".join(map(str, rec["matched_ranks"]))
+        runs.append(run)
+    searches = [dict(rec, variant=rec.get("label", "default")) for jid, rec in sorted(res["jobs"].items())
+                if rec.get("kind") == "search" and "error" not in rec and jid in _searches_of(res)]
+    default = next((x for x in searches if x["variant"] == "default"), searches[0] if searches else None)
+    errors = [{"method": names.get(r.get("key", {}).get("label"), r.get("id")), "seed": r.get("key", {}).get("seed"),
+               "error": r["error"]} for jid, r in res["jobs"].items() if "error" in r and jid in res.get("plan", [])]
+    machine = dict(res["machine"])
+    machine["load_average_at_start"] = machine.get("load_average_at_start") or [float("nan")] * 3
+    return {
+        "format": "diffora.benchmark/1", "task": data["task"], "suite": "ablations" if ablations else "main",
+        "quick": False, "name": path.parent.name, "command": res["command"], "started": res["started"],
+        "wall_seconds": res.get("wall_seconds", 0.0), "machine": machine, "versions": res["versions"],
+        "budget": {"task": data["task"], "train_rows": opts.get("max_train_samples"),
+                   "eval_rows": opts.get("max_eval_samples"), "epochs": opts["epochs"],
+                   "max_length": opts["max_length"], "batch_size": opts["batch_size"],
+                   "eval_batch_size": opts["eval_batch_size"], "eval_points": settings["eval_points"],
+                   "lr": opts["lr"], "full_lr": settings["full_lr"], "adalora_lr": settings["adalora_lr"],
+                   "warmup_ratio": opts["warmup_ratio"], "rank": opts["rank"], "alpha": opts["alpha"],
+                   "model": opts["model"], "holdout_rows": data.get("holdout_rows"),
+                   "search_steps": opts["search_steps"], "gate_warmup_steps": opts["gate_warmup_steps"]},
+        "seeds": settings["seeds"],
+        "data": {"train_rows": data["train_rows"], "eval_rows": data["eval_rows"], "kind": data["kind"],
+                 "metrics": data["metrics"], "main_metric": data["main_metric"],
+                 "eval_set": "held-out split of train" if ablations else "dev/test",
+                 "majority_baseline": data.get("majority_baseline") or {},
+                 "finetune_steps": data["finetune_steps"],
+                 "search_steps": default["steps"] if default else None,
+                 "search_warmup_steps": default["config"]["gate_warmup_steps"] if default else None},
+        "timing": res.get("timing"), "searches": searches, "runs": runs, "errors": errors,
+        "skipped": [{"method": names.get(j.rsplit("@seed", 1)[0], j), "seed": int(j.rsplit("@seed", 1)[1])}
+                    for j in res.get("skipped", []) if "@seed" in j and not j.startswith(("search", "tune:"))],
+    }
+
+
+def _searches_of(res: dict) -> set:
+    return {j for j in res.get("plan", []) if j.startswith("search[")}
 
 
 def _commit(report: dict) -> str:
@@ -160,12 +225,7 @@ def target_value(report: dict) -> Optional[float]:
 
 
 def steps_to(run: dict, metric: str, target: Optional[float]) -> Optional[int]:
-    if target is None:
-        return None
-    for point in run["curve"]:
-        if point.get(metric) is not None and point[metric] >= target:
-            return int(point["step"])
-    return None
+    return shared.steps_to(run["curve"], metric, target)
 
 
 def steps_summary(runs: list[dict], metric: str, target: Optional[float]) -> tuple[float, int, int]:
@@ -198,24 +258,8 @@ def paired(report: dict, a: str, b: str) -> Optional[dict]:
     if a not in groups or b not in groups:
         return None
     m = main_metric(report)
-    sa = {r["seed"]: r["final"][m] for r in groups[a]}
-    sb = {r["seed"]: r["final"][m] for r in groups[b]}
-    seeds = sorted(set(sa) & set(sb))
-    if not seeds:
-        return None
-    diffs = [sa[s] - sb[s] for s in seeds]
-    a_vals, b_vals = [sa[s] for s in seeds], [sb[s] for s in seeds]  # only seeds both methods ran
-    out = {
-        "seeds": seeds, "diffs": diffs, "mean_a": mean(a_vals), "mean_b": mean(b_vals),
-        "std_a": std(a_vals), "std_b": std(b_vals), "mean_diff": mean(diffs), "std_diff": std(diffs),
-        "wins": sum(d > 0 for d in diffs),
-    }
-    out["margin"] = out["mean_a"] - out["mean_b"]
-    out["max_std"] = max([x for x in (out["std_a"], out["std_b"]) if not math.isnan(x)], default=float("nan"))
-    # a spread needs seeds: with fewer than 2 paired seeds the comparison is not testable
-    out["testable"] = len(seeds) >= 2
-    out["holds"] = out["testable"] and out["margin"] > out["max_std"]
-    return out
+    return shared.paired_stats({r["seed"]: r["final"][m] for r in groups[a]},
+                               {r["seed"]: r["final"][m] for r in groups[b]}, higher_is_better=m != "perplexity")
 
 
 def jaccard(a: list[str], b: list[str]) -> float:
@@ -231,89 +275,31 @@ def selection_stability(report: dict, method: str) -> Optional[float]:
 
 
 # ----------------------------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 COLORS = {
     "diffora_rho0.25": "#08519c", "diffora_rho0.5": "#3182bd", "diffora_rho0.75": "#9ecae1",
     "random_rho0.25": "#a50f15", "random_rho0.5": "#fb6a4a", "lora_all_r8": "#000000",
     "lora_all_matched": "#737373", "lora_qv_r8": "#31a354", "adalora": "#756bb1", "full_ft": "#e6550d",
-    "random_ws": "#8c510a",
+    "random_ws": "#8c510a", "eva": "#d95f0e",
 }
 
 
+def _ordered_groups(report: dict) -> dict[str, list[dict]]:
+    groups = by_method(report)
+    return {m: groups[m] for m in ordered(groups)}
+
+
 def plot_params(reports: list[dict], path: Path) -> Path:
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(reports), figsize=(5.2 * len(reports), 4.2), squeeze=False)
-    for ax, report in zip(axes[0], reports):
-        m = main_metric(report)
-        groups = by_method(report)
-        for method in ordered(groups):
-            runs = groups[method]
-            x = mean([r["trainable_params"] for r in runs])
-            ys = [r["final"][m] for r in runs]
-            ax.errorbar(x, mean(ys), yerr=std(ys) if len(ys) > 1 else None, fmt="o", capsize=3,
-                        color=COLORS.get(method), label=method)
-        base = report["data"]["majority_baseline"].get(m)
-        if base is not None:
-            ax.axhline(base, ls=":", color="grey", lw=1)
-            ax.text(ax.get_xlim()[0], base, " majority", va="bottom", fontsize=7, color="grey")
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters (log)")
-        ax.set_ylabel(f"dev {m} (mean ± std over seeds)")
-        ax.set_title(report["task"])
-        ax.grid(alpha=0.3)
-    legend: dict = {}  # one legend for all panels, below them, so it hides no point
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend.keys()), fontsize=8, loc="lower center",
-               ncol=min(len(legend), 5), frameon=False)
-    fig.tight_layout(rect=(0, 0.06 * (1 + (len(legend) - 1) // 5), 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    panels = [{"title": r["task"], "groups": _ordered_groups(r), "metric": main_metric(r),
+               "baseline": r["data"]["majority_baseline"].get(main_metric(r)),
+               "ylabel": f"dev {main_metric(r)} (mean ± std over seeds)"} for r in reports]
+    return shared.plot_score_vs_params(panels, path, colors=COLORS)
 
 
 def plot_curves(report: dict, path: Path) -> Path:
-    plt = _plt()
     m = main_metric(report)
-    groups = by_method(report)
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    for method in ordered(groups):
-        runs = groups[method]
-        steps = sorted({p["step"] for r in runs for p in r["curve"]})
-        ys, es = [], []
-        for s in steps:
-            vals = [p[m] for r in runs for p in r["curve"] if p["step"] == s]
-            ys.append(mean(vals))
-            es.append(std(vals) if len(vals) > 1 else 0.0)
-        style = "-" if method.startswith("diffora") else "--" if method.startswith("random") else ":"
-        ax.plot(steps, ys, style, marker="o", ms=3, color=COLORS.get(method), label=method)
-        ax.fill_between(steps, [y - e for y, e in zip(ys, es)], [y + e for y, e in zip(ys, es)],
-                        color=COLORS.get(method), alpha=0.08)
-    target = target_value(report)
-    if target is not None:
-        ax.axhline(target, color="black", lw=0.8, ls="-.")
-        ax.text(0, target, f" target = {TARGET_FRACTION:.0%} of LoRA-all final", fontsize=7, va="bottom")
-    base = report["data"]["majority_baseline"].get(m)
-    if base is not None:
-        ax.axhline(base, ls=":", color="grey", lw=1)
-    ax.set_xlabel("fine-tuning step (DiffoRA: after its search; step 0 = weights inherited from the search)")
-    ax.set_ylabel(f"{m} (mean over seeds, band = ±std)")
-    ax.set_title(f"{report['task']}: learning curves")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return shared.plot_curves(_ordered_groups(report), m, path, title=f"{report['task']}: learning curves",
+                              baseline=report["data"]["majority_baseline"].get(m), target=target_value(report),
+                              target_label=f"target = {TARGET_FRACTION:.0%} of LoRA-all final", colors=COLORS)
 
 
 def plot_heatmap(report: dict, path: Path) -> Optional[Path]:
@@ -609,21 +595,24 @@ def gate_diagnostics(report: dict) -> list[str]:
     return lines
 
 
-def render(results: Path, out: Path, img: Path, include_quick: bool = False) -> str:
+def render(results: Path, out: Path, img: Path, include_quick: bool = False, plots: bool = True) -> str:
+    """Write ``out`` and the PNGs under ``img``; returns the markdown. ``plots=False`` writes the same markdown
+    (image links included) without drawing the images (fast, for tests)."""
     reports = merge(load_results(results, include_quick))
     img.mkdir(parents=True, exist_ok=True)
     main = sorted([r for r in reports if r["suite"] == "main"],
                   key=lambda r: TASK_ORDER.index(r["task"]) if r["task"] in TASK_ORDER else 99)
     ablations = [r for r in reports if r["suite"] == "ablations"]
     L = ["# Benchmarks: does the DAM search pay off?", "",
-         "<!-- Generated by benchmarks/render.py from benchmarks/results/*.json. Do not edit by hand. -->", "",
-         "Issue #4. Every method of a task runs in one invocation of `benchmarks/glue.py` with the same data, seeds, "
+         "<!-- Generated by benchmarks/render.py from benchmarks/results/*.json and benchmarks/results/*/results.json. Do not edit by hand. -->", "",
+         "Issue #4. Every method of a task runs in one invocation of the benchmark harness (now `diffora compare`; "
+         "[benchmarks/README.md](benchmarks/README.md) lists the invocations) with the same data, seeds, "
          "epochs, LR schedule (linear warm-up 6% then linear decay), batch size and sequence length, through the same "
          "training loop (`diffora.train.finetune`). Scores are the **last** evaluation of each run (no best-checkpoint "
          "selection on the dev set), mean ± sample std over seeds. DiffoRA's time includes its search. Budget "
          "arithmetic: [benchmarks/README.md](benchmarks/README.md).", ""]
     if not main and not ablations:
-        L.append("No results yet: run `benchmarks/glue.py --task mrpc`.")
+        L.append("No results yet: run `bash benchmarks/suites.sh mrpc`.")
     if main:
         m0 = main[0]["machine"]
         L += ["## Setup", "",
@@ -664,13 +653,18 @@ def render(results: Path, out: Path, img: Path, include_quick: bool = False) -> 
                 L.append("Failed jobs: " + "; ".join(f"{e.get('method') or e.get('variant')} seed {e.get('seed')}: "
                                                      f"{e['error'][:120]}" for e in r["errors"]))
                 L.append("")
-            curves = plot_curves(r, img / f"curves_{r['task']}.png")
-            heat = plot_heatmap(r, img / f"dam_{r['task']}.png")
+            curves, heat = img / f"curves_{r['task']}.png", img / f"dam_{r['task']}.png"
+            has_heat = any(x.get("variant") == "default" for x in r["searches"])
+            if plots:
+                plot_curves(r, curves)
+                heat = plot_heatmap(r, heat)
+            elif not has_heat:
+                heat = None
             L += [f"![learning curves {r['task']}]({rel(curves, out)})", ""]
             if heat:
                 L += [f"![DAM {r['task']}]({rel(heat, out)})", ""]
         L += ["## Score vs trainable parameters", "",
-              f"![score vs params]({rel(plot_params(main, img / 'score_vs_params.png'), out)})", ""]
+              f"![score vs params]({rel(plot_params(main, img / 'score_vs_params.png') if plots else img / 'score_vs_params.png', out)})", ""]
         L += ["## Step-time ratios (same process, same batches, interleaved, median)", "",
               *timing_lines(main), "",
               "A search iteration is one weight step (LoRA A/B + head on the weight split) plus one gate step (β on "

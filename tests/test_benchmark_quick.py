@@ -1,100 +1,110 @@
-"""Smoke test of the benchmark harness (issue #4): ``benchmarks/glue.py --quick`` then ``benchmarks/render.py``.
-
-Tiny BERT (hidden 32, 2 layers) with the packaged MiniLM tokenizer, 160 MRPC training rows, 2 seeds, in-process.
-No timing assertions: only that every method ran, the JSON has what the report needs and the report renders.
-"""
+"""The benchmark suites are ``diffora compare`` invocations (``benchmarks/suites.sh``), and what ``diffora compare``
+writes renders into BENCHMARKS.md through ``benchmarks/render.py``. No GLUE data needed: a tiny BERT and a few
+synthetic rows stand in for a suite."""
 
 from __future__ import annotations
 
-import json
+import csv
+import shlex
+import shutil
+import subprocess
 
 import pytest
 
-from conftest import glue_dir, load_benchmark
+from conftest import REPO, load_benchmark, synthetic_sentiment
+from diffora import cli
+from diffora.compare import CompareOptions, compare, parse_methods
 
-pytestmark = pytest.mark.skipif(glue_dir() is None, reason="GLUE data (shared/data/glue/MRPC) not available")
+SUITES = ["mrpc", "tweets", "sst2", "sst2_ablations", "sst2_adalora_lr", "sst2_lora_lr"]
+
+
+def suite_commands() -> list[str]:
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "suites.sh"), "--print", "all"], capture_output=True,
+                         text=True, check=True, cwd=REPO)
+    return [line for line in out.stdout.splitlines() if line.strip()]
+
+
+def test_every_suite_is_a_valid_compare_invocation():
+    commands = suite_commands()
+    assert len(commands) == len(SUITES)
+    for suite, line in zip(SUITES, commands):
+        argv = shlex.split(line)[1:]
+        command, opts, args = cli.parse(argv)
+        settings = CompareOptions(**args.compare_settings)
+        methods = parse_methods(settings.methods, opts)  # every method and variant is known and valid
+        assert command == "compare" and opts.output_dir == f"benchmarks/results/{suite}"
+        assert opts.max_length == 64 and opts.batch_size == 16 and opts.epochs == 1 and opts.threads == 1
+        if suite in ("mrpc", "tweets", "sst2"):
+            assert settings.timing and settings.seeds == [0, 1, 2] and len(methods) == 12
+            assert {m.family for m in methods} == {"diffora", "random", "random-ws", "lora-all", "lora-matched",
+                                                   "lora-qv", "adalora", "eva", "full"}
+        else:
+            assert settings.eval_on_holdout and settings.holdout_rows == 872  # never the dev set
+    assert subprocess.run(["bash", str(REPO / "benchmarks" / "suites.sh"), "--print", "nope"], cwd=REPO,
+                          capture_output=True).returncode == 2
+
+
+def test_ablation_names_follow_the_harness():
+    render = load_benchmark("render")
+    opts = {"rank": 8, "keep_ratio": 0.5}
+
+    def name(label_overrides: dict, family: str = "diffora", ablations: bool = False) -> str:
+        return render.harness_name({"family": family, "overrides": label_overrides, "label": "x"}, opts, ablations)
+
+    assert name({}) == "diffora_rho0.5" and name({"keep_ratio": 0.25}) == "diffora_rho0.25"
+    assert name({"keep_ratio": 0.25}, "random") == "random_rho0.25" and name({}, "lora-all") == "lora_all_r8"
+    assert name({}, "lora-matched") == "lora_all_matched" and name({}, "full") == "full_ft"
+    assert name({"lr": 0.01}, "adalora") == "adalora[lr=0.01]" and name({"lr": 2e-3}, "lora-all") == "lora_all_r8[lr=0.002]"
+    assert name({"keep_ratio": 0.25}, ablations=True) == "diffora[default]"
+    assert name({"keep_ratio": 0.25, "granularity": "global"}, ablations=True) == "diffora[global]"
+    assert name({"keep_ratio": 0.25, "weight_sharing": False}, ablations=True) == "diffora[re-init]"
+    assert name({"keep_ratio": 0.25, "selection_score": "gate"}, ablations=True) == "diffora[score=gate]"
+    assert name({"keep_ratio": 0.25, "gate_fraction": 0.5}, ablations=True) == "diffora[gate_fraction_0.5]"
+    assert name({"keep_ratio": 0.25, "zero_one_weight": 1.0}, ablations=True) == "diffora[zero_one_1.0]"
+    assert name({"keep_ratio": 0.25}, "random-ws", ablations=True) == "random_ws"
 
 
 @pytest.fixture(scope="module")
-def quick_report(tmp_path_factory):
-    glue = load_benchmark("glue")
-    out = tmp_path_factory.mktemp("bench") / "quick_mrpc.json"
-    args = glue.parse_args(["--quick", "--out", str(out), "--data-dir", str(glue_dir())])
-    glue.run(args)
-    return json.loads(out.read_text()), out
+def compare_suite(tiny_bert_dir, tmp_path_factory):
+    """A miniature main suite: the methods BENCHMARKS.md's targets read, two seeds."""
+    folder = tmp_path_factory.mktemp("suite")
+    files = []
+    for name, n, seed in (("train", 48, 1), ("dev", 16, 2)):
+        path = folder / f"{name}.csv"
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["text", "label"])
+            writer.writerows((t, ["neg", "pos"][y]) for t, y in synthetic_sentiment(n, seed))
+        files.append(path)
+    results = folder / "results"
+    compare(task="classification", train_file=str(files[0]), eval_file=str(files[1]), model=str(tiny_bert_dir),
+            max_length=16, batch_size=8, epochs=1.0, search_steps=4, gate_warmup_steps=1, eval_points=2,
+            methods=["diffora", "diffora[keep_ratio=0.25]", "random", "random[keep_ratio=0.25]", "random-ws",
+                     "lora-all", "adalora"], seeds=[0, 1], workers=0, quiet=True, timing=True, timing_rounds=1,
+            output_dir=str(results / "mrpc"))
+    return results
 
 
-def test_every_method_runs_for_every_seed(quick_report):
-    report, _ = quick_report
-    assert report["errors"] == []
-    methods = {r["method"] for r in report["runs"]}
-    expected = {"diffora_rho0.25", "diffora_rho0.5", "diffora_rho0.75", "random_rho0.25", "random_rho0.5",
-                "lora_all_r8", "lora_all_matched", "lora_qv_r8", "adalora", "full_ft", "random_ws"}
-    assert methods == expected
-    for method in expected:
-        assert sorted(r["seed"] for r in report["runs"] if r["method"] == method) == report["seeds"] == [0, 1]
-    assert len(report["searches"]) == 2
-
-
-def test_runs_record_what_the_report_needs(quick_report):
-    report, _ = quick_report
-    m = report["data"]["main_metric"]
-    steps = report["data"]["finetune_steps"]
-    runs = {(r["method"], r["seed"]): r for r in report["runs"]}
-    for run in report["runs"]:
-        assert 0.0 <= run["final"][m] <= 1.0
-        assert run["steps"] == steps
-        assert run["curve"] and run["curve"][-1]["step"] == steps
-        assert run["trainable_params"] > 0 and run["peak_rss_mib"] > 0
-    # DiffoRA: the search time is carried; the weight-shared start is evaluated at step 0
-    d = runs["diffora_rho0.5", 0]
-    assert d["search_seconds"] > 0 and d["curve"][0]["step"] == 0
-    # parameter counts are ordered as the selection ratios are
-    p = {k: runs[k, 0]["lora_params"] for k in ("diffora_rho0.25", "diffora_rho0.5", "diffora_rho0.75", "lora_all_r8")}
-    assert p["diffora_rho0.25"] < p["diffora_rho0.5"] < p["diffora_rho0.75"] < p["lora_all_r8"]
-    assert runs["full_ft", 0]["trainable_params"] > 10 * runs["lora_all_r8", 0]["trainable_params"]
-    # random selection keeps as many modules as DiffoRA at the same rho, and differs across seeds
-    assert runs["random_rho0.5", 0]["kept_modules"] == runs["diffora_rho0.5", 0]["kept_modules"]
-    # the warm-start control: random modules at rho 0.5, inheriting the search's weights (evaluated at step 0 too)
-    ws = runs["random_ws", 0]
-    assert ws["kept_modules"] == runs["diffora_rho0.5", 0]["kept_modules"] and ws["curve"][0]["step"] == 0
-    assert ws["kept_module_names"] == runs["random_rho0.5", 0]["kept_module_names"]
-    # AdaLoRA really allocated: called every step, final total rank = target_r x modules
-    a = runs["adalora", 0]
-    assert a["adalora_allocate_calls"] == steps
-    assert a["adalora_total_rank"] == a["adalora"]["target_r"] * a["kept_modules"]
-    # timing ratios against a PEFT LoRA step measured in the same run
-    ratios = report["timing"]["ratios"]
-    assert all(v > 0 for v in ratios.values())
-
-
-def test_render_writes_markdown_and_plots(quick_report, tmp_path):
+def test_compare_results_render_like_the_harness_results(compare_suite, tmp_path):
     render = load_benchmark("render")
-    report, path = quick_report
     out = tmp_path / "BENCHMARKS.md"
-    text = render.render(path.parent, out, tmp_path / "img", include_quick=True)
+    text = render.render(compare_suite, out, tmp_path / "img")
     assert out.read_text() == text
-    assert "## Targets" in text and "DiffoRA ρ=0.25" in text and "random ρ=0.5" in text
-    assert "| diffora_rho0.5 vs random_rho0.5 |" in text
-    for png in ("score_vs_params.png", "curves_mrpc.png", "dam_mrpc.png"):
+    assert "## Targets" in text and "DiffoRA ρ=0.25" in text and "random ρ=0.5, warm start" in text
+    assert "| diffora_rho0.5 vs random_rho0.5 |" in text and "| diffora_rho0.5 vs adalora |" in text
+    assert "6. *search iteration ≤ 1.1×" in text  # the timing block
+    assert "| classification | 48 | 16 (dev/test) | 1 | 6 |" in text
+    for png in ("score_vs_params.png", "curves_classification.png", "dam_classification.png"):
         assert (tmp_path / "img" / png).stat().st_size > 1000
 
 
-def test_ablation_suite_runs_each_choice_from_the_default_search(tmp_path):
-    """The default search yields the discretisation, ranking, weight-sharing and warm-start controls; AdaLoRA LR
-    sweep jobs carry their own LR. Everything is scored on rows held out from train."""
-    glue = load_benchmark("glue")
-    out = tmp_path / "quick_ablations.json"
-    glue.run(glue.parse_args(["--quick", "--suite", "ablations", "--seeds", "0", "--variants", "default",
-                              "--adalora-lrs", "0.01", "--lora-lrs", "0.002", "--out", str(out), "--data-dir", str(glue_dir())]))
-    report = json.loads(out.read_text())
-    assert report["errors"] == [] and report["data"]["eval_set"] == "held-out split of train"
-    runs = {r["method"]: r for r in report["runs"]}
-    assert set(runs) == {"diffora[default]", "diffora[global]", "diffora[budget]", "diffora[re-init]",
-                         "diffora[score=gate]", "random_ws", "random_rho0.25", "lora_all_r8", "adalora[lr=0.01]",
-                         "lora_all_r8[lr=0.002]"}
-    assert runs["adalora[lr=0.01]"]["lr"] == 0.01 and runs["lora_all_r8"]["lr"] == report["budget"]["lr"]
-    assert runs["lora_all_r8[lr=0.002]"]["lr"] == 0.002
-    # same search, other ranking: the kept sets may differ but the module count is the same
-    assert runs["diffora[score=gate]"]["kept_modules"] == runs["diffora[default]"]["kept_modules"]
-    assert report["searches"][0]["config"]["selection_score"] == "movement"
+def test_a_compare_suite_supersedes_the_harness_file_of_the_same_name(compare_suite, tmp_path):
+    render = load_benchmark("render")
+    results = tmp_path / "results"
+    shutil.copytree(compare_suite, results)
+    shutil.copy(REPO / "benchmarks" / "results" / "mrpc.json", results / "mrpc.json")
+    text = render.render(results, tmp_path / "B.md", tmp_path / "img", plots=False)
+    assert "3,668" not in text and "| classification | 48 |" in text  # the harness's MRPC run is not shown
+    (results / "mrpc" / "results.json").unlink()
+    text = render.render(results, tmp_path / "B.md", tmp_path / "img", plots=False)
+    assert "| mrpc | 3,668 |" in text

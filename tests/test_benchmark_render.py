@@ -33,3 +33,35 @@ def test_merge_joins_files_of_one_budget_even_across_new_fields():
     assert len(merged) == 1 and {r["method"] for r in merged[0]["runs"]} == {"a", "b"}
     other = dict(base, budget={"lr": 1e-3}, _path="z")  # another budget: kept as its own report
     assert sorted(len(m["runs"]) for m in render.merge([old, other])) == [1, 1]
+
+
+def test_benchmarks_md_is_the_render_of_the_committed_results(tmp_path):
+    """BENCHMARKS.md is generated: rendering benchmarks/results again gives the same file (image links aside, which
+    are relative to where the markdown is written). The harness's old result files are still read as they are."""
+    import re
+
+    from conftest import REPO
+
+    render = load_benchmark("render")
+    results = REPO / "benchmarks" / "results"
+    text = render.render(results, tmp_path / "BENCHMARKS.md", results / "img", plots=False)
+
+    def normal(markdown: str) -> list[str]:
+        return [re.sub(r"\]\(.*/([^/)]+)\)", r"](\1)", line) for line in markdown.splitlines()]
+
+    assert normal(text) == normal((REPO / "BENCHMARKS.md").read_text())
+
+
+def test_paired_statistics_are_the_compare_reports():
+    """render.py and diffora compare's report judge 'beyond the seed spread' with one function."""
+    from diffora.compare.report import paired_stats
+
+    render = load_benchmark("render")
+    report = {"data": {"main_metric": "accuracy", "metrics": ["accuracy"]},
+              "runs": [{"method": m, "seed": s, "final": {"accuracy": v}}
+                       for m, vals in (("a", (0.8, 0.82, 0.81)), ("b", (0.7, 0.71, 0.69))) for s, v in enumerate(vals)]}
+    p = render.paired(report, "a", "b")
+    assert p == paired_stats({0: 0.8, 1: 0.82, 2: 0.81}, {0: 0.7, 1: 0.71, 2: 0.69})
+    assert p["wins"] == 3 and p["holds"] and p["exceeds"]
+    lower = paired_stats({0: 10.0, 1: 11.0}, {0: 12.0, 1: 13.0}, higher_is_better=False)  # perplexity
+    assert lower["wins"] == 2 and lower["holds"]

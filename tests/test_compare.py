@@ -1,0 +1,341 @@
+"""``diffora compare`` on tiny models (tests/conftest.py), a few dozen rows and a few steps, in this process.
+
+Covered: every method in one comparison (and what the report and results.json hold), resume after an interrupted
+suite, a failing job recorded while the others finish, causal LM on a tiny LLaMA, ``lora-matched``'s parameter
+count, and the one-line errors for bad input.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import synthetic_sentiment
+from diffora import cli
+from diffora.compare import CompareOptions, compare, jobs, runner
+from diffora.errors import ConfigError
+from diffora.options import Options
+
+ALL_METHODS = ["diffora", "diffora[keep_ratio=0.25]", "lora-all", "lora-matched", "random", "random-ws", "lora-qv",
+               "adalora", "eva", "full"]
+
+
+def write_csv(path: Path, n: int, seed: int) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for text, label in synthetic_sentiment(n, seed):
+            writer.writerow([text, ["neg", "pos"][label]])
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("compare-data")
+    return write_csv(folder / "train.csv", 48, 1), write_csv(folder / "dev.csv", 16, 2)
+
+
+def small(model: Path, files: tuple[Path, Path], out: Path, **extra) -> dict:
+    """Options for a comparison that runs in seconds: 6 fine-tuning steps, a 4-step search, 2 evaluations."""
+    train, dev = files
+    return dict(task="classification", train_file=str(train), eval_file=str(dev), model=str(model), max_length=16,
+                batch_size=8, eval_batch_size=16, epochs=1.0, search_steps=4, gate_warmup_steps=1, eval_points=2,
+                workers=0, threads=1, quiet=True, output_dir=str(out), **extra)
+
+
+def finetunes(results: dict) -> dict[str, dict]:
+    return {j: results["jobs"][j] for j in results["plan"] if results["jobs"].get(j, {}).get("kind") == "finetune"}
+
+
+# ------------------------------------------------------------------------------------------- every method
+@pytest.fixture(scope="module")
+def every_method(tiny_bert_dir, data_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("every") / "cmp"
+    results = compare(**small(tiny_bert_dir, data_files, out, methods=ALL_METHODS, seeds=[0, 1], timing=True,
+                              timing_rounds=1))
+    return results, out
+
+
+def test_every_method_runs_for_every_seed(every_method):
+    results, out = every_method
+    assert not [r for r in results["jobs"].values() if "error" in r]
+    runs = finetunes(results)
+    assert sorted(runs) == sorted(f"{m}@seed{s}" for m in ALL_METHODS for s in (0, 1))
+    steps = results["data"]["finetune_steps"]
+    assert steps == 6
+    for run in runs.values():
+        assert run["steps"] == steps and 0.0 <= run["final"]["accuracy"] <= 1.0
+        assert [p["step"] for p in run["curve"] if p["step"] > 0] == [3, 6]  # every evaluation point is kept
+        assert run["trainable_params"] > 0 and run["peak_rss_mib"] > 0
+    # one search per seed, shared by diffora, diffora[keep_ratio=0.25], random-ws and lora-matched
+    assert sorted(j for j in results["jobs"] if j.startswith("search")) == ["search[default]@seed0",
+                                                                          "search[default]@seed1"]
+    d, d25, ws, rnd = (runs[f"{m}@seed0"] for m in ("diffora", "diffora[keep_ratio=0.25]", "random-ws", "random"))
+    assert d["search_seconds"] > 0 and d["curve"][0]["step"] == 0  # weight-shared start evaluated at step 0
+    assert d25["lora_params"] < d["lora_params"] < runs["lora-all@seed0"]["lora_params"]
+    assert ws["kept_module_names"] == rnd["kept_module_names"] and ws["kept_modules"] == d["kept_modules"]
+    assert runs["lora-qv@seed0"]["kept_modules"] == 4  # query + value of 2 layers
+    assert runs["full@seed0"]["trainable_params"] > 10 * runs["lora-all@seed0"]["trainable_params"]
+    a = runs["adalora@seed0"]
+    assert a["lr"] == 1e-2 and a["adalora_allocate_calls"] == steps
+    assert a["adalora_total_rank"] == a["adalora"]["target_r"] * a["kept_modules"]
+    e = runs["eva@seed0"]
+    assert e["eva_batches"] >= 1 and sum(e["eva_ranks"].values()) == 8 * 12  # EVA redistributes r x modules
+    assert runs["full@seed0"]["lr"] == 5e-5 and d["lr"] == 5e-4
+    assert results["timing"]["ratios"]["search_iteration_over_lora_step"] > 0
+
+
+def test_lora_matched_matches_diffora_within_5_percent(every_method):
+    results, _ = every_method
+    runs = finetunes(results)
+    for seed in (0, 1):
+        diffora, matched = runs[f"diffora@seed{seed}"], runs[f"lora-matched@seed{seed}"]
+        assert matched["kept_modules"] == results["data"]["candidates"] == 12  # every candidate
+        assert matched["target_lora_params"] == diffora["lora_params"]
+        assert abs(matched["lora_params"] - diffora["lora_params"]) <= 0.05 * diffora["lora_params"]
+
+
+def test_results_and_report_hold_what_a_user_needs(every_method):
+    results, out = every_method
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["format"] == "diffora.compare/1" and saved["jobs"].keys() == results["jobs"].keys()
+    assert {"diffora", "torch", "transformers", "peft"} <= set(saved["versions"])
+    assert saved["machine"]["cores"] and saved["command"] and saved["options"]["model"]
+    report = (out / "report.md").read_text()
+    assert "| method | seeds | kept modules | rank | trainable params | % of LoRA-all | **accuracy** |" in report
+    assert "| lora-matched | 2 |" in report and "| adalora | 2 | 12.0 | 6→4 |" in report
+    sentences = [line for line in report.splitlines() if line.startswith("- **diffora**")]
+    assert len(sentences) == len(ALL_METHODS) - 1  # one plain sentence per comparison with DiffoRA
+    assert all(f"**{m}**" in "".join(sentences) for m in ALL_METHODS[1:])
+    assert "seed-to-seed spread" in report and "## Step-time ratios" in report
+    for png in ("curves.png", "score_vs_params.png", "dam_default_seed0.png", "dam_default_seed1.png"):
+        assert (out / png).stat().st_size > 1000
+    assert not (out / "searches").exists()  # search states are kept only while a comparison is unfinished
+
+
+# ------------------------------------------------------------------------------------------------- resume
+def test_resume_runs_only_the_unfinished_jobs(tiny_bert_dir, data_files, tmp_path, monkeypatch):
+    methods = ["diffora", "lora-all", "random-ws"]
+    reference = compare(**small(tiny_bert_dir, data_files, tmp_path / "a", methods=methods, seeds=[0]))
+    out = tmp_path / "b"
+    calls: list[str] = []
+    real = runner.Scheduler.execute
+
+    def interrupted(job):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the third job
+        calls.append(job["id"])
+        return real(job)
+
+    monkeypatch.setattr(runner.Scheduler, "execute", staticmethod(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        compare(**small(tiny_bert_dir, data_files, out, methods=methods, seeds=[0]))
+    saved = json.loads((out / "results.json").read_text())
+    assert sorted(saved["jobs"]) == sorted(calls) == ["diffora@seed0", "search[default]@seed0"]
+    assert (out / "searches").is_dir()  # the search state is kept for the rerun
+
+    rerun: list[str] = []
+    monkeypatch.setattr(runner.Scheduler, "execute", staticmethod(lambda job: rerun.append(job["id"]) or real(job)))
+    resumed = compare(**small(tiny_bert_dir, data_files, out, methods=methods, seeds=[0]))
+    assert sorted(rerun) == ["lora-all@seed0", "random-ws@seed0"]  # finished jobs are not run again
+    for jid, run in finetunes(reference).items():
+        again = resumed["jobs"][jid]
+        assert (again["final"], again["curve"], again["kept_module_names"]) == \
+            (run["final"], run["curve"], run["kept_module_names"])
+    assert len(resumed["invocations"]) == 2
+    # a rerun of a finished comparison runs nothing; one with other options is refused in one line
+    rerun.clear()
+    compare(**small(tiny_bert_dir, data_files, out, methods=methods, seeds=[0]))
+    assert rerun == []
+    with pytest.raises(ConfigError, match="holds a comparison with other options .*epochs"):
+        compare(**small(tiny_bert_dir, data_files, out, methods=methods, seeds=[0]) | {"epochs": 2.0})
+
+
+# ------------------------------------------------------------------------------------------------ failures
+def test_a_failing_job_is_recorded_and_the_others_finish(tiny_bert_dir, data_files, tmp_path, monkeypatch):
+    real_build, real_search = jobs.build_model, jobs.run_search
+
+    def broken(job, *args, **kwargs):
+        if job["family"] == "lora-qv":
+            raise RuntimeError("simulated failure\nwith a second line")
+        return real_build(job, *args, **kwargs)
+
+    def broken_search(job):
+        if job["options"]["gate"] == "softmax":
+            raise ValueError("simulated search failure")
+        return real_search(job)
+
+    monkeypatch.setattr(jobs, "build_model", broken)
+    monkeypatch.setitem(jobs.RUNNERS, "search", broken_search)
+    methods = ["diffora", "lora-qv", "lora-all", "diffora[gate=softmax]"]
+    out = tmp_path / "cmp"
+    results = compare(**small(tiny_bert_dir, data_files, out, methods=methods, seeds=[0]))
+    rec = results["jobs"]
+    assert rec["lora-qv@seed0"]["error"] == "RuntimeError: simulated failure"  # one line
+    assert "Traceback" in rec["lora-qv@seed0"]["traceback"]
+    assert rec["diffora[gate=softmax]@seed0"]["error"].startswith(
+        "its search search[gate=softmax]@seed0 failed (ValueError: simulated search failure)")
+    assert "error" not in rec["diffora@seed0"] and "error" not in rec["lora-all@seed0"]
+    report = (out / "report.md").read_text()
+    assert "## Failed jobs" in report and "`lora-qv@seed0`: RuntimeError: simulated failure" in report
+    assert "| lora-qv | 0 (1 failed) |" in report
+    assert (out / "searches").is_dir()  # unfinished: kept for the rerun
+    # the rerun retries the failed jobs only
+    monkeypatch.undo()
+    retried: list[str] = []
+    real = runner.Scheduler.execute
+    monkeypatch.setattr(runner.Scheduler, "execute", staticmethod(lambda job: retried.append(job["id"]) or real(job)))
+    again = compare(**small(tiny_bert_dir, data_files, out, methods=methods, seeds=[0]))
+    assert sorted(retried) == ["diffora[gate=softmax]@seed0", "lora-qv@seed0", "search[gate=softmax]@seed0"]
+    assert not [r for r in again["jobs"].values() if "error" in r]
+
+
+# ------------------------------------------------------------------------------------------------ causal LM
+def test_causal_lm_on_a_tiny_llama(tiny_llama_dir, tmp_path):
+    rows = [{"prompt": f"say {w}", "response": f"{w} {w} ok"} for w in ["red", "blue", "green", "gold"] * 8]
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in rows[:24]) + "\n")
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("\n".join(json.dumps(r) for r in rows[24:]) + "\n")
+    methods = ["diffora", "lora-all", "lora-matched", "lora-qv", "adalora", "eva"]
+    out = tmp_path / "cmp"
+    results = compare(task="causal_lm", train_file=str(train), eval_file=str(dev), prompt_column="prompt",
+                      response_column="response", model=str(tiny_llama_dir), max_length=16, batch_size=4,
+                      eval_batch_size=8, epochs=1.0, search_steps=4, gate_warmup_steps=1, eval_points=2,
+                      methods=methods, seeds=[0], workers=0, quiet=True, output_dir=str(out))
+    assert not [r for r in results["jobs"].values() if "error" in r]
+    assert results["data"]["main_metric"] == "perplexity" and results["data"]["candidates"] == 14
+    runs = finetunes(results)
+    for run in runs.values():
+        assert run["final"]["perplexity"] > 1 and "eval_loss" in run["final"]
+    assert runs["lora-qv@seed0"]["kept_modules"] == 4  # q_proj and v_proj of 2 layers
+    d, m = runs["diffora@seed0"], runs["lora-matched@seed0"]
+    assert abs(m["lora_params"] - d["lora_params"]) <= 0.05 * d["lora_params"]
+    report = (out / "report.md").read_text()
+    assert "lower perplexity is better" in report and "| **perplexity** | eval_loss |" in report
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("methods, message", [
+    (["diffora", "lora-al"], "unknown method 'lora-al' in --methods; choose from diffora, lora-all"),
+    (["diffora[keep_ratio=0.25,foo=1]"], "method 'diffora[keep_ratio=0.25,foo=1]': unknown option 'foo' for diffora; "
+                                         "diffora takes rank, alpha"),
+    (["lora-all[keep_ratio=0.5]"], "unknown option 'keep_ratio' for lora-all; lora-all takes rank, alpha, lora_dropout, lr"),
+    (["diffora[keep_ratio=2]"], "method 'diffora[keep_ratio=2]': --keep-ratio must be in (0, 1]"),
+    (["diffora[keep_ratio=abc]"], "keep_ratio must be a number, got 'abc'"),
+    (["diffora[keep_ratio]"], "'keep_ratio' is not key=value"),
+    (["eva[eva_rho=0.5]"], "eva_rho must be >= 1"),
+    (["diffora", "diffora"], "--methods lists 'diffora' twice"),
+])
+def test_bad_methods_are_one_line_errors_before_anything_runs(methods, message, tiny_bert_dir, data_files, tmp_path,
+                                                              capsys):
+    train, dev = data_files
+    out = tmp_path / "cmp"
+    code = cli.main(["compare", "--task", "classification", "--train-file", str(train), "--eval-file", str(dev),
+                     "--model", str(tiny_bert_dir), "--output-dir", str(out), "--methods", *methods])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_other_bad_input_is_refused_in_one_line(tiny_bert_dir, data_files, tmp_path, capsys):
+    train, dev = data_files
+    base = ["compare", "--task", "classification", "--train-file", str(train), "--eval-file", str(dev),
+            "--model", str(tiny_bert_dir), "--output-dir", str(tmp_path / "cmp"), "--workers", "0", "--quiet"]
+    cases = [
+        (["--seeds", "0", "0"], "--seeds lists a seed twice"),
+        (["--tune-lr", "--eval-on-holdout"], "--tune-lr and --eval-on-holdout both score on the held-out rows"),
+        (["--max-length", "500"], "--max-length 500 is more than model"),
+        (["--train-file", str(tmp_path / "missing.csv")], "missing.csv"),
+        (["--selection-score", "ntk"], "diffora compare does not support --selection-score ntk yet"),
+        (["--methods", "adalora", "--max-train-samples", "8", "--epochs", "1"],
+         "AdaLoRA needs at least 3 fine-tuning steps"),
+    ]
+    for extra, message in cases:
+        code = cli.main(base + extra)
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
+    assert not (tmp_path / "cmp").exists()
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "notes.txt").write_text("mine")
+    assert cli.main(base + ["--methods", "lora-all"]) == 2
+    assert "holds no comparison" in capsys.readouterr().err
+
+
+def test_config_file_and_api_take_the_compare_options(tmp_path, data_files, tiny_bert_dir):
+    train, dev = data_files
+    config = tmp_path / "cmp.yaml"
+    config.write_text(f"task: classification\ntrain-file: {train}\neval-file: {dev}\nmodel: {tiny_bert_dir}\n"
+                      "methods: [diffora, 'random[keep_ratio=0.25]']\nseeds: [3, 4]\ntune-lr-factors: [0.5, 2]\n")
+    command, opts, args = cli.parse(["compare", "--config", str(config), "--workers", "0"])
+    settings = CompareOptions(**args.compare_settings)
+    assert command == "compare" and settings.methods == ["diffora", "random[keep_ratio=0.25]"]
+    assert settings.seeds == [3, 4] and settings.tune_lr_factors == [0.5, 2.0] and settings.workers == 0
+    assert opts.output_dir == "runs/compare"
+    config.write_text("methods: [diffora]\nbogus: 1\n")
+    with pytest.raises(ConfigError, match="unknown option 'bogus'; see 'diffora compare --help'"):
+        cli.parse(["compare", "--config", str(config)])
+    with pytest.raises(ConfigError, match=r"compare\(\) got unknown option\(s\) \['bogus'\]"):
+        compare(Options(), bogus=1)
+    with pytest.raises(ConfigError, match="--workers must be"):
+        CompareOptions(workers=-2)
+
+
+# -------------------------------------------------------------------------------- held-out rows, time limit
+def test_learning_rates_are_chosen_on_rows_held_out_from_train(tiny_bert_dir, data_files, tmp_path):
+    out = tmp_path / "tuned"
+    results = compare(**small(tiny_bert_dir, data_files, out, methods=["lora-all", "diffora", "full[lr=1e-4]"],
+                              seeds=[0], tune_lr=True, tune_lr_factors=[1.0, 4.0], holdout_rows=12))
+    choice = results["lr_choice"]
+    assert choice["holdout_rows"] == 12 and set(choice["methods"]) == {"lora-all", "diffora"}  # full keeps its lr
+    tune = {j: r for j, r in results["jobs"].items() if j.startswith("tune:")}
+    assert sorted(tune) == ["tune:diffora@lr=0.0005@seed0", "tune:diffora@lr=0.002@seed0",
+                            "tune:lora-all@lr=0.0005@seed0", "tune:lora-all@lr=0.002@seed0",
+                            "tune:search[default]@seed0"]
+    assert all(r["key"]["split"] == "holdout" for r in tune.values())
+    assert tune["tune:search[default]@seed0"]["weight_split_rows"] + \
+        tune["tune:search[default]@seed0"]["gate_split_rows"] == 48 - 12  # trained without the held-out rows
+    for m in ("lora-all", "diffora"):
+        assert results["jobs"][f"{m}@seed0"]["lr"] == choice["methods"][m]["chosen"]
+        assert results["jobs"][f"{m}@seed0"]["key"]["split"] == "main"
+    assert results["jobs"]["full[lr=1e-4]@seed0"]["lr"] == 1e-4
+    assert "## Learning rates chosen on held-out training rows" in (out / "report.md").read_text()
+
+    held = compare(**small(tiny_bert_dir, data_files, tmp_path / "held", methods=["lora-all"], seeds=[0],
+                           eval_on_holdout=True, holdout_rows=12))
+    assert held["data"]["eval_rows"] == 12 and held["data"]["train_rows"] == 36
+    assert held["data"]["eval_set"] == "held-out split of train"
+
+
+def test_max_minutes_leaves_the_rest_for_a_rerun(tiny_bert_dir, data_files, tmp_path):
+    out = tmp_path / "cmp"
+    results = compare(**small(tiny_bert_dir, data_files, out, methods=["lora-all", "random"], seeds=[0],
+                              max_minutes=1e-9))
+    assert sorted(results["skipped"]) == ["lora-all@seed0", "random@seed0"] and not finetunes(results)
+    assert "## Not run" in (out / "report.md").read_text()
+    again = compare(**small(tiny_bert_dir, data_files, out, methods=["lora-all", "random"], seeds=[0]))
+    assert again["skipped"] == [] and len(finetunes(again)) == 2
+
+
+def test_worker_processes_give_the_in_process_results(tiny_bert_dir, data_files, tmp_path):
+    methods = ["diffora", "lora-all"]
+    here = compare(**small(tiny_bert_dir, data_files, tmp_path / "here", methods=methods, seeds=[0]))
+    pool = compare(**small(tiny_bert_dir, data_files, tmp_path / "pool", methods=methods, seeds=[0]) | {"workers": 2})
+    assert pool["machine"]["workers"] == 2
+    for jid, run in finetunes(here).items():
+        other = pool["jobs"][jid]
+        assert other["pid"] != run["pid"]
+        assert (other["final"], other["curve"], other["loss_last"]) == (run["final"], run["curve"], run["loss_last"])
+
+
+def test_gradient_accumulation_and_bf16_autocast_reach_every_method(tiny_bert_dir, data_files, tmp_path):
+    results = compare(**small(tiny_bert_dir, data_files, tmp_path / "cmp", methods=["diffora", "lora-all"], seeds=[0],
+                              gradient_accumulation_steps=2, mixed_precision="bf16"))
+    assert not [r for r in results["jobs"].values() if "error" in r]
+    assert results["data"]["finetune_steps"] == 3  # 6 batches, 2 per optimiser step
+    for run in finetunes(results).values():
+        assert run["steps"] == 3 and run["curve"][-1]["step"] == 3
+    assert results["jobs"]["search[default]@seed0"]["steps"] == 4
