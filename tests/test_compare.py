@@ -250,7 +250,7 @@ def test_other_bad_input_is_refused_in_one_line(tiny_bert_dir, data_files, tmp_p
         (["--tune-lr", "--eval-on-holdout"], "--tune-lr and --eval-on-holdout both score on the held-out rows"),
         (["--max-length", "500"], "--max-length 500 is more than model"),
         (["--train-file", str(tmp_path / "missing.csv")], "missing.csv"),
-        (["--selection-score", "ntk"], "diffora compare does not support --selection-score ntk yet"),
+        (["--methods", "diffora[selection_score=best]"], "selection_score"),
         (["--methods", "adalora", "--max-train-samples", "8", "--epochs", "1"],
          "AdaLoRA needs at least 3 fine-tuning steps"),
     ]
@@ -339,3 +339,17 @@ def test_gradient_accumulation_and_bf16_autocast_reach_every_method(tiny_bert_di
     for run in finetunes(results).values():
         assert run["steps"] == 3 and run["curve"][-1]["step"] == 3
     assert results["jobs"]["search[default]@seed0"]["steps"] == 4
+
+
+def test_ntk_selection_and_budget_concentration_as_variants(tiny_bert_dir, data_files, tmp_path):
+    methods = ["diffora", "diffora[selection_score=ntk]", "diffora[rank_allocation=uniform]", "lora-all"]
+    results = compare(**small(tiny_bert_dir, data_files, tmp_path / "cmp", methods=methods, seeds=[0],
+                              ntk_examples=8))
+    jobs = {j["method"]: j for j in finetunes(results).values()}
+    assert all(j.get("error") is None for j in jobs.values()), jobs
+    lora_all = jobs["lora-all"]["lora_params"]
+    concentrated = jobs["diffora[rank_allocation=uniform]"]
+    assert 0.95 * lora_all <= concentrated["lora_params"] <= lora_all  # the dropped modules' rank went to the kept
+    assert jobs["diffora"]["lora_params"] < 0.95 * lora_all
+    # one shared search: the two selections differ only in how modules are ranked
+    assert jobs["diffora[selection_score=ntk]"]["kept_modules"] == jobs["diffora"]["kept_modules"]

@@ -22,13 +22,12 @@ from .export import count_trainable, infer_task_type, lora_config_for
 from .io import atomic_write_json
 from .loading import TaskData, encode, load_model, load_task_data, make_loader
 from .models import check_4bit_support
-from .ntk import greedy_ntk_selection, module_kernels, ntk_diagnostic
-from .ranks import concentrate_ranks
 from .options import Options
 from .outputs import RESUME_VOLATILE, check_output_dir, check_output_file, json_safe, output_lock, write_outputs
 from .record import load_record
 from .runtime import peak_gpu_mib, peak_rss_mib, seed_everything
 from .search import prepare_search
+from .selection import allocate_ranks, choose_modules, diagnostic, search_kernels
 from .splits import split_for_search
 from .train import finetune
 
@@ -208,15 +207,11 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
         raise TrainingError(f"{exc} (search options: --search-lr, --gate-lr){kept}") from None
     agree = _ranks_agree(search.gates.beta.detach())
     kernels = _module_kernels(prep, opts, search, gate_idx) if opts.ntk_examples else None
-    if config.selection_score == "ntk":
-        selection = greedy_ntk_selection(kernels, search.grid, config.keep_ratio, config.granularity, config.rank)
-    else:
-        selection = search.discretize()
-    ranks = _allocate_ranks(search, selection, kernels)
+    selection = choose_modules(search, kernels)
+    ranks = allocate_ranks(search, selection, kernels)
     extra = {}
     if kernels is not None:
-        extra["ntk"] = ntk_diagnostic(kernels, search.grid, selection, config.keep_ratio, config.granularity,
-                                      config.rank, seed=opts.seed)
+        extra["ntk"] = diagnostic(search, kernels, selection, seed=opts.seed)
     if ranks is not None:
         extra["ranks"] = ranks
     seconds = previous_seconds + time.perf_counter() - start
@@ -239,28 +234,12 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
 
 
 def _module_kernels(prep: _Prepared, opts: Options, search: Any, gate_idx: list[int]) -> Any:
-    """The per-module LoRA kernels of the searched model on the first ``--ntk-examples`` gate-split rows (the
-    same rows on every rank, so data-parallel runs agree on an ntk selection without a collective)."""
+    """The LoRA kernels on the first ``--ntk-examples`` gate-split rows (the same rows on every rank, so
+    data-parallel runs agree on an ntk selection without a collective)."""
     rows = [prep.train_items[i] for i in gate_idx[: opts.ntk_examples]]
     batches = make_loader(rows, prep.tokenizer, prep.data.kind, min(8, opts.batch_size), shuffle=False, seed=0)
     with prep.accelerator.autocast():
-        return module_kernels(search.model, search.grid.module_names(), batches, loss_fn=search.loss_fn,
-                              adapter_name=search.adapter_name, max_examples=opts.ntk_examples)
-
-
-def _allocate_ranks(search: Any, selection: Any, kernels: Any) -> Optional[dict[str, int]]:
-    """Budget concentration: the kept modules share all candidates' LoRA parameters (``rank_allocation``)."""
-    mode = search.config.rank_allocation
-    if mode == "none":
-        return None
-    if search.config.selection_score == "ntk":  # score a kept module by its kernel's trace: its share of H(S)
-        traces = {name: float(k.trace()) for name, k in zip(kernels.names, kernels.kernels)}
-        scores = [[traces.get(name, 0.0) if name else 0.0 for name in row] for row in search.grid.names]
-    else:
-        scores = search.selection_scores()
-    if mode == "proportional":
-        scores = [[max(0.0, v) for v in row] for row in scores]
-    return concentrate_ranks(search.grid, selection, search.config.rank, scores=scores, mode=mode)
+        return search_kernels(search, batches, opts.ntk_examples)
 
 
 def _model_from_record(prep: _Prepared, opts: Options, modules: list[str], heads: Optional[list[str]] = None,

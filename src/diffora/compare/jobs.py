@@ -33,6 +33,7 @@ from ..loading import load_model
 from ..options import Options
 from ..runtime import seed_everything
 from ..search import prepare_search
+from ..selection import allocate_ranks, choose_modules, search_kernels
 from ..splits import split_for_search
 from ..train import finetune
 from .data import OnDevice, Prepared, device, eval_loader, loader, prepared
@@ -245,11 +246,21 @@ def build_model(job: dict, opts: Options, prep: Prepared, model, train_loader) -
         t0 = time.perf_counter()
         search = new_search(model, opts)
         search.load_state_dict(torch_load_safe(job["search"]["state_path"]))
+        ranks = None
         if family == "diffora":
-            selection = search.discretize(opts.keep_ratio, opts.granularity, score=opts.selection_score)
+            kernels = None
+            if opts.selection_score == "ntk":  # the same gate-split rows diffora run uses
+                _, g_idx = split_for_search(len(prep.train_items), search.config.gate_fraction, seed)
+                rows = [prep.train_items[i] for i in g_idx[: opts.ntk_examples]]
+                kernels = search_kernels(search, loader(prep, rows, min(8, opts.batch_size), shuffle=False, seed=0),
+                                         opts.ntk_examples)
+            selection = choose_modules(search, kernels, keep_ratio=opts.keep_ratio, granularity=opts.granularity)
+            ranks = allocate_ranks(search, selection, kernels)
+            if ranks is not None:
+                info["ranks"] = ranks
         else:
             selection = random_selection(search.grid, opts.keep_ratio, seed, opts.rank, opts.granularity)
-        peft_model = search.export(selection, weight_sharing=opts.weight_sharing)
+        peft_model = search.export(selection, weight_sharing=opts.weight_sharing, ranks=ranks)
         info["export_seconds"] = time.perf_counter() - t0
         info["search_seconds"] = job["search"]["seconds"]
         return peft_model, selection.modules, info

@@ -23,7 +23,7 @@ from ..options import Options, option_kinds
 SEARCH_KEYS = ("rank", "alpha", "lora_dropout", "gate", "order", "gate_fraction", "search_epochs", "search_steps",
                "search_lr", "gate_lr", "gate_warmup_steps", "zero_one_weight")
 #: options that change only what is kept from a search
-SELECT_KEYS = ("keep_ratio", "granularity", "selection_score")
+SELECT_KEYS = ("keep_ratio", "granularity", "selection_score", "rank_allocation", "ntk_examples")
 LORA_KEYS = ("rank", "alpha", "lora_dropout")
 #: variant keys that are not fields of Options: name -> (type, check, message)
 EXTRA_KEYS: dict[str, tuple[type, Any, str]] = {

@@ -39,10 +39,6 @@ VOLATILE = ("output_dir", "overwrite", "quiet", "threads", "resume", "checkpoint
 #: options of ``diffora run`` that compare cannot honour yet (the search API it builds on has no hook for them):
 #: option -> (the value compare supports, why). Lifting one needs the search job (jobs.run_search / build_model) to
 #: do what pipeline's search does for it.
-UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "selection_score": ("not ntk", "the ntk selection is computed by the pipeline's search, which compare does not call"),
-    "rank_allocation": ("none", "budget concentration is applied by the pipeline's export"),
-}
 #: what a compare output folder holds (--overwrite removes only these)
 OUTPUT_NAMES = ("results.json", "report.md", "curves.png", "score_vs_params.png", "searches")
 
@@ -140,13 +136,6 @@ class Comparison:
         for method in self.methods:
             mopts = method.options(opts)
             where = f"method '{method.label}'"
-            for name, (supported, why) in UNSUPPORTED.items():
-                value = getattr(mopts, name, None)
-                if value is None or (value != "ntk" if supported == "not ntk" else value == supported):
-                    continue
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"diffora compare does not support {flag} {value} yet ({why}); drop it, or use "
-                                  "'diffora run' for that configuration")
             if method.family == "lora-qv" and not qv_modules(self.grid):
                 raise ConfigError(f"{where}: model '{opts.model}' has no query/value projections among its candidate "
                                   f"types ({', '.join(self.grid.labels)}); drop lora-qv")
