@@ -30,6 +30,9 @@ ABLATION_METHODS="diffora[$R] diffora[$R,granularity=global] diffora[$R,granular
   diffora[$R,gate_fraction=0.5] diffora[$R,search_steps=12,gate_warmup_steps=4]
   diffora[$R,search_steps=50,gate_warmup_steps=15] diffora[$R,zero_one_weight=1.0] diffora[$R,gate_lr=0.2]
   random[$R] random-ws[$R] lora-all"
+SELECTION_METHODS="diffora diffora[selection_score=ntk] diffora[selection_score=signed]
+  diffora[rank_allocation=uniform] diffora[selection_score=ntk,rank_allocation=uniform] random-ws lora-all
+  lora-matched"
 HOLDOUT="--task sst2 --data-dir $GLUE/SST-2 --max-train-samples 2000 --holdout-rows 872 --eval-on-holdout
   --search-steps 25 --gate-warmup-steps 8"
 
@@ -44,6 +47,9 @@ suite() {
     # 2,000 random SST-2 training sentences (125 steps), the full dev set (872)
     sst2) echo "$DIFFORA compare --task sst2 --data-dir $GLUE/SST-2 --max-train-samples 2000 $COMMON
             --search-steps 25 --gate-warmup-steps 8 --timing --methods $MAIN_METHODS --output-dir $OUT/sst2" ;;
+    # issue 14's stronger signals at rho 0.5, held-out protocol: NTK selection, signed ranking, budget concentration
+    sst2_selection) echo "$DIFFORA compare $HOLDOUT $COMMON --eval-points 1 --methods $SELECTION_METHODS
+            --output-dir $OUT/sst2_selection" ;;
     sst2_ablations) echo "$DIFFORA compare $HOLDOUT $COMMON --eval-points 1 --methods $ABLATION_METHODS
             --output-dir $OUT/sst2_ablations" ;;
     # the LR of AdaLoRA (chose --adalora-lr 1e-2) and a check of the shared LoRA LR, on the held-out rows, one seed;
@@ -52,12 +58,12 @@ suite() {
             adalora[lr=5e-3] adalora[lr=1e-2] --output-dir $OUT/sst2_adalora_lr" ;;
     sst2_lora_lr) echo "$DIFFORA compare $HOLDOUT $COMMON --seeds 0 --eval-points 1 --methods lora-all[lr=2e-3]
             lora-all[lr=5e-3] lora-all[lr=1e-2] --output-dir $OUT/sst2_lora_lr" ;;
-    *) echo "unknown suite '$1'; choose mrpc, tweets, sst2, sst2_ablations, sst2_adalora_lr, sst2_lora_lr or all" >&2
+    *) echo "unknown suite '$1'; choose mrpc, tweets, sst2, sst2_selection, sst2_ablations, sst2_adalora_lr, sst2_lora_lr or all" >&2
        return 2 ;;
   esac
 }
 
-SUITES=(mrpc tweets sst2 sst2_ablations sst2_adalora_lr sst2_lora_lr)
+SUITES=(mrpc tweets sst2 sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr)
 print=0
 if [[ "${1:-}" == "--print" ]]; then print=1; shift; fi
 names=("$@")

@@ -121,3 +121,19 @@ def test_concentrated_export_computes_what_the_plain_export_computes():
         torch.testing.assert_close(wide(**batch).logits, plain(**batch).logits, rtol=1e-5, atol=1e-6)
     lora_a = {n: p.shape[0] for n, p in wide.named_parameters() if "lora_A" in n}
     assert max(lora_a.values()) == max(ranks.values())
+
+
+def test_diffora_ntk_command_selects_without_a_search_and_train_uses_it(data, tiny_bert_dir, tmp_path):
+    out = tmp_path / "ntk"
+    result = subprocess.run([sys.executable, "-m", "diffora.cli", "ntk", *data, "--model", str(tiny_bert_dir),
+                             "--output-dir", str(out), "--max-length", "32", "--ntk-examples", "12"],
+                            capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "lambda_min of the LoRA kernel" in result.stdout and "random sets" in result.stdout
+    record = json.loads((out / "dam.json").read_text())
+    assert record["config"]["selection_score"] == "ntk" and record["weight_steps"] == 0
+    assert record["ntk"]["selected_rank_among_random"] >= 0.5
+    diffora("train", *data, "--model", str(tiny_bert_dir), "--dam", str(out / "dam.json"), "--output-dir",
+            str(tmp_path / "trained"), *FAST)
+    metrics = json.loads((tmp_path / "trained" / "metrics.json").read_text())
+    assert metrics["kept_module_names"] == record["selection"]["modules"]

@@ -32,6 +32,7 @@ COMMAND_GROUPS = {
     "train": ("data", "model", "search", "train", "run"),
     "eval": ("data", "model", "run"),
     "compare": ("data", "model", "search", "train", "run"),
+    "ntk": ("data", "model", "search", "train", "run"),
 }
 COMMAND_HELP = {
     "run": "the whole pipeline: DAM search -> discretise -> export -> fine-tune -> evaluate -> save",
@@ -40,6 +41,8 @@ COMMAND_HELP = {
     "eval": "score a saved adapter on the evaluation data",
     "compare": "DiffoRA against LoRA, AdaLoRA, EVA and random module selection on your data: every method, every "
                "seed, one report (OUT/report.md, results.json, plots); rerun the same command to resume",
+    "ntk": "NTK module selection without a search: the modules that maximise lambda_min of the LoRA kernel, and "
+           "lambda_min against random sets (= diffora search --selection-score ntk --search-epochs 0 --search-steps 0)",
 }
 EVAL_ONLY_SKIP = {"overwrite", "output_dir", "train_file", "max_train_samples"}
 #: run options that compare replaces: --seeds instead of --seed; it resumes by itself (rerun the same command)
@@ -302,6 +305,10 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[str, Any, argparse.Name
         raise ConfigError("diffora eval needs --adapter DIR, the adapter folder a run wrote (OUT/adapter)")
     if args.command == "eval":
         values.setdefault("output_dir", ".")
+    if args.command == "ntk":  # the kernel of fresh LoRA on every candidate, unless a search length is given
+        values.setdefault("selection_score", "ntk")
+        if "search_epochs" not in values and "search_steps" not in values:
+            values.update(search_epochs=0.0, search_steps=0)
     try:
         opts = Options(**values)
     except TypeError as exc:  # a config value of the wrong type
@@ -319,7 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         if command == "run":
             pipeline.run_job(opts)
-        elif command == "search":
+        elif command in ("search", "ntk"):
             pipeline.search_job(opts)
         elif command == "train":
             pipeline.train_job(opts, dam=getattr(args, "dam", None), modules=getattr(args, "modules", None))

@@ -373,6 +373,12 @@ def search_job(opts: Options) -> dict:
             write_outputs(out, record=record, metrics=metrics, extra_adapters={"search_adapter": peft_model},
                           title=f"{prep.data.name} / {Path(opts.model).name}")
         accelerator.wait_for_everyone()
+        ntk = record.get("ntk")
+        if ntk:
+            _say(opts, accelerator, f"lambda_min of the LoRA kernel ({ntk['n_examples']} examples): kept set "
+                                    f"{ntk['lambda_min_selected']:.3e}, above {ntk['selected_rank_among_random']:.0%} "
+                                    f"of {len(ntk['lambda_min_random'])} random sets (mean {ntk['random_mean']:.3e}); "
+                                    f"all candidates {ntk['lambda_min_all']:.3e}")
         _say(opts, accelerator, f"kept {selection.num_kept} modules; search record in {out / 'dam.json'}, "
                                 f"heatmap {out / 'dam.png'}; fine-tune with: diffora train --dam {out / 'dam.json'} ...")
         return metrics
