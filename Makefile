@@ -26,5 +26,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/diffora run --config examples/demo.yaml --output-dir $(DEMO_OUT) --overwrite
 
+# The benchmark suites (hours on a 2-core CPU; not part of the tests), then BENCHMARKS.md from their results.
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 DIFFORA=$(VENV)/bin/diffora bash benchmarks/suites.sh all
+	$(PY) benchmarks/render.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

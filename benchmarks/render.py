@@ -595,6 +595,38 @@ def gate_diagnostics(report: dict) -> list[str]:
     return lines
 
 
+def premise_section(results: Path, out: Path) -> list[str]:
+    """The NTK premise test (``scripts/ntk_premise.py``): does lambda_min(H(S)) predict the fine-tuned score?"""
+    runs = [json.loads(p.read_text()) for p in sorted(results.glob("premise_*/premise.json"))]
+    runs = [r for r in runs if r.get("summary", {}).get("random_sets", 0) >= 3]
+    if not runs:
+        return []
+    L = ["## Does the NTK premise hold? λ_min(H(S)) against the fine-tuned score", "",
+         "`scripts/ntk_premise.py`: random module sets at one budget (ρ per layer), each a fresh PEFT LoRA (seeded); "
+         "λ_min of its LoRA kernel on 32 training rows at initialisation, then one fine-tune, scored on rows held out "
+         "from *train*. One training seed per set; the NTK-greedy set (`--selection-score ntk` without a search) is "
+         "one extra point.", "",
+         "| task | sets | train / held-out rows | Spearman λ_min vs score (p) | Kendall τ (p) | Spearman trace vs score (p) "
+         "| random sets' score | NTK-greedy score | NTK-greedy λ_min above |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        s, u = r["summary"], r["setup"]
+        greedy = s.get("ntk_greedy_score")
+        above = "—" if greedy is None else f"{s['ntk_greedy_lambda_min_rank']:.0%} of the random sets"
+        task = u["task"] + (f" ({s['note']})" if s.get("note") else "")
+        L.append(f"| {task} | {s['random_sets']} | {u['train']} / {u['holdout']} | "
+                 f"{s['spearman_lambda_min_vs_score']:+.2f} ({s['spearman_p']:.3f}) | {s['kendall_tau']:+.2f} "
+                 f"({s['kendall_p']:.3f}) | {s['spearman_trace_vs_score']:+.2f} ({s['spearman_trace_p']:.3f}) | "
+                 f"{s['random_score_mean']:.4f} ± {s['random_score_std']:.4f} | "
+                 f"{'—' if greedy is None else f'{greedy:.4f}'} | "
+                 f"{above} |")
+    L.append("")
+    for r in runs:
+        png = results / f"premise_{r['setup']['task']}" / "premise.png"
+        if png.exists():
+            L += [f"![premise {r['setup']['task']}]({rel(png, out)})", ""]
+    return L
+
+
 def render(results: Path, out: Path, img: Path, include_quick: bool = False, plots: bool = True) -> str:
     """Write ``out`` and the PNGs under ``img``; returns the markdown. ``plots=False`` writes the same markdown
     (image links included) without drawing the images (fast, for tests)."""
@@ -679,6 +711,7 @@ def render(results: Path, out: Path, img: Path, include_quick: bool = False, plo
         if diag:
             L += ["What the gates of each search variant did (one search per seed; same searches as above). Softmax "
                   "gates average 1 per row by construction, so their mean shift is 0:", "", *diag, ""]
+    L += premise_section(results, out)
     notes = results / "discussion.md"
     if notes.exists():
         L += [notes.read_text().strip(), ""]

@@ -97,22 +97,7 @@ def output_lock(out: Path, accelerator: Any = None) -> Iterator[None]:
     main = accelerator is None or accelerator.is_main_process
     handle, error = None, ""
     if main and fcntl is not None:
-        path = lock_path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            handle.close()
-            handle = None
-            error = (f"output directory '{out}' is in use by another diffora run (pid {holder}); wait for it to "
-                     "finish or choose another --output-dir")
+        handle, error = _acquire(lock_path(out), out)
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -123,8 +108,39 @@ def output_lock(out: Path, accelerator: Any = None) -> Iterator[None]:
         yield
     finally:
         if handle is not None:
+            # delete while still holding it, so nothing is left beside OUT; _acquire re-checks the inode, so a
+            # run that opened the old file just before cannot hold a lock on a deleted name
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path(out))
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
             handle.close()
+
+
+def _acquire(path: Path, out: Path) -> tuple[Any, str]:
+    """Lock ``path`` (created if missing): ``(open file, "")``, or ``(None, message)`` if another run holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(5):
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            return None, (f"output directory '{out}' is in use by another diffora run (pid {holder}); wait for it "
+                          "to finish or choose another --output-dir")
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            return handle, ""
+        handle.close()  # the previous holder deleted this name after we opened it: try the new file
+    return None, f"could not lock output directory '{out}'; retry, or choose another --output-dir"
 
 
 def check_output_file(path: str) -> Path:
