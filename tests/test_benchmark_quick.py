@@ -15,7 +15,7 @@ from conftest import REPO, load_benchmark, synthetic_sentiment
 from diffora import cli
 from diffora.compare import CompareOptions, compare, parse_methods
 
-SUITES = ["mrpc", "tweets", "sst2", "sst2_ablations", "sst2_adalora_lr", "sst2_lora_lr"]
+SUITES = ["mrpc", "tweets", "sst2", "sst2_selection", "sst2_ablations", "sst2_adalora_lr", "sst2_lora_lr"]
 
 
 def suite_commands() -> list[str]:
