@@ -35,7 +35,7 @@ itself). Reentrant checkpointing (``use_reentrant=True``) is not supported: it r
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -151,13 +151,6 @@ class DAMGates(nn.Module):
         state["_cache"], state["_depth"] = None, 0
         return state
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> "DAMGates":
-        # .to()/.cuda()/.double() also move a forced() value and drop the cache, which points at the old storage
-        super()._apply(fn, *args, **kwargs)
-        if self._forced is not None:
-            self._forced = fn(self._forced)
-        self._cache = None
-        return self
 
 
 class GateHooks:

@@ -153,17 +153,15 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def accelerator_for(dev: torch.device, mixed_precision: str):
-    """An ``Accelerator`` for one fine-tune. accelerate keeps one state per process: when an earlier comparison in
-    this process set another precision, that state is reset first (a comparison uses one precision throughout)."""
+    """An ``Accelerator`` for one fine-tune. accelerate keeps one state per process, so a process serves one
+    precision: comparisons with another ``--mixed-precision`` run in worker processes (``--workers`` >= 1)."""
     from accelerate import Accelerator
 
     try:
         return Accelerator(cpu=dev.type == "cpu", mixed_precision=mixed_precision)
-    except ValueError:
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(cpu=dev.type == "cpu", mixed_precision=mixed_precision)
+    except ValueError as exc:
+        raise ConfigError(f"this process already runs accelerate with another mixed precision ({exc}); run the "
+                          "comparison with --workers 1 or more, or in a new process") from None
 
 
 def job_options(job: dict) -> Options:
