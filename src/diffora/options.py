@@ -146,13 +146,18 @@ class Options:
         )
 
 
-@functools.lru_cache(maxsize=None)
 def option_kinds() -> dict[str, tuple[type, bool, bool]]:
     """name -> (element type, is_list, optional) of every :class:`Options` field."""
+    return field_kinds(Options)
+
+
+@functools.lru_cache(maxsize=None)
+def field_kinds(cls: type) -> dict[str, tuple[type, bool, bool]]:
+    """name -> (element type, is_list, optional) of every field of the dataclass ``cls``."""
     import typing
 
     kinds = {}
-    for name, hint in typing.get_type_hints(Options).items():
+    for name, hint in typing.get_type_hints(cls).items():
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         optional = typing.get_origin(hint) is Union and len(args) == 1
         if optional:

@@ -5,12 +5,11 @@ training data, and the timing block. Field metadata is the ``--help`` text and t
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
-from typing import Union
 
 from ..errors import ConfigError
+from ..options import field_kinds
 
 #: what ``diffora compare`` runs when ``--methods`` is not given: DiffoRA with the library defaults, LoRA on every
 #: candidate, the same at DiffoRA's parameter count, the two random-selection controls and the two adaptive-rank
@@ -73,20 +72,9 @@ class CompareOptions:
             raise ConfigError("--tune-lr and --eval-on-holdout both score on the held-out rows; use one of them")
 
 
-@functools.lru_cache(maxsize=None)
 def compare_option_kinds() -> dict[str, tuple[type, bool, bool]]:
     """name -> (element type, is_list, optional) of every :class:`CompareOptions` field."""
-    import typing
-
-    kinds = {}
-    for name, hint in typing.get_type_hints(CompareOptions).items():
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional = typing.get_origin(hint) is Union and len(args) == 1
-        if optional:
-            hint = args[0]
-        is_list = typing.get_origin(hint) is list
-        kinds[name] = (typing.get_args(hint)[0] if is_list else hint, is_list, optional)
-    return kinds
+    return field_kinds(CompareOptions)
 
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
