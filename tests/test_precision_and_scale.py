@@ -51,6 +51,18 @@ def sentiment(tmp_path_factory) -> tuple[Path, Path]:
     return folder / "train.csv", folder / "dev.csv"
 
 
+def run_tiny_llama(model_dir: Path, folder: Path, *flags: str) -> Path:
+    """``diffora run`` on a small prompt/response set with a tiny LLaMA and ``flags``; returns the output folder."""
+    rows = [{"prompt": f"Question {i}: say yes.", "response": "yes yes yes"} for i in range(40)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:32]) + "\n")
+    (folder / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in rows[32:]) + "\n")
+    out = folder / "out"
+    diffora("run", "--task", "causal_lm", "--train-file", str(folder / "train.jsonl"), "--eval-file",
+            str(folder / "dev.jsonl"), "--prompt-column", "prompt", "--response-column", "response",
+            "--model", str(model_dir), "--output-dir", str(out), *FAST, *flags)
+    return out
+
+
 def reload_in_stock_peft(model_dir: str, adapter: Path, kind: str) -> None:
     """The adapter loads with plain transformers + PEFT in a process that never imports diffora."""
     cls = "AutoModelForCausalLM" if kind == "causal_lm" else "AutoModelForSequenceClassification"
@@ -83,13 +95,7 @@ def test_bf16_accumulation_checkpointing_run_on_tiny_bert(tiny_bert_dir, sentime
 
 
 def test_bf16_accumulation_checkpointing_run_on_tiny_llama(tiny_llama_dir, tmp_path):
-    rows = [{"prompt": f"Question {i}: say yes.", "response": "yes yes yes"} for i in range(40)]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:32]) + "\n")
-    (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in rows[32:]) + "\n")
-    out = tmp_path / "out"
-    diffora("run", "--task", "causal_lm", "--train-file", str(tmp_path / "train.jsonl"), "--eval-file",
-            str(tmp_path / "dev.jsonl"), "--prompt-column", "prompt", "--response-column", "response",
-            "--model", str(tiny_llama_dir), "--output-dir", str(out), *FAST, *SCALE, "--dtype", "bfloat16")
+    out = run_tiny_llama(tiny_llama_dir, tmp_path, *SCALE, "--dtype", "bfloat16")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["main_metric"] == "perplexity" and torch.isfinite(torch.tensor(metrics["eval"]["eval_loss"]))
     reload_in_stock_peft(str(tiny_llama_dir), out / "adapter", "causal_lm")
@@ -231,13 +237,7 @@ def test_4bit_without_bitsandbytes_is_a_one_line_error(monkeypatch):
 def test_4bit_search_and_finetune_end_to_end_on_the_cpu(tiny_llama_dir, tmp_path):
     """bitsandbytes' CPU backend: an NF4 base, the search on it, the export and the fine-tune; a stock adapter."""
     pytest.importorskip("bitsandbytes")
-    rows = [{"prompt": f"Question {i}: say yes.", "response": "yes yes yes"} for i in range(40)]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:32]) + "\n")
-    (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in rows[32:]) + "\n")
-    out = tmp_path / "out"
-    diffora("run", "--task", "causal_lm", "--train-file", str(tmp_path / "train.jsonl"), "--eval-file",
-            str(tmp_path / "dev.jsonl"), "--prompt-column", "prompt", "--response-column", "response",
-            "--model", str(tiny_llama_dir), "--output-dir", str(out), *FAST, "--load-in-4bit")
+    out = run_tiny_llama(tiny_llama_dir, tmp_path, "--load-in-4bit")
     record = json.loads((out / "dam.json").read_text())
     assert record["gate_steps"] > 0 and record["selection"]["modules"]
     metrics = json.loads((out / "metrics.json").read_text())

@@ -91,16 +91,22 @@ def _add_options(parser: argparse.ArgumentParser, groups: Sequence[str], command
         if command == "compare":
             default = COMPARE_DEFAULTS.get(f.name, default)
             text = COMPARE_HELP.get(f.name, text)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = kind
-            if is_list:
-                kwargs["nargs"] = "+"
-            kwargs["metavar"] = f.name.upper() if not is_list else "NAME"
+        kwargs = _flag_kwargs(f.name, kind, is_list, f.name.upper() if not is_list else "NAME")
         kwargs["help"] = f"{text} (default: {default})"
         sections[group].add_argument(_flag(f.name), **kwargs)
+
+
+def _flag_kwargs(name: str, kind: Any, is_list: bool, metavar: str) -> dict[str, Any]:
+    """argparse keywords of a dataclass field's flag: ``--x/--no-x`` for a bool, typed (``nargs='+'`` for a list)
+    otherwise; unset flags stay out of the namespace, so config-file values are not overridden by defaults."""
+    kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs.update(type=kind, metavar=metavar)
+        if is_list:
+            kwargs["nargs"] = "+"
+    return kwargs
 
 
 def _add_compare_options(parser: argparse.ArgumentParser) -> None:
@@ -111,14 +117,8 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
     for f in fields(CompareOptions):
         kind, is_list = _base_type(f.type)
         default = f.default_factory() if f.default_factory is not MISSING else f.default
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = kind
-            if is_list:
-                kwargs["nargs"] = "+"
-            kwargs["metavar"] = {"methods": "METHOD", "seeds": "SEED", "tune_lr_factors": "FACTOR"}.get(f.name, f.name.upper())
+        metavar = {"methods": "METHOD", "seeds": "SEED", "tune_lr_factors": "FACTOR"}.get(f.name, f.name.upper())
+        kwargs = _flag_kwargs(f.name, kind, is_list, metavar)
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
         kwargs["help"] = f.metadata.get("help", "") + ("" if f.name == "methods" else f" (default: {shown})")
         section.add_argument(_flag(f.name), **kwargs)
