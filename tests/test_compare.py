@@ -355,3 +355,31 @@ def test_ntk_selection_and_budget_concentration_as_variants(tiny_bert_dir, data_
     assert jobs["diffora"]["lora_params"] < 0.95 * lora_all
     # one shared search: the two selections differ only in how modules are ranked
     assert jobs["diffora[selection_score=ntk]"]["kept_modules"] == jobs["diffora"]["kept_modules"]
+
+
+def test_compute_matched_lora_all_trains_one_step_per_search_pass(tiny_bert_dir, data_files, tmp_path):
+    """lora-all-cm: DiffoRA's fine-tuning steps + one per forward/backward pass of the same search (first order: a
+    weight step per iteration, a gate step after the warm-up; second order: four passes per gate step)."""
+    methods = ["lora-all", "lora-all-cm", "lora-all-cm[order=second]"]
+    results = compare(**small(tiny_bert_dir, data_files, tmp_path / "cmp", methods=methods, seeds=[0]))
+    assert not [r for r in results["jobs"].values() if "error" in r]
+    runs = finetunes(results)
+    plain, cm, cm2 = (runs[f"{m}@seed0"] for m in methods)
+    search = results["jobs"]["search[default]@seed0"]
+    assert (search["steps"], search["gate_steps"]) == (4, 3)  # 4 iterations, 1 of them weight-only warm-up
+    assert plain["steps"] == 6
+    assert cm["steps"] == 6 + 4 + 3 and cm["compute_matched"] == {"finetune_steps": 6, "search_passes": 7}
+    assert cm2["steps"] == 6 + 4 + 4 * 3
+    assert cm["lora_params"] == plain["lora_params"] and cm["kept_modules"] == plain["kept_modules"]
+    assert [p["step"] for p in cm["curve"]] == [7, 13]  # the evaluation points follow the longer schedule
+    assert cm["final"] != plain["final"] or cm["loss_last"] != plain["loss_last"]
+
+
+@pytest.mark.parametrize("n_train,batch,accumulation,steps", [(48, 8, 1, 13), (2000, 16, 1, 163), (100, 16, 3, 5),
+                                                               (1, 4, 1, 1), (3668, 16, 2, 999)])
+def test_epochs_for_steps_gives_exactly_the_asked_steps(n_train, batch, accumulation, steps):
+    opts = Options(task="classification", train_file="x.csv", batch_size=batch,
+                   gradient_accumulation_steps=accumulation)
+    epochs = jobs.epochs_for_steps(opts, n_train, steps)
+    assert jobs.finetune_steps(Options(task="classification", train_file="x.csv", batch_size=batch, epochs=epochs,
+                                       gradient_accumulation_steps=accumulation), n_train) == steps

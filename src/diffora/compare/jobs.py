@@ -101,6 +101,27 @@ def finetune_steps(opts: Options, n_train: int) -> int:
     return max(1, math.ceil(opts.epochs * math.ceil(n_train / opts.batch_size) / accumulation))
 
 
+#: forward/backward passes of one gate step: first order one; second order four (the virtual weight step, the gate
+#: loss at the virtual weights and the two finite-difference passes of the Hessian-vector product)
+GATE_STEP_PASSES = {"first": 1, "second": 4}
+
+
+def search_passes(search: dict, order: str) -> int:
+    """Forward/backward passes of a finished search (its record): one per weight step, GATE_STEP_PASSES per gate
+    step. A compute-matched method gets one optimiser step per pass."""
+    return int(search["steps"]) + GATE_STEP_PASSES[order] * int(search["gate_steps"])
+
+
+def epochs_for_steps(opts: Options, n_train: int, steps: int) -> float:
+    """The (fractional) --epochs for which :func:`finetune_steps` gives exactly ``steps``: the shared loop keeps
+    its schedule shape (warm-up ratio, linear decay) over the longer run."""
+    accumulation = getattr(opts, "gradient_accumulation_steps", 1)
+    batches = math.ceil(n_train / opts.batch_size)
+    epochs = (steps * accumulation - 0.5) / batches  # ceil(epochs * batches / accumulation) == steps
+    assert max(1, math.ceil(epochs * batches / accumulation)) == steps
+    return epochs
+
+
 def eval_every(opts: Options, total: int, eval_points: int) -> int:
     if opts.eval_every > 0:
         return opts.eval_every
@@ -266,7 +287,7 @@ def build_model(job: dict, opts: Options, prep: Prepared, model, train_loader) -
     if family == "random":
         kept = random_selection(grid, opts.keep_ratio, seed, opts.rank, opts.granularity).modules
         return _fresh_lora(model, lora(kept, opts.rank), seed), kept, info
-    if family == "lora-all":
+    if family in ("lora-all", "lora-all-cm"):
         kept = grid.module_names()
         return _fresh_lora(model, lora(kept, opts.rank), seed), kept, info
     if family == "lora-qv":
@@ -336,6 +357,12 @@ def run_finetune(job: dict) -> dict:
     seed, family = opts.seed, job["family"]
     prep = _prepared(job, opts)
     data = prep.data
+    compute: dict[str, int] = {}
+    if family == "lora-all-cm":  # DiffoRA's fine-tune + one step per pass of its search, same schedule shape
+        base = finetune_steps(opts, len(prep.train_items))
+        compute = {"finetune_steps": base, "search_passes": int(job["search_passes"])}
+        opts = dataclasses.replace(opts, epochs=epochs_for_steps(opts, len(prep.train_items),
+                                                                 base + compute["search_passes"]))
     reset_peak_memory()
     seed_everything(seed)
     dev = device()
@@ -389,7 +416,7 @@ def run_finetune(job: dict) -> dict:
         "finetune_seconds": result.seconds - ft_eval, "eval_seconds": ft_eval,
         "search_seconds": info.pop("search_seconds", 0.0), "export_seconds": info.pop("export_seconds", 0.0),
         "loss_first": statistics.mean(result.losses[:10]), "loss_last": statistics.mean(result.losses[-10:]),
-        **info, **peak_memory(),
+        **({"compute_matched": compute} if compute else {}), **info, **peak_memory(),
     }
     if family == "adalora":
         out["adalora_allocate_calls"] = counter["step"]

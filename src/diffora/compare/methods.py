@@ -46,6 +46,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("diffora", SEARCH_KEYS + SELECT_KEYS + ("weight_sharing", "lr"), True, "lr",
            "DiffoRA: DAM search, keep the top rho, export with the search's weights (weight sharing), fine-tune"),
     Family("lora-all", LORA_KEYS + ("lr",), False, "lr", "PEFT LoRA on every candidate module at rank r"),
+    Family("lora-all-cm", SEARCH_KEYS + ("lr",), True, "lr",
+           "compute-matched LoRA-all: every candidate at rank r, trained for DiffoRA's fine-tuning steps plus one "
+           "step per forward/backward pass of its search (same seed, same search options), so the search's warm "
+           "start is not free compute"),
     Family("lora-matched", SEARCH_KEYS + SELECT_KEYS + ("lr",), True, "lr",
            "LoRA on every candidate, ranks chosen so its LoRA parameters match DiffoRA's (same seed, same options) "
            "within 5%"),

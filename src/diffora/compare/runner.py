@@ -551,6 +551,10 @@ class Scheduler:
     def _attach(self, job: Job, search: dict) -> None:
         """Give a job what it needs from its finished search."""
         job.payload["search"] = {"state_path": search["state_path"], "seconds": search["seconds"]}
+        if job.payload["family"] == "lora-all-cm":  # as many extra optimiser steps as the search made passes
+            from .jobs import search_passes
+
+            job.payload["search_passes"] = search_passes(search, search["config"]["order"])
         if job.payload["family"] == "lora-matched":  # DiffoRA's realised LoRA parameters for these options
             from ..candidates import DAMGrid
             from ..discretize import select_modules

@@ -28,7 +28,7 @@ FULL_LR = 5e-5
 class CompareOptions:
     """Options of ``diffora compare`` that ``diffora run`` does not have."""
 
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={"help": "Methods to compare: diffora, lora-all, lora-matched, random, random-ws, lora-qv, adalora, eva, full. A method may carry options as a variant, quoted for the shell: 'diffora[keep_ratio=0.25]', 'diffora[gate_fraction=0.5,gate_lr=0.2]', 'random[keep_ratio=0.25]', 'lora-all[lr=1e-3]'. Default: " + " ".join(DEFAULT_METHODS) + "."})
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={"help": "Methods to compare: diffora, lora-all, lora-all-cm (compute-matched: as many optimiser steps as DiffoRA's search + fine-tune), lora-matched, random, random-ws, lora-qv, adalora, eva, full. A method may carry options as a variant, quoted for the shell: 'diffora[keep_ratio=0.25]', 'diffora[gate_fraction=0.5,gate_lr=0.2]', 'random[keep_ratio=0.25]', 'lora-all[lr=1e-3]'. Default: " + " ".join(DEFAULT_METHODS) + "."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds; every method runs once per seed (same data, same training order per seed)."})
     workers: int = field(default=-1, metadata={"help": "Parallel worker processes (-1: one per GPU, else 2 on CPU; 0: run every job in this process)."})
     eval_points: int = field(default=5, metadata={"help": "Evaluations spread evenly over fine-tuning (the learning curves); --eval-every > 0 overrides it, 0 evaluates each epoch."})
