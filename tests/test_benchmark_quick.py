@@ -15,7 +15,8 @@ from conftest import REPO, load_benchmark, synthetic_sentiment
 from diffora import cli
 from diffora.compare import CompareOptions, compare, parse_methods
 
-SUITES = ["mrpc", "tweets", "sst2", "fair_sst2", "fair_tweets", "fair_mrpc", "fair_cola", "fair_bbc", "sst2_selection", "sst2_ablations", "sst2_adalora_lr", "sst2_lora_lr"]
+SUITES = ["mrpc", "tweets", "sst2", "fair_sst2", "fair_tweets", "fair_mrpc", "fair_cola", "fair_bbc", "fair3_sst2",
+          "fair3_tweets", "fair3_mrpc", "fair3_cola", "sst2_selection", "sst2_ablations", "sst2_adalora_lr", "sst2_lora_lr"]
 
 
 def suite_commands() -> list[str]:
@@ -33,16 +34,18 @@ def test_every_suite_is_a_valid_compare_invocation():
         settings = CompareOptions(**args.compare_settings)
         methods = parse_methods(settings.methods, opts)  # every method and variant is known and valid
         assert command == "compare" and opts.output_dir == f"benchmarks/results/{suite}"
-        assert opts.max_length == 64 and opts.batch_size == 16 and opts.epochs == 1 and opts.threads == 1
+        assert opts.max_length == 64 and opts.batch_size == 16 and opts.threads == 1
+        assert opts.epochs == (3 if suite.startswith("fair3_") else 1)
         if suite in ("mrpc", "tweets", "sst2"):
             assert settings.timing and settings.seeds == [0, 1, 2] and len(methods) == 12
             assert {m.family for m in methods} == {"diffora", "random", "random-ws", "lora-all", "lora-matched",
                                                    "lora-qv", "adalora", "eva", "full"}
-        elif suite.startswith("fair_"):  # issue 14's headline comparisons: 5 seeds, equal params, equal compute
+        elif suite.startswith("fair"):  # issue 14's headline comparisons: 5 seeds, equal params, equal compute
             assert settings.seeds == [0, 1, 2, 3, 4] and opts.max_train_samples == 2000
             assert not settings.eval_on_holdout and settings.eval_points == 1
             assert {"diffora", "lora-matched", "lora-all-cm", "adalora", "eva", "random-ws", "lora-all",
-                    "diffora[rank_allocation=uniform]"} == {m.label for m in methods}
+                    "diffora[rank_allocation=uniform]", "diffora[selection_score=ntk,rank_allocation=uniform]"} == {
+                m.label for m in methods}
         else:
             assert settings.eval_on_holdout and settings.holdout_rows == 872  # never the dev set
     assert subprocess.run(["bash", str(REPO / "benchmarks" / "suites.sh"), "--print", "nope"], cwd=REPO,
