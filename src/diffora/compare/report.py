@@ -96,7 +96,7 @@ def steps_to(curve: list[dict], metric: str, target: Optional[float], higher_is_
 
 
 # ---------------------------------------------------------------------------------------------------- plots
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +109,7 @@ def _style(label: str) -> str:
     return "-" if label.startswith("diffora") else "--" if label.startswith("random") else ":"
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -122,7 +122,7 @@ def plot_curves(groups: dict[str, list[dict]], metric: str, path: Path, *, title
                 xlabel: str = "fine-tuning step (DiffoRA: after its search; step 0 = weights inherited from the search)",
                 ylabel: Optional[str] = None) -> Path:
     """Mean (over seeds) ``metric`` at every evaluated step, one line per method, band = ±std."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     for label, runs in groups.items():
         steps = sorted({p["step"] for r in runs for p in r["curve"]})
@@ -146,7 +146,7 @@ def plot_curves(groups: dict[str, list[dict]], metric: str, path: Path, *, title
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -154,7 +154,7 @@ def plot_curves(groups: dict[str, list[dict]], metric: str, path: Path, *, title
 def plot_score_vs_params(panels: list[dict], path: Path, *, colors: Optional[dict] = None) -> Path:
     """One panel per entry ``{"title", "groups", "metric", "baseline", "ylabel"}``: mean ± std of the final score
     against the trainable parameters (log scale)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 5.2 * len(panels)), 4.2), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         m = panel["metric"]
@@ -179,7 +179,7 @@ def plot_score_vs_params(panels: list[dict], path: Path, *, colors: Optional[dic
     ncol = max(1, min(len(legend), 5 if len(panels) > 1 else 3))
     fig.legend(list(legend.values()), list(legend.keys()), fontsize=8, loc="lower center", ncol=ncol, frameon=False)
     fig.tight_layout(rect=(0, 0.06 * (1 + (max(len(legend), 1) - 1) // ncol), 1, 1))
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return Path(path)
 
