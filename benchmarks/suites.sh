@@ -35,7 +35,7 @@ ABLATION_METHODS="diffora[$R] diffora[$R,granularity=global] diffora[$R,granular
   random[$R] random-ws[$R] lora-all"
 SELECTION_METHODS="diffora diffora[selection_score=ntk] diffora[selection_score=signed]
   diffora[rank_allocation=uniform] diffora[selection_score=ntk,rank_allocation=uniform] random-ws lora-all
-  lora-matched"
+  lora-matched diffora[selection_score=taylor] diffora[selection_score=taylor,rank_allocation=uniform]"
 # issue 14's fair main suite: the headline comparisons at equal parameters (lora-matched; DiffoRA with LoRA-all's
 # budget, rank_allocation=uniform, vs lora-all) and equal compute (lora-all-cm: LoRA-all for as many optimiser steps
 # as DiffoRA's search passes + fine-tune), 5 seeds, 2,000 training rows on every task, the last evaluation only.

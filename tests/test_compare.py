@@ -344,7 +344,8 @@ def test_gradient_accumulation_and_bf16_autocast_reach_every_method(tiny_bert_di
 
 
 def test_ntk_selection_and_budget_concentration_as_variants(tiny_bert_dir, data_files, tmp_path):
-    methods = ["diffora", "diffora[selection_score=ntk]", "diffora[rank_allocation=uniform]", "lora-all"]
+    methods = ["diffora", "diffora[selection_score=ntk]", "diffora[rank_allocation=uniform]", "lora-all",
+               "diffora[selection_score=taylor]", "lora-matched[selection_score=taylor]"]
     results = compare(**small(tiny_bert_dir, data_files, tmp_path / "cmp", methods=methods, seeds=[0],
                               ntk_examples=8))
     jobs = {j["method"]: j for j in finetunes(results).values()}
@@ -355,6 +356,11 @@ def test_ntk_selection_and_budget_concentration_as_variants(tiny_bert_dir, data_
     assert jobs["diffora"]["lora_params"] < 0.95 * lora_all
     # one shared search: the two selections differ only in how modules are ranked
     assert jobs["diffora[selection_score=ntk]"]["kept_modules"] == jobs["diffora"]["kept_modules"]
+    # the taylor ranking of the same search: its own modules, and lora-matched follows its parameter count
+    search = results["jobs"]["search[default]@seed0"]
+    taylor = jobs["diffora[selection_score=taylor]"]
+    assert "taylor" in search["scores"] and taylor["kept_modules"] == jobs["diffora"]["kept_modules"]
+    assert jobs["lora-matched[selection_score=taylor]"]["target_lora_params"] == taylor["lora_params"]
 
 
 def test_compute_matched_lora_all_trains_one_step_per_search_pass(tiny_bert_dir, data_files, tmp_path):

@@ -138,3 +138,47 @@ def test_movement_score_ranks_by_distance_from_the_initial_gate(form):
     moved = search.selection_scores("movement")
     assert min(moved[0][0], moved[0][1]) > 0.3 and moved[1][0] == pytest.approx(0.0, abs=1e-6)
     assert torch.equal(search.gates.beta, beta)  # computing the initial gates leaves the betas alone
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_taylor_score_is_minus_g_times_the_gate_gradient(arch, temperature):
+    """'taylor' = mean over gate steps of -g dL/dg, checked against autograd through the gate values themselves
+    (forced gates that require grad), at the betas each step started from, with the same dropout masks."""
+    search, _ = _search(arch, temperature=temperature, gate_init=0.4)
+    batches = [random_batch(seed=s) for s in (1, 2)]
+    expected = torch.zeros_like(search.gates.beta)
+    search.model.train()  # as in the gate step (dropout masks replayed by the seeds below)
+    for step, batch in enumerate(batches):
+        g = search.gates.values().detach().clone().requires_grad_(True)
+        torch.manual_seed(100 + step)
+        with search.gates.forced(g):
+            (grad,) = torch.autograd.grad(search.gate_loss(batch), [g])
+        expected += (-g * grad).detach().masked_fill(~search.gates.valid, 0.0)
+        torch.manual_seed(100 + step)
+        search.gate_step(batch)
+    got = torch.tensor(search.selection_scores("taylor"))
+    torch.testing.assert_close(got, expected / 2, rtol=1e-4, atol=1e-7)
+    assert got.abs().sum() > 0 and search.taylor_steps == 2
+
+
+def test_taylor_score_survives_a_state_round_trip_and_old_states_refuse_it():
+    search, _ = _search("bert")
+    search.gate_step(random_batch(seed=3))
+    state = search.state_dict()
+    fresh, _ = _search("bert")
+    fresh.load_state_dict(state)
+    assert fresh.selection_scores("taylor") == search.selection_scores("taylor")
+    old = {k: v for k, v in state.items() if not k.startswith("taylor")}  # saved before the score existed
+    older, _ = _search("bert")
+    older.load_state_dict(old)
+    assert older.selection_scores("movement") == search.selection_scores("movement")
+    with pytest.raises(SearchStateError, match="taylor"):
+        older.selection_scores("taylor")
+
+
+def test_taylor_needs_sigmoid_gates():
+    from diffora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sigmoid"):
+        DiffoRAConfig(gate="softmax", selection_score="taylor")

@@ -15,12 +15,12 @@ from .errors import ConfigError
 GateForm = Literal["sigmoid", "softmax"]
 Granularity = Literal["layer", "global", "budget"]
 SearchOrder = Literal["first", "second"]
-SelectionScore = Literal["gate", "movement", "signed", "ntk"]
+SelectionScore = Literal["gate", "movement", "signed", "taylor", "ntk"]
 
 GATE_FORMS = ("sigmoid", "softmax")
 GRANULARITIES = ("layer", "global", "budget")
 SEARCH_ORDERS = ("first", "second")
-SELECTION_SCORES = ("gate", "movement", "signed", "ntk")
+SELECTION_SCORES = ("gate", "movement", "signed", "taylor", "ntk")
 RANK_ALLOCATIONS = ("none", "uniform", "proportional")
 
 
@@ -109,7 +109,10 @@ class DiffoRAConfig:
             "help": "What discretisation ranks: 'gate' = the learned gate value (DARTS: keep the largest); "
             "'movement' = how far each gate moved from its initial value, in either direction (ours: a module "
             "whose gate the held-out loss pushed hard matters, whichever way the early search pushed it); "
-            "'signed' = how far it moved up (g - g0: a module the held-out loss wants more of); 'ntk' = no "
+            "'signed' = how far it moved up (g - g0: a module the held-out loss wants more of); 'taylor' = the "
+            "mean over gate steps of -g * dL_gate/dg, the first-order estimate of how much the gate-split loss "
+            "would rise if the module's branch were removed (ours; magnitudes, not Adam's sign-driven movement; "
+            "sigmoid gates only); 'ntk' = no "
             "gate ranking: choose the set that maximises lambda_min of the LoRA kernel H(S) (diffora.ntk; the "
             "paper's convergence argument made operational, ours), computed on gate-split examples."
         },
@@ -180,6 +183,8 @@ class DiffoRAConfig:
             isinstance(self.selection_score, str) and self.selection_score in SELECTION_SCORES,
             f"selection_score must be one of {SELECTION_SCORES}, got {self.selection_score!r}",
         )
+        need(not (self.selection_score == "taylor" and self.gate != "sigmoid"),
+             "selection_score 'taylor' needs sigmoid gates (gate='sigmoid'); softmax gates couple a row's entries")
         need(
             isinstance(self.rank_allocation, str) and self.rank_allocation in RANK_ALLOCATIONS,
             f"rank_allocation must be one of {RANK_ALLOCATIONS}, got {self.rank_allocation!r}",

@@ -48,7 +48,7 @@ class Options:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout.", "group": "search"})
     keep_ratio: float = field(default=0.5, metadata={"help": "Fraction rho of the DAM kept.", "group": "search"})
     granularity: str = field(default="layer", metadata={"help": "layer | global | budget.", "group": "search"})
-    selection_score: str = field(default="movement", metadata={"help": "movement | signed | gate | ntk: rank modules by how far their gate moved (up or down), how far it moved up, the gate value, or choose the set that maximises lambda_min of the LoRA kernel (ntk; works without a search: --search-steps 0 --search-epochs 0).", "group": "search"})
+    selection_score: str = field(default="movement", metadata={"help": "movement | signed | taylor | gate | ntk: rank modules by how far their gate moved (up or down), how far it moved up, the mean loss increase their removal would cause to first order (-g dL/dg over the gate steps), the gate value, or choose the set that maximises lambda_min of the LoRA kernel (ntk; works without a search: --search-steps 0 --search-epochs 0).", "group": "search"})
     rank_allocation: str = field(default="none", metadata={"help": "none | uniform | proportional: give the kept modules the rank the dropped ones free (the LoRA parameters of all candidates at --rank), equally or by score; a stock PEFT rank_pattern.", "group": "search"})
     ntk_examples: int = field(default=32, metadata={"help": "Gate-split examples for the NTK kernel: the 'ntk' selection and the lambda_min diagnostic every run records in dam.json (0: no diagnostic).", "group": "search"})
     gate: str = field(default="sigmoid", metadata={"help": "sigmoid | softmax gate relaxation.", "group": "search"})

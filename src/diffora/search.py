@@ -155,6 +155,9 @@ class DAMSearch:
         self.gate_scaler: Optional[torch.amp.GradScaler] = torch.amp.GradScaler(device.type) if fp16 else None
         self.weight_steps = 0
         self.gate_steps = 0
+        # 'taylor' score: the sum over gate steps of -g * dL_gate/dg per entry, and how many steps it holds
+        self.taylor_sum = torch.zeros_like(self.gates.beta, dtype=torch.float32)
+        self.taylor_steps = 0
         self.history = SearchHistory()
         self.exported = False
 
@@ -253,15 +256,30 @@ class DAMSearch:
             self._sync([beta], "gate", self.gate_steps, code, value)
         if scaler is not None:
             scaler.unscale_(self.gate_optimizer)
+            self._add_taylor(beta.grad, beta)  # unscaled, at the betas the gradient was taken at
             scaler.step(self.gate_optimizer)  # skipped when the scaled gate gradient overflowed
             scaler.update()
         else:
             if not bool(torch.isfinite(beta.grad).all()):
                 raise TrainingError(_gradient_message("gate", self.gate_steps))
+            self._add_taylor(beta.grad, beta)
             self.gate_optimizer.step()
         self.gate_steps += 1
         self.history.gate_losses.append(value)
         return value
+
+    def _add_taylor(self, grad: Optional[torch.Tensor], beta: torch.Tensor) -> None:
+        """Accumulate -g * dL/dg from the (unscaled, synced) beta gradient. Sigmoid gates only: there
+        dL/dbeta = dL/dg * g (1 - g) / T, so -g dL/dg = -dL/dbeta * T / (1 - g). Steps whose gradient is not finite
+        (an fp16 overflow the scaler skipped) are left out."""
+        if self.config.gate != "sigmoid" or grad is None or not bool(torch.isfinite(grad).all()):
+            return
+        with torch.no_grad():
+            t = self.gates.temperature
+            g = torch.sigmoid(beta.float() / t)
+            value = -grad.float() * t / (1.0 - g).clamp_min(1e-6)
+            self.taylor_sum += value.masked_fill(~self.gates.valid, 0.0).to(self.taylor_sum.device)
+        self.taylor_steps += 1
 
     def second_order_gradient(
         self, gate_batch: StepBatch, weight_batch: StepBatch, xi: Optional[float] = None
@@ -372,8 +390,8 @@ class DAMSearch:
             return [[float(v) for v in row] for row in self.gates.values()]
 
     def selection_scores(self, score: Optional[str] = None) -> list[list[float]]:
-        """What discretisation ranks: the gate values, ``|g - g_initial|`` (``"movement"``) or ``g - g_initial``
-        (``"signed"``) per entry. ``"ntk"`` is not a gate score: it needs data (:mod:`diffora.ntk`)."""
+        """What discretisation ranks: the gate values, ``|g - g_initial|`` (``"movement"``), ``g - g_initial``
+        (``"signed"``) or the mean of ``-g dL_gate/dg`` over the gate steps (``"taylor"``) per entry. ``"ntk"`` is not a gate score: it needs data (:mod:`diffora.ntk`)."""
         score = score or self.config.selection_score
         if score == "gate":
             return self.gate_values()
@@ -382,6 +400,13 @@ class DAMSearch:
                               "diffora.ntk.module_kernels + greedy_ntk_selection (diffora run does this)")
         if score not in SELECTION_SCORES:
             raise ConfigError(f"selection_score must be one of {SELECTION_SCORES}, got {score!r}")
+        if score == "taylor":
+            if self.config.gate != "sigmoid":
+                raise ConfigError("selection_score 'taylor' needs sigmoid gates (gate='sigmoid')")
+            if self.taylor_steps == 0:
+                raise SearchStateError("no gate step has recorded the 'taylor' score (a search state saved before "
+                                       "it existed, or no gate step ran); rerun the search or choose another score")
+            return [[float(v) / self.taylor_steps for v in row] for row in self.taylor_sum.cpu()]
         with torch.no_grad():
             moved = self.gates.values() - self.gates.initial_values(self.config.gate_init)
         if score == "movement":
@@ -470,6 +495,8 @@ class DAMSearch:
             "gate_optimizer": self.gate_optimizer.state_dict(),
             "weight_steps": self.weight_steps,
             "gate_steps": self.gate_steps,
+            "taylor_sum": self.taylor_sum.detach().clone(),
+            "taylor_steps": self.taylor_steps,
             "history": {
                 "weight_losses": list(self.history.weight_losses),
                 "gate_losses": list(self.history.gate_losses),
@@ -500,6 +527,11 @@ class DAMSearch:
                 scaler.load_state_dict(state[key])
         self.weight_steps = int(state["weight_steps"])
         self.gate_steps = int(state["gate_steps"])
+        # states saved before the 'taylor' score existed hold none: that score then refuses, the others work
+        taylor = state.get("taylor_sum")
+        self.taylor_sum = (taylor.to(self.taylor_sum.device, torch.float32).clone() if taylor is not None
+                           else torch.zeros_like(self.taylor_sum))
+        self.taylor_steps = int(state.get("taylor_steps", 0))
         history = state.get("history", {})
         self.history = SearchHistory(
             list(history.get("weight_losses", [])),

@@ -227,7 +227,8 @@ def run_search(job: dict) -> dict:
         "kind": "search", "seed": seed, "config": config.to_dict(), "steps": steps, "gate_steps": search.gate_steps,
         "weight_split_rows": len(w_idx), "gate_split_rows": len(g_idx), "seconds": seconds,
         "gates": search.gate_values(),
-        "scores": {score: search.selection_scores(score) for score in SELECTION_SCORES if score != "ntk"},
+        "scores": {score: search.selection_scores(score) for score in SELECTION_SCORES
+                   if score != "ntk" and (score != "taylor" or config.gate == "sigmoid")},
         "gate_snapshots": [{"step": s, "gates": g} for s, g in search.history.gate_snapshots],
         "weight_loss": search.history.weight_losses, "gate_loss": search.history.gate_losses,
         "record": record, "total_lora_params": all_modules(search.grid, config.rank).lora_params,
