@@ -653,6 +653,11 @@ FAIR_PAIRS = [
     ("diffora[selection_score=ntk,rank_allocation=uniform]", "lora-all", "equal parameters, LoRA-all's budget"),
     ("lora-all-cm", "lora-all", "what the extra steps give LoRA-all"),
 ]
+#: short names for the plot's rows
+FAIR_SHORT = {"diffora": "DiffoRA", "diffora[rank_allocation=uniform]": "DiffoRA, LoRA-all budget",
+              "diffora[selection_score=ntk,rank_allocation=uniform]": "DiffoRA NTK, LoRA-all budget",
+              "lora-matched": "LoRA matched params", "lora-all-cm": "LoRA-all, matched compute", "lora-all": "LoRA-all",
+              "adalora": "AdaLoRA", "eva": "EVA", "random-ws": "random + warm start"}
 FAIR_TASK_ORDER = ["sst2", "tweets", "mrpc", "cola", "bbc-news"]
 FAIR_PROTOCOLS = [("fair_", "1 epoch"), ("fair3_", "3 epochs")]
 
@@ -744,12 +749,12 @@ def fair_goals(suites: list[dict]) -> list[str]:
 def plot_fair(suites: list[dict], path: Path, title: str) -> Path:
     """Paired differences A − B per task (mean over seeds ± std of the same-seed differences), in points."""
     plt = shared.pyplot()
-    rows = [(a, b) for a, b, _ in FAIR_PAIRS]
-    fig, ax = plt.subplots(figsize=(8.5, 0.45 * len(rows) + 1.6))
+    all_pairs = [fair_pairs(r) for r in suites]
+    rows = [(a, b) for a, b, _ in FAIR_PAIRS if any(p[(a, b)] is not None for p in all_pairs)]
+    fig, ax = plt.subplots(figsize=(8.5, 0.5 * len(rows) + 1.8))
     tasks = [r["data"]["task"] for r in suites]
     colors = plt.get_cmap("tab10")
-    for k, r in enumerate(suites):
-        pairs = fair_pairs(r)
+    for k, pairs in enumerate(all_pairs):
         for i, key in enumerate(rows):
             p = pairs[key]
             if p is None:
@@ -760,13 +765,14 @@ def plot_fair(suites: list[dict], path: Path, title: str) -> Path:
                         label=tasks[k] if i == 0 else None)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([f"{a} − {b}" for a, b in rows], fontsize=8)
+    ax.set_yticklabels([f"{FAIR_SHORT.get(a, a)} − {FAIR_SHORT.get(b, b)}" for a, b in rows], fontsize=9)
     ax.invert_yaxis()
-    ax.set_xlabel("paired difference, points of the main metric (mean ± std over seeds); right of 0: A better")
+    ax.set_xlabel("A − B on the same seed, points (mean ± std over seeds); right of 0: A better")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=max(1, len(suites)),
+               frameon=False)  # below the axes, so it hides no point
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     shared.save_figure(fig, path)
     plt.close(fig)
     return Path(path)
