@@ -52,8 +52,9 @@ def load_results(folder: Path, include_quick: bool) -> list[dict]:
     ``<name>/results.json`` supersedes the harness's ``<name>.json`` (a suite re-run with ``diffora compare``)."""
     out = []
     old = [p for p in sorted(folder.glob("*.json")) if not (folder / p.stem / "results.json").exists()]
-    # the fair suites (issue 14) render in their own section (fair_section), not as issue-4 main suites
-    for path in old + sorted(p for p in folder.glob("*/results.json") if not p.parent.name.startswith("fair")):
+    # the fair suites and the SmolLM2 suite (issue 14) render in their own sections, not as issue-4 main suites
+    for path in old + sorted(p for p in folder.glob("*/results.json")
+                             if not p.parent.name.startswith(("fair", "smollm2"))):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -659,7 +660,8 @@ FAIR_SHORT = {"diffora": "DiffoRA", "diffora[rank_allocation=uniform]": "DiffoRA
               "lora-matched": "LoRA matched params", "lora-all-cm": "LoRA-all, matched compute", "lora-all": "LoRA-all",
               "adalora": "AdaLoRA", "eva": "EVA", "random-ws": "random + warm start"}
 FAIR_TASK_ORDER = ["sst2", "tweets", "mrpc", "cola", "bbc-news"]
-FAIR_PROTOCOLS = [("fair_", "1 epoch"), ("fair3_", "3 epochs")]
+FAIR_PROTOCOLS = [("fair_", "1 epoch"), ("fairlr_", "1 epoch, every method at its own LR"),
+                  ("fair3_", "3 epochs")]
 
 
 def load_fair(results: Path, prefix: str) -> list[dict]:
@@ -789,7 +791,8 @@ def fair_section(results: Path, out: Path, img: Path, plots: bool = True) -> lis
         tasks = [r["data"]["task"] for r in suites]
         L += [f"## Fair comparison, {length} (issue #14)", "",
               "Every method of a task in one `diffora compare` invocation (`bash benchmarks/suites.sh "
-              f"{prefix}<task>`): 2,000 training rows, {length}, the same seeds, data order, schedule and loop; the "
+              f"{prefix}<task>`): 2,000 training rows, {length.split(',')[0]}, the same seeds, data order, schedule "
+              "and loop; the "
               "score is the last evaluation on the task's dev set (tweets: 1,000 rows of its test split), nothing "
               "picked on it. Scores are **points** (100 × accuracy, or × Matthews correlation for CoLA), mean ± "
               "sample std over seeds, *n* seeds in brackets. *Equal parameters*: `lora-matched` has DiffoRA's LoRA "
@@ -824,6 +827,23 @@ def fair_section(results: Path, out: Path, img: Path, plots: bool = True) -> lis
             overall = f"{100 * mean(means):.2f}" if len(means) == len(suites) else "—"
             L.append(f"| `{label}`: {what} | {fmt(mean(params), 0)}% | {fmt(median(steps), 0)} | "
                      + " | ".join(cells) + f" | {overall} |")
+        chosen = [r for r in suites if (r.get("lr_choice") or {}).get("methods")]
+        if chosen:
+            L += ["", "Learning rates, chosen per task on rows held out from *train* (seed 0; tried: each method's "
+                  "default × 1, 2, 4; the dev set is never used). Held-out score of each LR tried, chosen one in "
+                  "bold:", "", "| method | " + " | ".join(r["data"]["task"] for r in chosen) + " |",
+                  "|---" * (len(chosen) + 1) + "|"]
+            labels = [m for m, _ in FAIR_METHODS if any(m in r["lr_choice"]["methods"] for r in chosen)]
+            for label in labels:
+                cells = []
+                for r in chosen:
+                    info = r["lr_choice"]["methods"].get(label)
+                    if not info:
+                        cells.append("—")
+                        continue
+                    cells.append(", ".join((f"**{lr}: {100 * v:.1f}**" if float(lr) == info["chosen"]
+                                            else f"{lr}: {100 * v:.1f}") for lr, v in info["tried"].items()) or "—")
+                L.append(f"| `{label}` | " + " | ".join(cells) + " |")
         L += ["", "Paired differences A − B on the same seeds, in points (wins of A / paired seeds; **bold**: "
               "larger than the larger of the two seed stds):", "",
               "| A − B | what it asks | " + " | ".join(tasks) + " | mean over tasks |", "|---" * (len(tasks) + 3) + "|"]
@@ -857,6 +877,60 @@ def fair_section(results: Path, out: Path, img: Path, plots: bool = True) -> lis
     return L
 
 
+SMOL_PAIRS = [("diffora", "lora-matched", "equal parameters"), ("diffora", "lora-all-cm", "equal compute"),
+              ("diffora", "lora-all", "DiffoRA with fewer parameters"),
+              ("diffora[rank_allocation=uniform]", "lora-all", "equal parameters, LoRA-all's budget"),
+              ("lora-all-cm", "lora-all", "what the extra steps give LoRA-all")]
+
+
+def smollm2_section(results: Path, out: Path) -> list[str]:
+    """Issue 14's causal-LM goal: DiffoRA's held-out NLL against LoRA-all at equal parameters and equal compute
+    (``benchmarks/results/smollm2``, SmolLM2-135M-Instruct on BBC headlines)."""
+    path = results / "smollm2" / "results.json"
+    if not path.exists():
+        return []
+    res = json.loads(path.read_text())
+    runs = shared.finished_runs(res)
+    d = res["data"]
+    nll = {label: {r["seed"]: r["final"]["eval_loss"] for r in rs if "eval_loss" in r.get("final", {})}
+           for label, rs in runs.items()}
+    L = ["## Causal LM: SmolLM2-135M-Instruct, held-out NLL (issue #14)", "",
+         f"`bash benchmarks/suites.sh smollm2`: the headline task of `examples/smollm2_instruct.py` (prompt = an "
+         f"instruction + the lead of a BBC News article, response = its real headline; "
+         f"`benchmarks/smollm2_data.py`), {d['train_rows']} training pairs, {d['finetune_steps']} fine-tuning steps "
+         f"(batch 8), a 12-iteration search, {d['eval_rows']} held-out pairs; 30 blocks × 7 module types = "
+         f"{d.get('candidates', 210)} candidates. The score is the mean NLL of the headline tokens (lower is "
+         "better), the last evaluation; mean ± std over seeds.", "",
+         "| method | seeds | % of LoRA-all params | optimiser steps | held-out NLL | perplexity | fine-tune s (median) |",
+         "|---|---|---|---|---|---|---|"]
+    ref = d.get("lora_all_params")
+    for label, rs in runs.items():
+        if not rs:
+            continue
+        L.append(f"| `{label}` | {len(rs)} | {fmt(100 * mean([r['trainable_params'] for r in rs]) / ref, 0)}% | "
+                 f"{fmt(median([r['steps'] for r in rs]), 0)} | {pm([r['final'].get('eval_loss') for r in rs], 4)} | "
+                 f"{pm([r['final'].get('perplexity') for r in rs], 2)} | "
+                 f"{fmt(median([r['finetune_seconds'] for r in rs]), 0)} |")
+    L += ["", "Paired NLL differences A − B on the same seeds (negative: A better; wins of A / seeds; **bold**: "
+          "beyond the larger seed std):", "", "| A − B | what it asks | NLL difference |", "|---|---|---|"]
+    verdicts = []
+    for a, b, what in SMOL_PAIRS:
+        p = shared.paired_stats(nll.get(a, {}), nll.get(b, {}), higher_is_better=False)
+        if p is None:
+            continue
+        text = f"{p['margin']:+.4f} ({p['wins']}/{len(p['seeds'])})"
+        L.append(f"| `{a}` − `{b}` | {what} | {f'**{text}**' if p['exceeds'] else text} |")
+        if a == "diffora" and b in ("lora-matched", "lora-all-cm"):
+            spread = ("one seed" if not p["testable"] else
+                      f"{'beyond' if p['exceeds'] else 'within'} the seed spread {p['max_std']:.4f}")
+            verdicts.append(f"{what} ({b}): {p['margin']:+.4f}, {spread} → "
+                            f"{'**holds**' if p['margin'] <= 0 else '**missed**'}")
+    if verdicts:
+        L += ["", "Goal, *DiffoRA ≤ LoRA-all's held-out NLL at equal parameters and equal compute*: "
+              + "; ".join(verdicts) + "."]
+    return L + [""]
+
+
 def render(results: Path, out: Path, img: Path, include_quick: bool = False, plots: bool = True) -> str:
     """Write ``out`` and the PNGs under ``img``; returns the markdown. ``plots=False`` writes the same markdown
     (image links included) without drawing the images (fast, for tests)."""
@@ -874,6 +948,7 @@ def render(results: Path, out: Path, img: Path, include_quick: bool = False, plo
          "selection on the dev set), mean ± sample std over seeds. DiffoRA's time includes its search. Budget "
          "arithmetic: [benchmarks/README.md](benchmarks/README.md).", ""]
     L += fair_section(results, out, img, plots)
+    L += smollm2_section(results, out)
     if not main and not ablations:
         L.append("No results yet: run `bash benchmarks/suites.sh mrpc`.")
     if main:

@@ -50,6 +50,11 @@ FAIR_METHODS=${FAIR_METHODS:-diffora lora-matched lora-all-cm adalora eva random
 FAIR_BASE="$BASE --seeds $FAIR_SEEDS --eval-points 1 --max-train-samples 2000 --search-steps 25 --gate-warmup-steps 8
   --methods $FAIR_METHODS"
 FAIR="$FAIR_BASE"
+# fairlr_*: every method's LR chosen first on 872 rows held out from train (seed 0; its default LR x 1, 2, 4), then
+# 3 seeds at the chosen LR. tweets_lr showed the shared 5e-4 under-tunes the LoRA family there by 5-9 points.
+FAIRLR="$BASE --seeds 0 1 2 --eval-points 1 --max-train-samples 2000 --search-steps 25 --gate-warmup-steps 8
+  --tune-lr --tune-lr-factors 1 2 4 --holdout-rows 872
+  --methods ${FAIRLR_METHODS:-diffora lora-matched lora-all-cm adalora eva random-ws}"
 FAIR3="$FAIR_BASE --epochs 3"
 HOLDOUT="--task sst2 --data-dir $GLUE/SST-2 --max-train-samples 2000 --holdout-rows 872 --eval-on-holdout
   --search-steps 25 --gate-warmup-steps 8"
@@ -70,6 +75,10 @@ suite() {
     fair_mrpc) echo "$DIFFORA compare --task mrpc --data-dir $GLUE/MRPC $FAIR --output-dir $OUT/fair_mrpc" ;;
     fair_cola) echo "$DIFFORA compare --task cola --data-dir $GLUE/CoLA $FAIR --output-dir $OUT/fair_cola" ;;
     fair_bbc) echo "$DIFFORA compare --task bbc-news --max-eval-samples 1000 $FAIR --output-dir $OUT/fair_bbc" ;;
+    fairlr_sst2) echo "$DIFFORA compare --task sst2 --data-dir $GLUE/SST-2 $FAIRLR --output-dir $OUT/fairlr_sst2" ;;
+    fairlr_tweets) echo "$DIFFORA compare --task tweets --max-eval-samples 1000 $FAIRLR --output-dir $OUT/fairlr_tweets" ;;
+    fairlr_mrpc) echo "$DIFFORA compare --task mrpc --data-dir $GLUE/MRPC $FAIRLR --output-dir $OUT/fairlr_mrpc" ;;
+    fairlr_cola) echo "$DIFFORA compare --task cola --data-dir $GLUE/CoLA $FAIRLR --output-dir $OUT/fairlr_cola" ;;
     fair3_sst2) echo "$DIFFORA compare --task sst2 --data-dir $GLUE/SST-2 $FAIR3 --output-dir $OUT/fair3_sst2" ;;
     fair3_tweets) echo "$DIFFORA compare --task tweets --max-eval-samples 1000 $FAIR3 --output-dir $OUT/fair3_tweets" ;;
     fair3_mrpc) echo "$DIFFORA compare --task mrpc --data-dir $GLUE/MRPC $FAIR3 --output-dir $OUT/fair3_mrpc" ;;
@@ -97,12 +106,12 @@ suite() {
             diffora[lr=1e-3] lora-all[lr=1e-3] diffora[lr=2e-3] lora-all[lr=2e-3] adalora --output-dir $OUT/tweets_lr" ;;
     sst2_lora_lr) echo "$DIFFORA compare $HOLDOUT $COMMON --seeds 0 --eval-points 1 --methods lora-all[lr=2e-3]
             lora-all[lr=5e-3] lora-all[lr=1e-2] --output-dir $OUT/sst2_lora_lr" ;;
-    *) echo "unknown suite '$1'; choose mrpc, tweets, sst2, fair_sst2, fair_tweets, fair_mrpc, fair_cola, fair_bbc, fair3_sst2, fair3_tweets, fair3_mrpc, fair3_cola, smollm2, sst2_selection, sst2_ablations, sst2_adalora_lr, sst2_lora_lr, tweets_lr or all" >&2
+    *) echo "unknown suite '$1'; choose mrpc, tweets, sst2, fair_sst2, fair_tweets, fair_mrpc, fair_cola, fair_bbc, fairlr_sst2, fairlr_tweets, fairlr_mrpc, fairlr_cola, fair3_sst2, fair3_tweets, fair3_mrpc, fair3_cola, smollm2, sst2_selection, sst2_ablations, sst2_adalora_lr, sst2_lora_lr, tweets_lr or all" >&2
        return 2 ;;
   esac
 }
 
-SUITES=(mrpc tweets sst2 fair_sst2 fair_tweets fair_mrpc fair_cola fair_bbc fair3_sst2 fair3_tweets fair3_mrpc fair3_cola smollm2 sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr tweets_lr)
+SUITES=(mrpc tweets sst2 fair_sst2 fair_tweets fair_mrpc fair_cola fair_bbc fairlr_sst2 fairlr_tweets fairlr_mrpc fairlr_cola fair3_sst2 fair3_tweets fair3_mrpc fair3_cola smollm2 sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr tweets_lr)
 print=0
 if [[ "${1:-}" == "--print" ]]; then print=1; shift; fi
 names=("$@")

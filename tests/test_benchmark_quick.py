@@ -15,7 +15,8 @@ from conftest import REPO, load_benchmark, synthetic_sentiment
 from diffora import cli
 from diffora.compare import CompareOptions, compare, parse_methods
 
-SUITES = ["mrpc", "tweets", "sst2", "fair_sst2", "fair_tweets", "fair_mrpc", "fair_cola", "fair_bbc", "fair3_sst2",
+SUITES = ["mrpc", "tweets", "sst2", "fair_sst2", "fair_tweets", "fair_mrpc", "fair_cola", "fair_bbc", "fairlr_sst2", "fairlr_tweets",
+          "fairlr_mrpc", "fairlr_cola", "fair3_sst2",
           "fair3_tweets", "fair3_mrpc", "fair3_cola", "smollm2", "sst2_selection", "sst2_ablations", "sst2_adalora_lr", "sst2_lora_lr",
           "tweets_lr"]
 
@@ -45,6 +46,11 @@ def test_every_suite_is_a_valid_compare_invocation():
             assert settings.timing and settings.seeds == [0, 1, 2] and len(methods) == 12
             assert {m.family for m in methods} == {"diffora", "random", "random-ws", "lora-all", "lora-matched",
                                                    "lora-qv", "adalora", "eva", "full"}
+        elif suite.startswith("fairlr_"):  # every method's LR chosen on rows held out from train, then 3 seeds
+            assert settings.tune_lr and settings.tune_lr_factors == [1.0, 2.0, 4.0] and settings.holdout_rows == 872
+            assert settings.seeds == [0, 1, 2] and not settings.eval_on_holdout
+            assert {m.label for m in methods} == {"diffora", "lora-matched", "lora-all-cm", "adalora", "eva",
+                                                  "random-ws"}
         elif suite.startswith("fair"):  # issue 14's headline comparisons: 5 seeds, equal params, equal compute
             assert settings.seeds == [0, 1, 2, 3, 4] and opts.max_train_samples == 2000
             assert not settings.eval_on_holdout and settings.eval_points == 1
