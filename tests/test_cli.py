@@ -215,3 +215,19 @@ def test_two_process_data_parallel_run_agrees(tiny_bert_dir, sentiment_files, tm
     # each rank searched on half of the weight split
     weight_rows = record["weight_split_rows"]
     assert record["search_steps"] == -(-weight_rows // (2 * 8))
+
+
+def test_the_cli_sets_up_logging_before_peft_or_bitsandbytes_load():
+    """bitsandbytes warns at import on CPUs with AVX512-BF16 (its optional `kernels` speed-up is missing). The CLI
+    hides library warnings before anything imports it: neither ``import diffora`` nor ``import diffora.cli`` may
+    import peft, and the bitsandbytes logger is among the quieted ones."""
+    import subprocess
+    import sys
+
+    code = ("import sys, diffora, diffora.cli; print(sorted(m for m in ('peft', 'bitsandbytes', 'transformers') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    from diffora.cli import QUIET_LOGGERS
+
+    assert "bitsandbytes" in QUIET_LOGGERS

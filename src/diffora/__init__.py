@@ -12,14 +12,31 @@ The CLI is ``options`` (every flag) -> ``loading`` (data, model) -> ``pipeline``
 
 __version__ = "0.1.0"
 
-from .candidates import DAMGrid, detect_task_heads, find_candidates
-from .config import DiffoRAConfig
-from .discretize import Selection, select_modules
-from .errors import ConfigError, DataError, DiffoRAError, ModelError, SearchStateError, TrainingError
-from .export import infer_task_type, lora_config_for
-from .gates import DAMGates
-from .record import load_record, plot_dam
-from .search import DAMSearch, prepare_search
+# The public names load their submodule on first use (PEP 562), so ``import diffora.cli`` imports neither torch's
+# heavy dependants nor peft (and through it bitsandbytes) before the CLI has set up its logging.
+_EXPORTS = {
+    "DAMGrid": "candidates", "detect_task_heads": "candidates", "find_candidates": "candidates",
+    "DiffoRAConfig": "config", "Selection": "discretize", "select_modules": "discretize",
+    "ConfigError": "errors", "DataError": "errors", "DiffoRAError": "errors", "ModelError": "errors",
+    "SearchStateError": "errors", "TrainingError": "errors", "infer_task_type": "export",
+    "lora_config_for": "export", "DAMGates": "gates", "load_record": "record", "plot_dam": "record",
+    "DAMSearch": "search", "prepare_search": "search",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "ConfigError",

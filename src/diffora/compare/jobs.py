@@ -533,7 +533,13 @@ def execute(job: dict) -> dict:
 
 def worker_init(threads: int, devices: Any = None) -> None:
     """Initialise a worker process: its GPU (one per worker), torch threads, quiet libraries."""
+    import logging
     import warnings
+
+    from ..cli import QUIET_LOGGERS
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     if devices is not None:
         try:
