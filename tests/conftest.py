@@ -135,21 +135,32 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A 2-layer LLaMA (hidden 32) with the MiniLM tokenizer ([SEP] as end of sequence)."""
+def _save_tiny_llama(folder: Path, hidden: int) -> Path:
+    """A 2-layer LLaMA (FFN 2 x hidden) with the MiniLM tokenizer ([SEP] as end of sequence), saved to ``folder``."""
     tokenizer = _tiny_tokenizer()
     tokenizer.eos_token = "[SEP]"
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128,
+        vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=2 * hidden, max_position_embeddings=128,
         eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
-    folder = tmp_path_factory.mktemp("tiny-llama")
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer LLaMA, hidden 32."""
+    return _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), 32)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama64_dir(tmp_path_factory) -> Path:
+    """The same at hidden 64: bitsandbytes' 4-bit CPU inference path on AVX512-BF16 CPUs repacks each weight in
+    blocks of 64 input features and fails on narrower layers (a reshape to width in_features // 64 = 0)."""
+    return _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama64"), 64)
 
 
 POSITIVE = ["good", "great", "fine", "lovely", "happy", "excellent"]

@@ -234,9 +234,10 @@ def test_4bit_without_bitsandbytes_is_a_one_line_error(monkeypatch):
         diffora.models.check_4bit_support("cpu")
 
 
-def test_4bit_search_and_finetune_end_to_end_on_the_cpu(tiny_llama_dir, tmp_path):
+def test_4bit_search_and_finetune_end_to_end_on_the_cpu(tiny_llama64_dir, tmp_path):
     """bitsandbytes' CPU backend: an NF4 base, the search on it, the export and the fine-tune; a stock adapter."""
     pytest.importorskip("bitsandbytes")
+    tiny_llama_dir = tiny_llama64_dir  # layers at least 64 wide (see the fixture)
     out = run_tiny_llama(tiny_llama_dir, tmp_path, "--load-in-4bit")
     record = json.loads((out / "dam.json").read_text())
     assert record["gate_steps"] > 0 and record["selection"]["modules"]
