@@ -784,7 +784,8 @@ def test_no_traceback_without_debug_and_glue_offline_fails_fast(tmp_path, tiny_b
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "--data-dir" in done.stderr
-    assert seconds < 60, f"the offline hub fallback took {seconds:.0f}s (network retries?)"
+    # a generous bound: it catches hub retry loops with back-off (minutes), not a slow shared machine (seen: 110 s)
+    assert seconds < 300, f"the offline hub fallback took {seconds:.0f}s (network retries?)"
     assert not (tmp_path / "o").exists()
 
 
