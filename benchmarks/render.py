@@ -673,7 +673,6 @@ def load_fair(results: Path, prefix: str) -> list[dict]:
         except (OSError, json.JSONDecodeError):
             continue
         if isinstance(res, dict) and res.get("format") == "diffora.compare/1":
-            res["_path"] = path
             out.append(res)
     order = {t: i for i, t in enumerate(FAIR_TASK_ORDER)}
     return sorted(out, key=lambda r: order.get(r["data"]["task"], 99))
@@ -694,9 +693,13 @@ def fair_pairs(res: dict) -> dict[tuple[str, str], Optional[dict]]:
 
 
 def _search_passes_text(suites: list[dict]) -> str:
+    """' (W weight + G gate steps here)' when every search of these suites made the same steps, else ''."""
     searches = {(rec["steps"], rec["gate_steps"]) for r in suites for rec in r["jobs"].values()
                 if rec.get("kind") == "search" and "error" not in rec}
-    return "".join(f" ({w} weight + {g} gate steps here)" for w, g in sorted(searches)[:1]) if len(searches) == 1 else ""
+    if len(searches) != 1:
+        return ""
+    (weight, gate), = searches
+    return f" ({weight} weight + {gate} gate steps here)"
 
 
 def _no_signal(res: dict) -> bool:
@@ -802,6 +805,7 @@ def fair_section(results: Path, out: Path, img: Path, plots: bool = True) -> lis
         if not suites:
             continue
         tasks = [r["data"]["task"] for r in suites]
+        finished = [shared.finished_runs(r) for r in suites]
         L += [f"## Fair comparison, {length} (issue #14)", "",
               "Every method of a task in one `diffora compare` invocation (`bash benchmarks/suites.sh "
               f"{prefix}<task>`): 2,000 training rows, {length.split(',')[0]}, the same seeds, data order, schedule "
@@ -814,9 +818,9 @@ def fair_section(results: Path, out: Path, img: Path, plots: bool = True) -> lis
               + _search_passes_text(suites) + ".", ""]
         L += ["| task | train / eval rows | fine-tune steps | metric | seeds | started | wall | commit |",
               "|---|---|---|---|---|---|---|---|"]
-        for r in suites:
+        for r, groups in zip(suites, finished):
             d = r["data"]
-            seeds = sorted({x["seed"] for runs in shared.finished_runs(r).values() for x in runs})
+            seeds = sorted({x["seed"] for runs in groups.values() for x in runs})
             commit = str(r.get("versions", {}).get("git_commit", "—"))[:7]
             L.append(f"| {d['task']} | {d['train_rows']:,} / {d['eval_rows']:,} | {d['finetune_steps']} | "
                      f"{d['main_metric']} | {', '.join(map(str, seeds))} | {r.get('started', '—')} | "
@@ -825,8 +829,8 @@ def fair_section(results: Path, out: Path, img: Path, plots: bool = True) -> lis
               + " | ".join(tasks) + " | mean over tasks |", "|---" * (len(tasks) + 4) + "|"]
         for label, what in FAIR_METHODS:
             cells, means, params, steps = [], [], [], []
-            for r in suites:
-                runs = shared.finished_runs(r).get(label, [])
+            for r, groups in zip(suites, finished):
+                runs = groups.get(label, [])
                 m = r["data"]["main_metric"]
                 vals = [x["final"][m] for x in runs if m in x.get("final", {})]
                 cells.append(f"{pm(vals, 2, 100)} ({len(vals)})" if vals else "—")

@@ -228,6 +228,6 @@ def test_the_cli_sets_up_logging_before_peft_or_bitsandbytes_load():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    from diffora.cli import QUIET_LOGGERS
+    from diffora.runtime import QUIET_LOGGERS
 
     assert "bitsandbytes" in QUIET_LOGGERS

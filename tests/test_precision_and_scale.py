@@ -237,8 +237,7 @@ def test_4bit_without_bitsandbytes_is_a_one_line_error(monkeypatch):
 def test_4bit_search_and_finetune_end_to_end_on_the_cpu(tiny_llama64_dir, tmp_path):
     """bitsandbytes' CPU backend: an NF4 base, the search on it, the export and the fine-tune; a stock adapter."""
     pytest.importorskip("bitsandbytes")
-    tiny_llama_dir = tiny_llama64_dir  # layers at least 64 wide (see the fixture)
-    out = run_tiny_llama(tiny_llama_dir, tmp_path, "--load-in-4bit")
+    out = run_tiny_llama(tiny_llama64_dir, tmp_path, "--load-in-4bit")  # layers at least 64 wide (see the fixture)
     record = json.loads((out / "dam.json").read_text())
     assert record["gate_steps"] > 0 and record["selection"]["modules"]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -250,7 +249,7 @@ def test_4bit_search_and_finetune_end_to_end_on_the_cpu(tiny_llama64_dir, tmp_pa
 import sys, torch, transformers
 from peft import PeftModel
 q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-base = transformers.AutoModelForCausalLM.from_pretrained({str(tiny_llama_dir)!r}, quantization_config=q, device_map={{"": "cpu"}})
+base = transformers.AutoModelForCausalLM.from_pretrained({str(tiny_llama64_dir)!r}, quantization_config=q, device_map={{"": "cpu"}})
 model = PeftModel.from_pretrained(base, {str(out / 'adapter')!r})
 assert any(type(p).__name__ == "Params4bit" for p in base.parameters())  # really a 4-bit base
 assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all()

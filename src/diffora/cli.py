@@ -423,21 +423,14 @@ def _os_error_message(exc: OSError, opts: Any) -> Optional[str]:
     return f"{what}{where}; {fix}, {then}"
 
 
-#: libraries whose warnings the CLI hides without --debug (it reports failures itself, in one line)
-QUIET_LOGGERS = ("huggingface_hub", "datasets", "bitsandbytes")
-
-
 def _quiet_libraries(debug: bool) -> None:
     if debug:
         return
-    import logging
     import warnings
 
-    # huggingface_hub logs every network retry ("Retrying in 8s [Retry 5/5]") and datasets its cache misses;
-    # diffora reports a failed download itself, in one line. bitsandbytes (imported by peft when installed) warns at
-    # import on CPUs with AVX512-BF16 that its optional `kernels` speed-up is missing. Set before any import.
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    from .runtime import quiet_library_loggers
+
+    quiet_library_loggers()  # before anything imports those libraries
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
     try:

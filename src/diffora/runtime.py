@@ -33,6 +33,20 @@ __all__ = [
 _MAX_SEED = 2**32 - 1  # NumPy's legacy global generator only accepts 32-bit seeds
 
 
+#: libraries whose warnings diffora's command line and compare workers hide (failures are reported in one line):
+#: huggingface_hub logs every network retry, datasets its cache misses, and bitsandbytes (imported by peft when
+#: installed) warns at import on AVX512-BF16 CPUs that its optional `kernels` speed-up is missing
+QUIET_LOGGERS = ("huggingface_hub", "datasets", "bitsandbytes")
+
+
+def quiet_library_loggers() -> None:
+    """Raise those libraries' loggers to ERROR; call it before anything imports them."""
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     """Seed Python's ``random``, NumPy's global generator and torch (CPU and, if present, all CUDA devices).
 

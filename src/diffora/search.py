@@ -256,28 +256,28 @@ class DAMSearch:
             self._sync([beta], "gate", self.gate_steps, code, value)
         if scaler is not None:
             scaler.unscale_(self.gate_optimizer)
-            self._add_taylor(beta.grad, beta)  # unscaled, at the betas the gradient was taken at
+            self._add_taylor(beta.grad)  # unscaled, before the step moves the betas
             scaler.step(self.gate_optimizer)  # skipped when the scaled gate gradient overflowed
             scaler.update()
         else:
             if not bool(torch.isfinite(beta.grad).all()):
                 raise TrainingError(_gradient_message("gate", self.gate_steps))
-            self._add_taylor(beta.grad, beta)
+            self._add_taylor(beta.grad)
             self.gate_optimizer.step()
         self.gate_steps += 1
         self.history.gate_losses.append(value)
         return value
 
-    def _add_taylor(self, grad: Optional[torch.Tensor], beta: torch.Tensor) -> None:
-        """Accumulate -g * dL/dg from the (unscaled, synced) beta gradient. Sigmoid gates only: there
-        dL/dbeta = dL/dg * g (1 - g) / T, so -g dL/dg = -dL/dbeta * T / (1 - g). Steps whose gradient is not finite
-        (an fp16 overflow the scaler skipped) are left out."""
+    def _add_taylor(self, grad: Optional[torch.Tensor]) -> None:
+        """Accumulate -g * dL/dg from the (unscaled, synced) beta gradient, at the current betas (call it before the
+        optimiser step). Sigmoid gates only: there dL/dbeta = dL/dg * g (1 - g) / T, so -g dL/dg =
+        -dL/dbeta * T / (1 - g). Steps whose gradient is not finite (an fp16 overflow the scaler skipped) are left
+        out."""
         if self.config.gate != "sigmoid" or grad is None or not bool(torch.isfinite(grad).all()):
             return
         with torch.no_grad():
-            t = self.gates.temperature
-            g = torch.sigmoid(beta.float() / t)
-            value = -grad.float() * t / (1.0 - g).clamp_min(1e-6)
+            g = self.gates.values().float()
+            value = -grad.float() * self.gates.temperature / (1.0 - g).clamp_min(1e-6)
             self.taylor_sum += value.masked_fill(~self.gates.valid, 0.0).to(self.taylor_sum.device)
         self.taylor_steps += 1
 

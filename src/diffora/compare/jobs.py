@@ -106,10 +106,10 @@ def finetune_steps(opts: Options, n_train: int) -> int:
 GATE_STEP_PASSES = {"first": 1, "second": 4}
 
 
-def search_passes(search: dict, order: str) -> int:
+def search_passes(search: dict) -> int:
     """Forward/backward passes of a finished search (its record): one per weight step, GATE_STEP_PASSES per gate
     step. A compute-matched method gets one optimiser step per pass."""
-    return int(search["steps"]) + GATE_STEP_PASSES[order] * int(search["gate_steps"])
+    return int(search["steps"]) + GATE_STEP_PASSES[search["config"]["order"]] * int(search["gate_steps"])
 
 
 def epochs_for_steps(opts: Options, n_train: int, steps: int) -> float:
@@ -533,14 +533,11 @@ def execute(job: dict) -> dict:
 
 def worker_init(threads: int, devices: Any = None) -> None:
     """Initialise a worker process: its GPU (one per worker), torch threads, quiet libraries."""
-    import logging
     import warnings
 
-    from ..cli import QUIET_LOGGERS
+    from ..runtime import quiet_library_loggers
 
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
+    quiet_library_loggers()
     if devices is not None:
         try:
             os.environ["CUDA_VISIBLE_DEVICES"] = str(devices.get_nowait())

@@ -554,7 +554,7 @@ class Scheduler:
         if job.payload["family"] == "lora-all-cm":  # as many extra optimiser steps as the search made passes
             from .jobs import search_passes
 
-            job.payload["search_passes"] = search_passes(search, search["config"]["order"])
+            job.payload["search_passes"] = search_passes(search)
         if job.payload["family"] == "lora-matched":  # DiffoRA's realised LoRA parameters for these options
             from ..candidates import DAMGrid
             from ..discretize import select_modules
