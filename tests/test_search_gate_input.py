@@ -127,8 +127,10 @@ def test_gate_matrix_computed_once_per_forward(arch, kind):
         search.model(**batch)
     assert calls[0] == 2
     search.weight_step(batch)
+    assert calls[0] == 3
+    # a gate step: one forward, plus one evaluation at the pre-step betas for the 'taylor' score's -g dL/dg
     search.gate_step(batch)
-    assert calls[0] == 4
+    assert calls[0] == 5
     assert search.gates._depth == 0
 
 
