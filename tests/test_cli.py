@@ -220,7 +220,8 @@ def test_two_process_data_parallel_run_agrees(tiny_bert_dir, sentiment_files, tm
 def test_the_cli_sets_up_logging_before_peft_or_bitsandbytes_load():
     """bitsandbytes warns at import on CPUs with AVX512-BF16 (its optional `kernels` speed-up is missing). The CLI
     hides library warnings before anything imports it: neither ``import diffora`` nor ``import diffora.cli`` may
-    import peft, and the bitsandbytes logger is among the quieted ones."""
+    import peft, and the bitsandbytes logger is among the quieted ones. The same for ``diffora compare``'s spawned
+    workers, which import their initializer's module before running it."""
     import subprocess
     import sys
 
@@ -228,6 +229,15 @@ def test_the_cli_sets_up_logging_before_peft_or_bitsandbytes_load():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    from diffora.runtime import QUIET_LOGGERS
+    from diffora.runtime import QUIET_LOGGERS, init_worker_process
 
     assert "bitsandbytes" in QUIET_LOGGERS
+    module = init_worker_process.__module__
+    code = f"import sys, {module}; print(sorted(m for m in ('peft', 'bitsandbytes') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"{module} (the compare workers' initializer) imports {out.stdout.strip()}"
+    import inspect
+
+    import diffora.compare.runner as runner
+
+    assert "initializer=init_worker_process" in inspect.getsource(runner)

@@ -47,6 +47,31 @@ def quiet_library_loggers() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def init_worker_process(threads: int, devices: Any = None) -> None:
+    """Initialise a worker process of ``diffora compare``: quiet libraries, its GPU (one per worker), torch threads.
+
+    It lives here, not with the jobs, because a spawned worker imports its initializer's module before calling it:
+    this module imports neither peft nor bitsandbytes, so their import-time warnings come after the loggers are
+    quieted."""
+    import warnings
+
+    quiet_library_loggers()
+    if devices is not None:
+        try:
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(devices.get_nowait())
+        except Exception:  # more workers than devices: share the first one
+            pass
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
+
+
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     """Seed Python's ``random``, NumPy's global generator and torch (CPU and, if present, all CUDA devices).
 

@@ -529,26 +529,3 @@ def execute(job: dict) -> dict:
     out.update(id=job["id"], key=job["key"], job_seconds=time.perf_counter() - start,
                finished_at=_dt.datetime.now().isoformat(timespec="seconds"), pid=os.getpid())
     return out
-
-
-def worker_init(threads: int, devices: Any = None) -> None:
-    """Initialise a worker process: its GPU (one per worker), torch threads, quiet libraries."""
-    import warnings
-
-    from ..runtime import quiet_library_loggers
-
-    quiet_library_loggers()
-    if devices is not None:
-        try:
-            os.environ["CUDA_VISIBLE_DEVICES"] = str(devices.get_nowait())
-        except Exception:  # more workers than devices: share the first one
-            pass
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if threads > 0:
-        torch.set_num_threads(threads)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore")

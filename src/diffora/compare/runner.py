@@ -446,7 +446,7 @@ class Scheduler:
         if self.pool is None:
             import torch
 
-            from .jobs import worker_init
+            from ..runtime import init_worker_process
 
             ctx = mp.get_context("spawn")
             devices = None
@@ -454,8 +454,8 @@ class Scheduler:
                 devices = ctx.Queue()
                 for i in range(self.workers):
                     devices.put(i % torch.cuda.device_count())
-            self.pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=worker_init,
-                                               initargs=(self.threads, devices))
+            self.pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
+                                               initializer=init_worker_process, initargs=(self.threads, devices))
         return self.pool
 
     def close(self) -> None:
