@@ -659,7 +659,7 @@ FAIR_SHORT = {"diffora": "DiffoRA", "diffora[rank_allocation=uniform]": "DiffoRA
               "diffora[selection_score=ntk,rank_allocation=uniform]": "DiffoRA NTK, LoRA-all budget",
               "lora-matched": "LoRA matched params", "lora-all-cm": "LoRA-all, matched compute", "lora-all": "LoRA-all",
               "adalora": "AdaLoRA", "eva": "EVA", "random-ws": "random + warm start"}
-FAIR_TASK_ORDER = ["sst2", "tweets", "mrpc", "cola", "bbc-news"]
+FAIR_TASK_ORDER = ["sst2", "tweets", "mrpc", "bbc-news", "cola"]
 FAIR_PROTOCOLS = [("fair_", "1 epoch"), ("fairlr_", "1 epoch, every method at its own LR"),
                   ("fair3_", "3 epochs")]
 
@@ -709,13 +709,20 @@ def _no_signal(res: dict) -> bool:
     return len(values) == 1
 
 
-def fair_goals(suites: list[dict]) -> list[str]:
-    """Issue 14's goals, judged from the JSON (scores in points = 100 × the main metric)."""
+def fair_goals(suites: list[dict], pairs: Optional[dict[str, dict]] = None) -> list[str]:
+    """Issue 14's goals, judged from the JSON (scores in points = 100 × the main metric) on the tasks with signal:
+    a task where every run scored the same adds zeros to every difference and is left out, and the goals say so.
+    ``pairs``: :func:`fair_pairs` per task, when the caller has them."""
     def verdict(ok: bool) -> str:
         return "**holds**" if ok else "**missed**"
 
+    flat = [r["data"]["task"] for r in suites if _no_signal(r)]
+    suites = [r for r in suites if not _no_signal(r)]
     lines, tasks = [], [r["data"]["task"] for r in suites]
-    pairs = {r["data"]["task"]: fair_pairs(r) for r in suites}
+    if flat:
+        lines.append(f"- Judged on the {len(tasks)} tasks with signal; left out: {', '.join(flat)} (no signal).")
+    if pairs is None:
+        pairs = {r["data"]["task"]: fair_pairs(r) for r in suites}
 
     def margins(a: str, b: str) -> tuple[list[float], list[str]]:
         got, per = [], []
@@ -764,10 +771,11 @@ def fair_goals(suites: list[dict]) -> list[str]:
     return lines
 
 
-def plot_fair(suites: list[dict], path: Path, title: str) -> Path:
-    """Paired differences A − B per task (mean over seeds ± std of the same-seed differences), in points."""
+def plot_fair(suites: list[dict], path: Path, title: str, pairs: Optional[dict[str, dict]] = None) -> Path:
+    """Paired differences A − B per task (mean over seeds ± std of the same-seed differences), in points.
+    ``pairs``: :func:`fair_pairs` per task, when the caller has them."""
     plt = shared.pyplot()
-    all_pairs = [fair_pairs(r) for r in suites]
+    all_pairs = [pairs[r["data"]["task"]] if pairs is not None else fair_pairs(r) for r in suites]
     rows = [(a, b) for a, b, _ in FAIR_PAIRS if any(p[(a, b)] is not None for p in all_pairs)]
     fig, ax = plt.subplots(figsize=(8.5, 0.5 * len(rows) + 1.8))
     tasks = [r["data"]["task"] for r in suites]
@@ -806,6 +814,9 @@ def fair_section(results: Path, out: Path, img: Path, plots: bool = True) -> lis
             continue
         tasks = [r["data"]["task"] for r in suites]
         finished = [shared.finished_runs(r) for r in suites]
+        signal = [not _no_signal(r) for r in suites]  # the cross-task means leave out tasks without signal
+        mean_head = "mean over tasks" if all(signal) else "mean over tasks with signal"
+        pairs = {r["data"]["task"]: fair_pairs(r) for r in suites}
         L += [f"## Fair comparison, {length} (issue #14)", "",
               "Every method of a task in one `diffora compare` invocation (`bash benchmarks/suites.sh "
               f"{prefix}<task>`): 2,000 training rows, {length.split(',')[0]}, the same seeds, data order, schedule "
@@ -826,22 +837,22 @@ def fair_section(results: Path, out: Path, img: Path, plots: bool = True) -> lis
                      f"{d['main_metric']} | {', '.join(map(str, seeds))} | {r.get('started', '—')} | "
                      f"{r.get('wall_seconds', 0) / 60:.0f} min | {commit} |")
         L += ["", "| method | % of LoRA-all params | optimiser steps | "
-              + " | ".join(tasks) + " | mean over tasks |", "|---" * (len(tasks) + 4) + "|"]
+              + " | ".join(tasks) + f" | {mean_head} |", "|---" * (len(tasks) + 4) + "|"]
         for label, what in FAIR_METHODS:
             cells, means, params, steps = [], [], [], []
-            for r, groups in zip(suites, finished):
+            for r, groups, counts in zip(suites, finished, signal):
                 runs = groups.get(label, [])
                 m = r["data"]["main_metric"]
                 vals = [x["final"][m] for x in runs if m in x.get("final", {})]
                 cells.append(f"{pm(vals, 2, 100)} ({len(vals)})" if vals else "—")
-                if vals:
+                if vals and counts:
                     means.append(mean(vals))
                 ref = r["data"].get("lora_all_params")
                 params += [100 * x["trainable_params"] / ref for x in runs if ref]
                 steps += [x["steps"] for x in runs]
             if not any(c != "—" for c in cells):
                 continue
-            overall = f"{100 * mean(means):.2f}" if len(means) == len(suites) else "—"
+            overall = f"{100 * mean(means):.2f}" if len(means) == sum(signal) else "—"
             L.append(f"| `{label}`: {what} | {fmt(mean(params), 0)}% | {fmt(median(steps), 0)} | "
                      + " | ".join(cells) + f" | {overall} |")
         chosen = [r for r in suites if (r.get("lr_choice") or {}).get("methods")]
@@ -863,29 +874,30 @@ def fair_section(results: Path, out: Path, img: Path, plots: bool = True) -> lis
                 L.append(f"| `{label}` | " + " | ".join(cells) + " |")
         L += ["", "Paired differences A − B on the same seeds, in points (wins of A / paired seeds; **bold**: "
               "larger than the larger of the two seed stds):", "",
-              "| A − B | what it asks | " + " | ".join(tasks) + " | mean over tasks |", "|---" * (len(tasks) + 3) + "|"]
-        pairs = {r["data"]["task"]: fair_pairs(r) for r in suites}
+              "| A − B | what it asks | " + " | ".join(tasks) + f" | {mean_head} |", "|---" * (len(tasks) + 3) + "|"]
         for a, b, what in FAIR_PAIRS:
             cells, got = [], []
-            for t in tasks:
+            for t, counts in zip(tasks, signal):
                 p = pairs[t][(a, b)]
                 if p is None:
                     cells.append("—")
                     continue
-                got.append(p["margin"])
+                if counts:
+                    got.append(p["margin"])
                 text = f"{_points(p['margin'])} ({p['wins']}/{len(p['seeds'])})"
                 cells.append(f"**{text}**" if p["exceeds"] else text)
             if got:
-                overall = _points(mean(got)) if len(got) == len(tasks) else "—"
+                overall = _points(mean(got)) if len(got) == sum(signal) else "—"
                 L.append(f"| `{a}` − `{b}` | {what} | " + " | ".join(cells) + f" | {overall} |")
         flat = [r["data"]["task"] for r in suites if _no_signal(r)]
         if flat:
             L += ["", f"**No signal on {', '.join(flat)}**: every finished run there scored the same (the majority "
-                  "class), so those tasks add zeros to every difference and say nothing about the methods."]
-        L += ["", "Goals of issue #14 on this protocol:", "", *fair_goals(suites), ""]
+                  "class), so those tasks add zeros to every difference and say nothing about the methods; the "
+                  "means over tasks and the goals leave them out."]
+        L += ["", "Goals of issue #14 on this protocol:", "", *fair_goals(suites, pairs), ""]
         png = img / f"{prefix}paired.png"
         if plots:
-            plot_fair(suites, png, f"Fair comparison, {length}: paired differences per task")
+            plot_fair(suites, png, f"Fair comparison, {length}: paired differences per task", pairs)
         L += [f"![paired differences, {length}]({rel(png, out)})", ""]
         skipped = [j for r in suites for j in r.get("skipped", [])]
         failed = [(r["data"]["task"], jid, rec["error"]) for r in suites for jid, rec in r["jobs"].items()

@@ -78,10 +78,12 @@ suite() {
     fairlr_sst2) echo "$DIFFORA compare --task sst2 --data-dir $GLUE/SST-2 $FAIRLR --output-dir $OUT/fairlr_sst2" ;;
     fairlr_tweets) echo "$DIFFORA compare --task tweets --max-eval-samples 1000 $FAIRLR --output-dir $OUT/fairlr_tweets" ;;
     fairlr_mrpc) echo "$DIFFORA compare --task mrpc --data-dir $GLUE/MRPC $FAIRLR --output-dir $OUT/fairlr_mrpc" ;;
+    fairlr_bbc) echo "$DIFFORA compare --task bbc-news --max-eval-samples 1000 $FAIRLR --output-dir $OUT/fairlr_bbc" ;;
     fairlr_cola) echo "$DIFFORA compare --task cola --data-dir $GLUE/CoLA $FAIRLR --output-dir $OUT/fairlr_cola" ;;
     fair3_sst2) echo "$DIFFORA compare --task sst2 --data-dir $GLUE/SST-2 $FAIR3 --output-dir $OUT/fair3_sst2" ;;
     fair3_tweets) echo "$DIFFORA compare --task tweets --max-eval-samples 1000 $FAIR3 --output-dir $OUT/fair3_tweets" ;;
     fair3_mrpc) echo "$DIFFORA compare --task mrpc --data-dir $GLUE/MRPC $FAIR3 --output-dir $OUT/fair3_mrpc" ;;
+    fair3_bbc) echo "$DIFFORA compare --task bbc-news --max-eval-samples 1000 $FAIR3 --output-dir $OUT/fair3_bbc" ;;
     fair3_cola) echo "$DIFFORA compare --task cola --data-dir $GLUE/CoLA $FAIR3 --output-dir $OUT/fair3_cola" ;;
     # issue 14's causal-LM goal: SmolLM2-135M-Instruct, BBC headlines (benchmarks/smollm2_data.py writes the JSONL
     # first), held-out NLL of the headline tokens; 480 pairs (60 steps), a 12-step search
@@ -106,12 +108,12 @@ suite() {
             diffora[lr=1e-3] lora-all[lr=1e-3] diffora[lr=2e-3] lora-all[lr=2e-3] adalora --output-dir $OUT/tweets_lr" ;;
     sst2_lora_lr) echo "$DIFFORA compare $HOLDOUT $COMMON --seeds 0 --eval-points 1 --methods lora-all[lr=2e-3]
             lora-all[lr=5e-3] lora-all[lr=1e-2] --output-dir $OUT/sst2_lora_lr" ;;
-    *) echo "unknown suite '$1'; choose mrpc, tweets, sst2, fair_sst2, fair_tweets, fair_mrpc, fair_cola, fair_bbc, fairlr_sst2, fairlr_tweets, fairlr_mrpc, fairlr_cola, fair3_sst2, fair3_tweets, fair3_mrpc, fair3_cola, smollm2, sst2_selection, sst2_ablations, sst2_adalora_lr, sst2_lora_lr, tweets_lr or all" >&2
+    *) echo "unknown suite '$1'; choose mrpc, tweets, sst2, fair_sst2, fair_tweets, fair_mrpc, fair_cola, fair_bbc, fairlr_sst2, fairlr_tweets, fairlr_mrpc, fairlr_bbc, fairlr_cola, fair3_sst2, fair3_tweets, fair3_mrpc, fair3_bbc, fair3_cola, smollm2, sst2_selection, sst2_ablations, sst2_adalora_lr, sst2_lora_lr, tweets_lr or all" >&2
        return 2 ;;
   esac
 }
 
-SUITES=(mrpc tweets sst2 fair_sst2 fair_tweets fair_mrpc fair_cola fair_bbc fairlr_sst2 fairlr_tweets fairlr_mrpc fairlr_cola fair3_sst2 fair3_tweets fair3_mrpc fair3_cola smollm2 sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr tweets_lr)
+SUITES=(mrpc tweets sst2 fair_sst2 fair_tweets fair_mrpc fair_cola fair_bbc fairlr_sst2 fairlr_tweets fairlr_mrpc fairlr_bbc fairlr_cola fair3_sst2 fair3_tweets fair3_mrpc fair3_bbc fair3_cola smollm2 sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr tweets_lr)
 print=0
 if [[ "${1:-}" == "--print" ]]; then print=1; shift; fi
 names=("$@")

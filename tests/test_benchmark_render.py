@@ -100,3 +100,11 @@ def test_fair_goals_are_judged_from_the_paired_scores():
     lines = "\n".join(render.fair_goals([_fair_results(t, worse, {}) for t in ("a", "b", "c")]))
     assert "≥ AdaLoRA (mean over tasks)*: mean -9.00 points" in lines
     assert "holds on 0 of 3 → **missed** (only 3 of 4 tasks have run)" in lines
+    # a task without signal (every run at the majority class) adds zeros to every difference: it is left out
+    flat = _fair_results("z", {label: (0.5, 0.5, 0.5) for label in good}, {})
+    lines = "\n".join(render.fair_goals(suites + [flat]))
+    assert "Judged on the 4 tasks with signal; left out: z (no signal)." in lines
+    assert "lora-matched by ≥ 1.0 point on the mean over tasks*: mean +2.00 points" in lines
+    assert "holds on 4 of 4 → **holds**" in lines
+    lines = "\n".join(render.fair_goals(suites[:3] + [flat]))
+    assert "holds on 4 of 4" not in lines and "(only 3 of 4 tasks have run)" in lines
