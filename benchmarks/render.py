@@ -26,9 +26,12 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-from diffora.compare import report as shared
-from diffora.compare.report import fmt, human, mean, median, pm
-from diffora.evaluation.metrics import higher_is_better
+from diffora.runtime import quiet_library_loggers
+
+quiet_library_loggers()  # before diffora.compare imports peft, which imports bitsandbytes (it warns at import)
+from diffora.compare import report as shared  # noqa: E402
+from diffora.compare.report import fmt, human, mean, median, pm  # noqa: E402
+from diffora.evaluation.metrics import higher_is_better  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_ORDER = ["mrpc", "tweets", "sst2"]
