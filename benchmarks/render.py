@@ -719,8 +719,9 @@ def fair_goals(suites: list[dict], pairs: Optional[dict[str, dict]] = None) -> l
     def verdict(ok: bool) -> str:
         return "**holds**" if ok else "**missed**"
 
-    flat = [r["data"]["task"] for r in suites if _no_signal(r)]
-    suites = [r for r in suites if not _no_signal(r)]
+    signal = [not _no_signal(r) for r in suites]
+    flat = [r["data"]["task"] for r, s in zip(suites, signal) if not s]
+    suites = [r for r, s in zip(suites, signal) if s]
     lines, tasks = [], [r["data"]["task"] for r in suites]
     if flat:
         lines.append(f"- Judged on the {len(tasks)} tasks with signal; left out: {', '.join(flat)} (no signal).")
@@ -892,7 +893,7 @@ def fair_section(results: Path, out: Path, img: Path, plots: bool = True) -> lis
             if got:
                 overall = _points(mean(got)) if len(got) == sum(signal) else "—"
                 L.append(f"| `{a}` − `{b}` | {what} | " + " | ".join(cells) + f" | {overall} |")
-        flat = [r["data"]["task"] for r in suites if _no_signal(r)]
+        flat = [t for t, counts in zip(tasks, signal) if not counts]
         if flat:
             L += ["", f"**No signal on {', '.join(flat)}**: every finished run there scored the same (the majority "
                   "class), so those tasks add zeros to every difference and say nothing about the methods; the "
