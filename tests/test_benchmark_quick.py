@@ -18,7 +18,7 @@ from diffora.compare import CompareOptions, compare, parse_methods
 SUITES = ["mrpc", "tweets", "sst2",
           "fair_sst2", "fair_tweets", "fair_mrpc", "fair_cola", "fair_bbc",
           "fairlr_sst2", "fairlr_tweets", "fairlr_mrpc", "fairlr_bbc", "fairlr_cola",
-          "fair3_sst2", "fair3_tweets", "fair3_mrpc", "fair3_bbc", "fair3_cola",
+          "fair3_sst2", "fair3_tweets", "fair3_mrpc", "fair3_bbc", "fair3_cola", "tweets_candidates", "mrpc_candidates",
           "smollm2", "sst2_selection", "sst2_ablations", "sst2_adalora_lr", "sst2_lora_lr", "tweets_lr"]
 
 
