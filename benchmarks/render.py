@@ -542,6 +542,7 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
         "diffora[budget]": "parameter-budget discretisation", "diffora[re-init]": "no weight sharing (fresh LoRA + head)",
         "random_ws": "random modules, but inheriting the same search's weights",
         "diffora[zero_one_1.0]": "FairDARTS zero-one loss weight 1.0", "diffora[gate_lr_0.2]": "gate LR 0.2 (default 0.05)",
+        "diffora[gate_fraction_0.5,gate_lr_0.2]": "gate split 0.5 and gate LR 0.2",
         "random_rho0.25": "random modules, fresh LoRA", "lora_all_r8": "LoRA on all modules",
     }
     for method in groups:
