@@ -548,6 +548,8 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
     for method in groups:
         if method.startswith("adalora[lr="):
             what[method] = f"AdaLoRA (final rank budget = ρ 0.5) at LR {method[len('adalora[lr='):-1]}"
+        elif method.startswith("diffora[default][lr="):
+            what[method] = f"the defaults at LR {method.split('[lr=')[1][:-1]}"
         elif method.startswith("lora_all_r") and "[lr=" in method:
             what[method] = f"LoRA on all modules at LR {method.split('[lr=')[1][:-1]}"
     ref = {r["seed"]: r["final"][m] for r in groups.get(base, [])}
