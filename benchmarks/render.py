@@ -525,6 +525,8 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
              f"{f'; ρ={rho}' if rho else ''}; seeds "
              f"{', '.join(map(str, report['seeds']))})", "",
              "Commands: " + "; ".join(f"`{c}` ({st}, {w / 60:.0f} min)" for c, st, w, _ in report["commands"]) + ".", "",
+             *([f"Majority-class {m} on these rows: {fmt(majority)}; a run at that value learned nothing.", ""]
+               if (majority := (report["data"].get("majority_baseline") or {}).get(m)) is not None else []),
              f"| variant | what changes | seeds | {m} (held-out train split) | paired diff vs default (same seeds) | "
              f"trainable params | search s | kept-module overlap across seeds (Jaccard) |", "|---|---|---|---|---|---|---|---|"]
     cfg = next((x["config"] for x in report.get("searches", []) if x["variant"] == "default"), {})
