@@ -519,6 +519,7 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
     base = "diffora[default]"
     rho = next((r["rho"] for r in report["runs"] if r.get("rho")), None)
     lr_sweep = bool(groups) and all("[lr=" in k for k in groups)
+    majority = (report["data"].get("majority_baseline") or {}).get(m)
     kind = "Ablations" if base in groups else (
         f"Learning-rate sweep ({', '.join(sorted({k.split('[')[0] for k in groups}))})" if lr_sweep else "Held-out runs")
     lines = [f"### {kind} on {report['task']} (evaluated on {report['data']['eval_rows']} rows held out from *train*"
@@ -526,7 +527,7 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
              f"{', '.join(map(str, report['seeds']))})", "",
              "Commands: " + "; ".join(f"`{c}` ({st}, {w / 60:.0f} min)" for c, st, w, _ in report["commands"]) + ".", "",
              *([f"Majority-class {m} on these rows: {fmt(majority)}; a run at that value learned nothing.", ""]
-               if (majority := (report["data"].get("majority_baseline") or {}).get(m)) is not None else []),
+               if majority is not None else []),
              f"| variant | what changes | seeds | {m} (held-out train split) | paired diff vs default (same seeds) | "
              f"trainable params | search s | kept-module overlap across seeds (Jaccard) |", "|---|---|---|---|---|---|---|---|"]
     cfg = next((x["config"] for x in report.get("searches", []) if x["variant"] == "default"), {})

@@ -56,15 +56,15 @@ FAIRLR="$BASE --seeds 0 1 2 --eval-points 1 --max-train-samples 2000 --search-st
   --tune-lr --tune-lr-factors 1 2 4 --holdout-rows 872
   --methods ${FAIRLR_METHODS:-diffora lora-matched lora-all-cm adalora eva random-ws}"
 FAIR3="$FAIR_BASE --epochs 3"
-HOLDOUT="--task sst2 --data-dir $GLUE/SST-2 --max-train-samples 2000 --holdout-rows 872 --eval-on-holdout
-  --search-steps 25 --gate-warmup-steps 8"
+# the ablation protocol: scored on 872 rows held out from the 2,000 training rows, never the dev set
+HELDOUT_ROWS="--max-train-samples 2000 --holdout-rows 872 --eval-on-holdout --search-steps 25 --gate-warmup-steps 8"
+HOLDOUT="--task sst2 --data-dir $GLUE/SST-2 $HELDOUT_ROWS"
 
 # the ablation's two candidate defaults (gate split 0.5, gate LR 0.2; each ahead on held-out SST-2 rows at rho 0.25 by
 # one to two paired stds, 3 seeds), re-tested at the default rho 0.5 on rows held out from train of two other tasks
 CANDIDATE_METHODS="diffora diffora[gate_fraction=0.5] diffora[gate_lr=0.2] diffora[gate_fraction=0.5,gate_lr=0.2]
   random-ws"
-HELDOUT_FAIR="$BASE --seeds 0 1 2 --eval-points 1 --max-train-samples 2000 --holdout-rows 872 --eval-on-holdout
-  --search-steps 25 --gate-warmup-steps 8 --methods $CANDIDATE_METHODS"
+CANDIDATES="$BASE --seeds 0 1 2 --eval-points 1 $HELDOUT_ROWS --methods $CANDIDATE_METHODS"
 
 suite() {
   case "$1" in
@@ -92,8 +92,8 @@ suite() {
     fair3_mrpc) echo "$DIFFORA compare --task mrpc --data-dir $GLUE/MRPC $FAIR3 --output-dir $OUT/fair3_mrpc" ;;
     fair3_bbc) echo "$DIFFORA compare --task bbc-news --max-eval-samples 1000 $FAIR3 --output-dir $OUT/fair3_bbc" ;;
     fair3_cola) echo "$DIFFORA compare --task cola --data-dir $GLUE/CoLA $FAIR3 --output-dir $OUT/fair3_cola" ;;
-    tweets_candidates) echo "$DIFFORA compare --task tweets $HELDOUT_FAIR --output-dir $OUT/tweets_candidates" ;;
-    mrpc_candidates) echo "$DIFFORA compare --task mrpc --data-dir $GLUE/MRPC $HELDOUT_FAIR
+    tweets_candidates) echo "$DIFFORA compare --task tweets $CANDIDATES --output-dir $OUT/tweets_candidates" ;;
+    mrpc_candidates) echo "$DIFFORA compare --task mrpc --data-dir $GLUE/MRPC $CANDIDATES
             --output-dir $OUT/mrpc_candidates" ;;
     # issue 14's causal-LM goal: SmolLM2-135M-Instruct, BBC headlines (benchmarks/smollm2_data.py writes the JSONL
     # first), held-out NLL of the headline tokens; 480 pairs (60 steps), a 12-step search
@@ -113,12 +113,12 @@ suite() {
     sst2_adalora_lr) echo "$DIFFORA compare $HOLDOUT $COMMON --seeds 0 --methods adalora[lr=5e-4] adalora[lr=2e-3]
             adalora[lr=5e-3] adalora[lr=1e-2] --output-dir $OUT/sst2_adalora_lr" ;;
     # is the shared LoRA-family LR (5e-4) what puts DiffoRA 6 points behind AdaLoRA on tweets? held-out tweets rows
-    tweets_lr) echo "$DIFFORA compare --task tweets --max-train-samples 2000 --holdout-rows 872 --eval-on-holdout
-            --search-steps 25 --gate-warmup-steps 8 $BASE --seeds 0 1 --eval-points 1 --methods diffora lora-all
+    tweets_lr) echo "$DIFFORA compare --task tweets $HELDOUT_ROWS $BASE --seeds 0 1 --eval-points 1 --methods diffora lora-all
             diffora[lr=1e-3] lora-all[lr=1e-3] diffora[lr=2e-3] lora-all[lr=2e-3] adalora --output-dir $OUT/tweets_lr" ;;
     sst2_lora_lr) echo "$DIFFORA compare $HOLDOUT $COMMON --seeds 0 --eval-points 1 --methods lora-all[lr=2e-3]
             lora-all[lr=5e-3] lora-all[lr=1e-2] --output-dir $OUT/sst2_lora_lr" ;;
-    *) echo "unknown suite '$1'; choose mrpc, tweets, sst2, fair_sst2, fair_tweets, fair_mrpc, fair_cola, fair_bbc, fairlr_sst2, fairlr_tweets, fairlr_mrpc, fairlr_bbc, fairlr_cola, fair3_sst2, fair3_tweets, fair3_mrpc, fair3_bbc, fair3_cola, tweets_candidates, mrpc_candidates, smollm2, sst2_selection, sst2_ablations, sst2_adalora_lr, sst2_lora_lr, tweets_lr or all" >&2
+    *) local names; names=$(printf '%s, ' "${SUITES[@]}")
+       echo "unknown suite '$1'; choose ${names%, } or all" >&2
        return 2 ;;
   esac
 }
