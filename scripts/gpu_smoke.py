@@ -54,7 +54,7 @@ def _jobs(folder: Path, quick: bool, models: list[str]) -> list[tuple[str, list[
 
 
 def _reload(model: str, adapter: Path, kind: str) -> None:
-    from diffora.models import resolve_model
+    from diffora.data.models import resolve_model
 
     folder = resolve_model(model).path  # the local folder (a packaged GGUF is converted once into the cache)
     cls = "AutoModelForCausalLM" if kind == "causal_lm" else "AutoModelForSequenceClassification"

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import random_batch, tiny_model  # noqa: E402
 
 from diffora import DiffoRAConfig, TrainingError, prepare_search  # noqa: E402
-from diffora.search import default_loss  # noqa: E402
+from diffora.method.search import default_loss  # noqa: E402
 
 
 def scenario(rank: int, mode: str) -> dict:

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from conftest import REPO, synthetic_sentiment
-from diffora.cli import main
+from diffora.cli.app import main
 
 FAST = ["--max-length", "32", "--batch-size", "8", "--search-steps", "6", "--gate-warmup-steps", "2", "--epochs", "1",
         "--quiet"]
@@ -526,12 +526,12 @@ def _(ctx: Ctx) -> Spec:
 
 @case("disk-full-while-saving")
 def _(ctx: Ctx) -> Spec:
-    import diffora.io
+    import diffora.store.io
 
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    ctx.monkeypatch.setattr(diffora.io.os, "fsync", full)
+    ctx.monkeypatch.setattr(diffora.store.io.os, "fsync", full)
     return Spec(ctx.run("--checkpoint-every", "0"), ("no space left on device", "free some disk space", "rerun"))
 
 
@@ -696,9 +696,9 @@ def test_malicious_checkpoint_not_run(ctx: Ctx, capsys) -> None:
 
 def test_disk_full_at_the_end_keeps_checkpoints_and_resume_finishes(ctx: Ctx, capsys, monkeypatch) -> None:
     """A full disk when the outputs are written leaves OUT/checkpoints; after freeing space, --resume finishes."""
-    import diffora.io
+    import diffora.store.io
 
-    real = diffora.io.atomic_write_bytes
+    real = diffora.store.io.atomic_write_bytes
 
     def full_for_metrics(path, data):
         if Path(path).name == "metrics.json":
@@ -706,12 +706,12 @@ def test_disk_full_at_the_end_keeps_checkpoints_and_resume_finishes(ctx: Ctx, ca
         return real(path, data)
 
     argv = ctx.run("--checkpoint-every", "2")
-    monkeypatch.setattr(diffora.io, "atomic_write_bytes", full_for_metrics)
+    monkeypatch.setattr(diffora.store.io, "atomic_write_bytes", full_for_metrics)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no space left on device" in err and "--resume" in err
     assert sorted(p.name for p in ctx.out.iterdir()) == ["checkpoints"]
-    monkeypatch.setattr(diffora.io, "atomic_write_bytes", real)
+    monkeypatch.setattr(diffora.store.io, "atomic_write_bytes", real)
     assert main([*argv, "--resume"]) == 0
     assert {p.name for p in ctx.out.iterdir()} == {"adapter", "dam.json", "dam.png", "metrics.json"}
 
@@ -738,7 +738,7 @@ def test_trust_remote_code_is_off_unless_asked(ctx: Ctx, monkeypatch, capsys, fl
 
 # --------------------------------------------------------------------------------------- config path rules
 def test_config_paths_are_relative_to_the_config_file(ctx: Ctx, monkeypatch) -> None:
-    from diffora.cli import parse
+    from diffora.cli.app import parse
 
     folder = Path(ctx.folder("project/configs"))
     (folder / "data").mkdir()
@@ -754,7 +754,7 @@ def test_config_paths_are_relative_to_the_config_file(ctx: Ctx, monkeypatch) -> 
 
 @pytest.mark.parametrize("value", ["/tmp/elsewhere", "../sibling", ".", "~/runs", "link/out", "a/../../b"])
 def test_config_cannot_write_outside_its_folder(ctx: Ctx, value: str) -> None:
-    from diffora.cli import parse
+    from diffora.cli.app import parse
     from diffora.errors import ConfigError
 
     folder = Path(ctx.folder("cfg"))

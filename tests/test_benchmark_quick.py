@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from conftest import REPO, load_benchmark, synthetic_sentiment
-from diffora import cli
+from diffora.cli import app as cli
 from diffora.compare import CompareOptions, compare, parse_methods
 
 SUITES = ["mrpc", "tweets", "sst2",

@@ -8,7 +8,7 @@ import torch
 
 from conftest import load_benchmark, tiny_model
 from diffora import DiffoRAConfig, find_candidates
-from diffora.gates import DAMGates
+from diffora.method.gates import DAMGates
 
 
 @pytest.mark.parametrize("form", ["sigmoid", "softmax"])

@@ -3,7 +3,7 @@ import transformers
 from torch import nn
 
 from diffora import ModelError, find_candidates
-from diffora.candidates import detect_task_heads
+from diffora.method.candidates import detect_task_heads
 
 from conftest import tiny_model
 

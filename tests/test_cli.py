@@ -173,7 +173,7 @@ def test_help_lists_the_documented_flags():
 
 
 def test_config_file_and_flags(tmp_path, tiny_bert_dir, sentiment_files):
-    from diffora.cli import parse
+    from diffora.cli.app import parse
 
     (tmp_path / "c.yaml").write_text("rank: 4\nkeep-ratio: 0.25\ntask: mrpc\n")
     _, opts, _ = parse(["run", "--config", str(tmp_path / "c.yaml"), "--rank", "2"])

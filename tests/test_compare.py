@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import synthetic_sentiment
-from diffora import cli
+from diffora.cli import app as cli
 from diffora.compare import CompareOptions, compare, jobs, runner
 from diffora.errors import ConfigError
-from diffora.options import Options
+from diffora.cli.options import Options
 
 ALL_METHODS = ["diffora", "diffora[keep_ratio=0.25]", "lora-all", "lora-matched", "random", "random-ws", "lora-qv",
                "adalora", "eva", "full"]

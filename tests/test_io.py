@@ -1,4 +1,4 @@
-"""Tests for diffora.io: atomic writes keep the old file on failure, and loading never runs pickled code."""
+"""Tests for diffora.store.io: atomic writes keep the old file on failure, and loading never runs pickled code."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffora import io as dio
+from diffora.store import io as dio
 from diffora.errors import DiffoRAError
 
 

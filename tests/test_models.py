@@ -1,4 +1,4 @@
-"""Tests for diffora.models: name resolution, loading for each task, GGUF conversion.
+"""Tests for diffora.data.models: name resolution, loading for each task, GGUF conversion.
 
 Tiny BERT/Llama models are built from configs into temporary folders, so nothing is downloaded. One slow test
 converts the real packaged SmolLM2 GGUF model (skipped when the package is not installed).
@@ -31,7 +31,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from diffora import models
+from diffora.data import models
 from diffora.errors import ConfigError, DiffoRAError, ModelError
 
 WORDS = ["the", "movie", "was", "good", "bad", "great", "awful", "plot", "a", "very"]

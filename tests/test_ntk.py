@@ -10,7 +10,7 @@ from torch.func import functional_call, grad
 
 from conftest import random_batch, randomize_lora_b, tiny_model
 from diffora import ConfigError, DAMGrid, DataError, DiffoRAConfig, ModelError, prepare_search, select_modules
-from diffora.ntk import (
+from diffora.select.ntk import (
     ModuleKernels,
     _random_sets,
     greedy_ntk_selection,
@@ -28,7 +28,7 @@ def search_for(arch: str, kind: str = "seq_cls"):
 
 def brute_force_kernel(search, names, batches, n):
     """K = J J^T with J the per-example gradient of the loss w.r.t. the concatenated LoRA A/B of ``names``,
-    via torch.func (functional_call + grad), independent of diffora.ntk."""
+    via torch.func (functional_call + grad), independent of diffora.select.ntk."""
     base = search.model.get_base_model()
     keys = [f"{m}.lora_{x}.{search.adapter_name}.weight" for m in names for x in ("A", "B")]
     params = {k: base.get_parameter(k).detach().clone() for k in keys}

@@ -98,7 +98,7 @@ print(json.dumps(shapes)); assert "diffora" not in sys.modules
 def test_concentrated_export_computes_what_the_plain_export_computes():
     """Weight sharing into wider branches is exact: rank r -> r' adds zero columns to B at the same scale."""
     from diffora import DiffoRAConfig, prepare_search
-    from diffora.ranks import concentrate_ranks
+    from diffora.select.ranks import concentrate_ranks
 
     def searched():
         search = prepare_search(tiny_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),

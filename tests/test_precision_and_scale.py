@@ -163,7 +163,7 @@ def test_impossible_combinations_are_one_line_errors(flags, words, tiny_bert_dir
 
 
 def test_a_second_run_on_the_same_output_dir_refuses(tiny_bert_dir, sentiment, tmp_path):
-    from diffora.outputs import output_lock
+    from diffora.cli.outputs import output_lock
 
     train, dev = sentiment
     out = tmp_path / "out"
@@ -178,13 +178,13 @@ def test_a_second_run_on_the_same_output_dir_refuses(tiny_bert_dir, sentiment, t
 
 def test_out_of_memory_is_one_line_exit_1_and_keeps_the_checkpoint(tiny_bert_dir, sentiment, tmp_path, monkeypatch,
                                                                    capsys):
-    import diffora.pipeline
-    from diffora.cli import main
+    import diffora.cli.commands
+    from diffora.cli.app import main
 
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(diffora.pipeline, "finetune", no_memory)  # the search ran; fine-tuning runs out of memory
+    monkeypatch.setattr(diffora.cli.commands, "finetune", no_memory)  # the search ran; fine-tuning runs out of memory
     train, dev = sentiment
     out = tmp_path / "out"
     code = main(["run", "--task", "classification", "--train-file", str(train), "--eval-file", str(dev), "--model",
@@ -205,9 +205,9 @@ def test_sharded_launch_is_refused_before_loading(kind, monkeypatch):
 
     import accelerate
 
-    import diffora.pipeline
+    import diffora.cli.commands
     from diffora.errors import ConfigError
-    from diffora.options import Options
+    from diffora.cli.options import Options
 
     class Sharded:
         distributed_type = enum.Enum("DistributedType", kind).__members__[kind]
@@ -217,21 +217,21 @@ def test_sharded_launch_is_refused_before_loading(kind, monkeypatch):
 
     monkeypatch.setattr(accelerate, "Accelerator", Sharded)
     with pytest.raises(ConfigError, match=f"sharded training \\({kind}\\).*plain data parallel") as info:
-        diffora.pipeline.build_accelerator(Options())
+        diffora.cli.commands.build_accelerator(Options())
     assert "\n" not in str(info.value)
 
 
 def test_4bit_without_bitsandbytes_is_a_one_line_error(monkeypatch):
     import importlib.util
 
-    import diffora.models
+    import diffora.data.models
     from diffora.errors import ConfigError
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(diffora.models.importlib.util, "find_spec",
+    monkeypatch.setattr(diffora.data.models.importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ConfigError, match="--load-in-4bit needs bitsandbytes: pip install bitsandbytes"):
-        diffora.models.check_4bit_support("cpu")
+        diffora.data.models.check_4bit_support("cpu")
 
 
 def test_4bit_search_and_finetune_end_to_end_on_the_cpu(tiny_llama64_dir, tmp_path):

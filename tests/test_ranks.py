@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from conftest import VOCAB, random_batch, randomize_lora_b
 from diffora import ConfigError, find_candidates, select_modules
-from diffora.ranks import concentrate_ranks, lora_params_for_ranks, rank_pattern_for, transfer_lora_weights
+from diffora.select.ranks import concentrate_ranks, lora_params_for_ranks, rank_pattern_for, transfer_lora_weights
 
 RANK = 4
 

@@ -15,7 +15,7 @@ import torch
 
 from diffora import runtime
 from diffora.errors import ConfigError, DiffoRAError
-from diffora.io import load_safetensors, save_safetensors_atomic
+from diffora.store.io import load_safetensors, save_safetensors_atomic
 
 
 @pytest.fixture(autouse=True)

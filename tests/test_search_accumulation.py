@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffora import ConfigError, DiffoRAConfig, prepare_search
-from diffora.search import MicroBatches
+from diffora.method.search import MicroBatches
 
 from conftest import random_batch, randomize_lora_b, tiny_model
 

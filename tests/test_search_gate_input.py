@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from diffora import DiffoRAConfig, prepare_search
-from diffora.candidates import iter_cells
-from diffora.gates import DAMGates, GateHooks
+from diffora.method.candidates import iter_cells
+from diffora.method.gates import DAMGates, GateHooks
 
 from conftest import random_batch, randomize_lora_b, tiny_model
 

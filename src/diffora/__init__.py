@@ -1,13 +1,14 @@
 """diffora: learn which transformer modules get LoRA (DiffoRA's Differential Adaptation Matrix), then export a
 plain PEFT LoRA adapter.
 
-Pipeline (one module each)::
+Pipeline::
 
-    candidates  ->  gates  ->  search (+ second_order)  ->  discretize  ->  export  ->  train  ->  evaluation
-    DAM grid        relaxed    bi-level optimisation       keep top rho    PEFT LoRA
+    method.candidates -> method.gates -> method.search -> select (quota + strategy) -> method.export -> train
+    DAM grid             relaxed         bi-level           keep top rho                 PEFT LoRA
 
-The CLI is ``options`` (every flag) -> ``loading`` (data, model) -> ``pipeline`` (the four commands) ->
-``outputs`` (the output folder); see README's "How the code is laid out".
+    -> evaluation; store (files), data (examples, models); cli, compare and integrations sit on top.
+
+See README's "How the code is laid out".
 """
 
 __version__ = "0.1.0"
@@ -15,12 +16,12 @@ __version__ = "0.1.0"
 # The public names load their submodule on first use (PEP 562), so ``import diffora.cli`` imports neither torch's
 # heavy dependants nor peft (and through it bitsandbytes) before the CLI has set up its logging.
 _EXPORTS = {
-    "DAMGrid": "candidates", "detect_task_heads": "candidates", "find_candidates": "candidates",
-    "DiffoRAConfig": "config", "Selection": "discretize", "select_modules": "discretize",
+    "DAMGrid": "method.candidates", "detect_task_heads": "method.candidates", "find_candidates": "method.candidates",
+    "DiffoRAConfig": "method.config", "Selection": "select.quota", "select_modules": "select.quota",
     "ConfigError": "errors", "DataError": "errors", "DiffoRAError": "errors", "ModelError": "errors",
-    "SearchStateError": "errors", "TrainingError": "errors", "infer_task_type": "export",
-    "lora_config_for": "export", "DAMGates": "gates", "load_record": "record", "plot_dam": "record",
-    "DAMSearch": "search", "prepare_search": "search",
+    "SearchStateError": "errors", "TrainingError": "errors", "infer_task_type": "method.export",
+    "lora_config_for": "method.export", "DAMGates": "method.gates", "load_record": "store.record", "plot_dam": "store.record",
+    "DAMSearch": "method.search", "prepare_search": "method.search",
 }
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .checkpoint import Checkpointer, ResumableLoader
+from .store.checkpoint import Checkpointer, ResumableLoader
 from .errors import ConfigError, TrainingError
 
 EvalFn = Callable[[nn.Module], dict[str, float]]

@@ -20,8 +20,8 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..errors import DataError
-from ..loading import TaskData, encode, load_model, load_task_data, make_loader
-from ..options import Options
+from ..cli.loading import TaskData, encode, load_model, load_task_data, make_loader
+from ..cli.options import Options
 
 #: seed of the held-out split (the benchmark's ablation split used the same one)
 HOLDOUT_SEED = 1234

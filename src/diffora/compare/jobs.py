@@ -21,24 +21,24 @@ from typing import Any, Optional
 
 import torch
 
-from ..candidates import DAMGrid, detect_task_heads, find_candidates
-from ..config import SELECTION_SCORES
-from ..discretize import Selection, select_modules
+from ..method.candidates import DAMGrid, detect_task_heads, find_candidates
+from ..method.config import SELECTION_SCORES
+from ..select.quota import Selection, select_modules
 from ..errors import ConfigError, TrainingError
 from ..evaluation.metrics import higher_is_better
 from ..evaluation.predict import evaluate_model
-from ..export import count_trainable, infer_task_type, lora_config_for
-from ..io import atomic_write_bytes, torch_load_safe
-from ..loading import load_model
-from ..options import Options
+from ..method.export import count_trainable, infer_task_type, lora_config_for
+from ..store.io import atomic_write_bytes, torch_load_safe
+from ..cli.loading import load_model
+from ..cli.options import Options
 from ..runtime import seed_everything
-from ..search import prepare_search
-from ..selection import allocate_ranks, choose_modules, search_kernels
-from ..splits import split_for_search
+from ..method.search import prepare_search
+from ..select.choose import allocate_ranks, choose_modules, search_kernels
+from ..data.splits import split_for_search
 from ..train import finetune
 from .data import OnDevice, Prepared, device, eval_loader, loader, prepared
 
-#: column labels (see diffora.candidates.PRESETS) and type suffixes of the query and value projections
+#: column labels (see diffora.method.candidates.PRESETS) and type suffixes of the query and value projections
 QV_LABELS = ("query", "value", "q", "v")
 QV_SUFFIXES = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin", "c_attn")
 #: EVA's SVD sees at most this many batches (it stops earlier once its components converge)
@@ -162,7 +162,7 @@ def all_modules(grid: DAMGrid, rank: int) -> Selection:
 def matched_ranks(grid: DAMGrid, rank: int, target_lora_params: int) -> dict[str, int]:
     """Integer ranks for every candidate whose LoRA parameters come as close to ``target_lora_params`` as a +1 on
     one module allows (never above it): the largest common rank that fits, then +1 on modules in grid order."""
-    from ..ranks import concentrate_ranks
+    from ..select.ranks import concentrate_ranks
 
     return concentrate_ranks(grid, all_modules(grid, rank), rank, mode="uniform", budget_params=int(target_lora_params))
 
@@ -295,7 +295,7 @@ def build_model(job: dict, opts: Options, prep: Prepared, model, train_loader) -
         kept = qv_modules(grid)
         return _fresh_lora(model, lora(kept, opts.rank), seed), kept, info
     if family == "lora-matched":
-        from ..ranks import rank_pattern_for
+        from ..select.ranks import rank_pattern_for
 
         ranks = matched_ranks(grid, opts.rank, job["target_lora_params"])
         base = statistics.mode(ranks.values())

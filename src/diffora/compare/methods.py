@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import ConfigError
-from ..options import Options, option_kinds
+from ..cli.options import Options, option_kinds
 
 #: options that change the DAM search itself (two methods with equal values share one search per seed)
 SEARCH_KEYS = ("rank", "alpha", "lora_dropout", "gate", "order", "gate_fraction", "search_epochs", "search_steps",

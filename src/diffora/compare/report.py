@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-from ..io import atomic_write_text
+from ..store.io import atomic_write_text
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -320,9 +320,9 @@ def paired_section(results: dict, groups: dict[str, list[dict]]) -> list[str]:
 
 def dam_heatmaps(results: dict, out: Path) -> list[Path]:
     """One DAM heatmap per search of the main comparison, with the modules its DiffoRA method kept outlined."""
-    from ..candidates import DAMGrid
-    from ..discretize import select_modules
-    from ..record import plot_dam
+    from ..method.candidates import DAMGrid
+    from ..select.quota import select_modules
+    from ..store.record import plot_dam
 
     opts = results["options"]
     paths = []

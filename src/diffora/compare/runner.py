@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import ConfigError, DataError
-from ..io import atomic_write_json
-from ..options import Options
+from ..store.io import atomic_write_json
+from ..cli.options import Options
 from .data import Prepared, load_split, prepared
 from .methods import FAMILIES, Method, parse_methods, search_key, search_label
 from .settings import CompareOptions
@@ -62,7 +62,7 @@ def compare(options: Optional[Options] = None, settings: Optional[CompareOptions
     setting_names = {f.name for f in fields(CompareOptions)}
     unknown = sorted(set(kwargs) - option_names - setting_names)
     if unknown:
-        raise ConfigError(f"compare() got unknown option(s) {unknown}; options are the fields of diffora.options.Options "
+        raise ConfigError(f"compare() got unknown option(s) {unknown}; options are the fields of diffora.cli.options.Options "
                           "and diffora.compare.CompareOptions")
     opt_kw = {k: v for k, v in kwargs.items() if k in option_names}
     set_kw = {k: v for k, v in kwargs.items() if k in setting_names}
@@ -103,10 +103,10 @@ class Comparison:
     # .............................................................................. validation, before any job
     def validate(self) -> None:
         """Every option, the data and the model, checked before the first job (one-line errors)."""
-        from ..candidates import detect_task_heads, find_candidates
-        from ..discretize import select_modules
-        from ..loading import load_model
-        from ..splits import split_for_search
+        from ..method.candidates import detect_task_heads, find_candidates
+        from ..select.quota import select_modules
+        from ..cli.loading import load_model
+        from ..data.splits import split_for_search
         from .jobs import eva_check, finetune_steps, qv_modules, search_steps
 
         opts, s = self.opts, self.settings
@@ -556,8 +556,8 @@ class Scheduler:
 
             job.payload["search_passes"] = search_passes(search)
         if job.payload["family"] == "lora-matched":  # DiffoRA's realised LoRA parameters for these options
-            from ..candidates import DAMGrid
-            from ..discretize import select_modules
+            from ..method.candidates import DAMGrid
+            from ..select.quota import select_modules
 
             o = Options(**job.payload["options"])
             grid = DAMGrid.from_dict(search["record"]["grid"])

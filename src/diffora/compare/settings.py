@@ -1,7 +1,7 @@
-"""The options of ``diffora compare`` on top of :class:`diffora.options.Options`: which methods, which seeds, how
+"""The options of ``diffora compare`` on top of :class:`diffora.cli.options.Options`: which methods, which seeds, how
 many worker processes, the per-method learning rates, the optional learning-rate choice on rows held out from the
 training data, and the timing block. Field metadata is the ``--help`` text and the ``--config`` file keys, as for
-:class:`~diffora.options.Options`."""
+:class:`~diffora.cli.options.Options`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from ..options import field_kinds
+from ..cli.options import field_kinds
 
 #: what ``diffora compare`` runs when ``--methods`` is not given: DiffoRA with the library defaults, LoRA on every
 #: candidate, the same at DiffoRA's parameter count, the two random-selection controls and the two adaptive-rank

@@ -273,7 +273,7 @@ def _load_from_hub(spec: TaskSpec, split: str) -> Examples:
         raise DataError(
             f"task {spec.name!r}: no --data-dir given and the 'datasets' package is not installed; {hint}"
         ) from None
-    from diffora.models import hub_offline_if_unreachable  # imports torch: only this fallback needs it
+    from diffora.data.models import hub_offline_if_unreachable  # imports torch: only this fallback needs it
 
     try:
         with hub_offline_if_unreachable():  # no network: fail (or use the cache) at once instead of retrying ~30 s

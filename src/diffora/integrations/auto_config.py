@@ -27,12 +27,12 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..splits import split_for_search
-from ..config import DiffoRAConfig
-from ..discretize import Selection
+from ..data.splits import split_for_search
+from ..method.config import DiffoRAConfig
+from ..select.quota import Selection
 from ..errors import ConfigError, DataError, ModelError
-from ..export import infer_task_type, lora_config_for
-from ..search import LossFn, default_loss, prepare_search
+from ..method.export import infer_task_type, lora_config_for
+from ..method.search import LossFn, default_loss, prepare_search
 
 __all__ = ["AutoLoraResult", "DEFAULT_MAX_SEARCH_STEPS", "auto_lora_config", "has_adapters", "split_indices"]
 

@@ -48,9 +48,9 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..discretize import Selection
+from ..select.quota import Selection
 from ..errors import ConfigError, DataError, SearchStateError
-from ..search import DAMSearch
+from ..method.search import DAMSearch
 
 __all__ = [
     "GATE_SPLIT",

@@ -42,11 +42,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..config import DiffoRAConfig
-from ..discretize import Selection
+from ..method.config import DiffoRAConfig
+from ..select.quota import Selection
 from ..errors import ConfigError, DataError, ModelError, SearchStateError
-from ..search import DAMSearch, LossFn, prepare_search
-from ..splits import split_for_search
+from ..method.search import DAMSearch, LossFn, prepare_search
+from ..data.splits import split_for_search
 from .auto_config import has_adapters
 from .callback import (
     GATE_SPLIT,
@@ -94,7 +94,7 @@ class DiffoRAPhase:
         eval_dataset: search phase: a dict with the gate split under ``GATE_SPLIT`` plus your eval set(s) (a single
             eval set is under ``"eval"``; DiffoRA takes the gate split out again, and restores a single eval set,
             right after the trainer is built, so neither is renamed in the metrics); train phase: your eval set(s).
-        search: the :class:`~diffora.search.DAMSearch` (betas, gate optimiser, history).
+        search: the :class:`~diffora.method.search.DAMSearch` (betas, gate optimiser, history).
     """
 
     name: str
@@ -134,7 +134,7 @@ class DiffoRARun:
         """``trainer.save_model(output_dir)`` (a stock PEFT adapter: ``adapter_config.json`` +
         ``adapter_model.safetensors``) plus ``dam.json`` and ``dam.png``; default folder ``trainer.args.output_dir``.
         Call it on every process (the host saves on the main one)."""
-        from ..record import plot_dam
+        from ..store.record import plot_dam
 
         out = Path(output_dir if output_dir is not None else self.trainer.args.output_dir)
         self.trainer.save_model(str(out))

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .candidates import DAMGrid
-from .errors import DataError
+from ..method.candidates import DAMGrid
+from ..errors import DataError
 
-#: the ``format`` field of a record; :meth:`diffora.search.DAMSearch.record` writes it
+#: the ``format`` field of a record; :meth:`diffora.method.search.DAMSearch.record` writes it
 RECORD_FORMAT = "diffora.dam/1"
 
 

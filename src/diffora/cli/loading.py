@@ -8,12 +8,12 @@ from typing import Any, Optional, Union
 import torch
 from torch.utils.data import DataLoader
 
-from .data import encode as enc
-from .data.packaged import PACKAGED_DATASETS, PACKAGED_TASKS, load_packaged
-from .data.readers import Examples, LMExamples, build_lm_examples, load_examples, read_records
-from .data.tasks import GLUE_TASKS, TaskSpec, get_task, load_task_file, load_task_split
-from .errors import ConfigError, DataError
-from .models import load_model_and_tokenizer
+from ..data import encode as enc
+from ..data.packaged import PACKAGED_DATASETS, PACKAGED_TASKS, load_packaged
+from ..data.readers import Examples, LMExamples, build_lm_examples, load_examples, read_records
+from ..data.tasks import GLUE_TASKS, TaskSpec, get_task, load_task_file, load_task_split
+from ..errors import ConfigError, DataError
+from ..data.models import load_model_and_tokenizer
 from .options import Options
 
 GENERIC_TASKS = ("classification", "regression", "causal_lm")

@@ -12,24 +12,24 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from .candidates import detect_task_heads
-from .checkpoint import Checkpointer, ResumableLoader
-from .discretize import select_modules
-from .errors import ConfigError, DataError, ModelError, ResourceError, TrainingError
-from .evaluation.metrics import higher_is_better, majority_baseline
-from .evaluation.predict import evaluate_model
-from .export import count_trainable, infer_task_type, lora_config_for
-from .io import atomic_write_json
+from ..method.candidates import detect_task_heads
+from ..store.checkpoint import Checkpointer, ResumableLoader
+from ..select.quota import select_modules
+from ..errors import ConfigError, DataError, ModelError, ResourceError, TrainingError
+from ..evaluation.metrics import higher_is_better, majority_baseline
+from ..evaluation.predict import evaluate_model
+from ..method.export import count_trainable, infer_task_type, lora_config_for
+from ..store.io import atomic_write_json
 from .loading import TaskData, encode, load_model, load_task_data, make_loader
-from .models import check_4bit_support
+from ..data.models import check_4bit_support
 from .options import Options
 from .outputs import RESUME_VOLATILE, check_output_dir, check_output_file, json_safe, output_lock, write_outputs
-from .record import load_record
-from .runtime import peak_gpu_mib, peak_rss_mib, seed_everything
-from .search import prepare_search
-from .selection import allocate_ranks, choose_modules, diagnostic, search_kernels
-from .splits import split_for_search
-from .train import finetune
+from ..store.record import load_record
+from ..runtime import peak_gpu_mib, peak_rss_mib, seed_everything
+from ..method.search import prepare_search
+from ..select.choose import allocate_ranks, choose_modules, diagnostic, search_kernels
+from ..data.splits import split_for_search
+from ..train import finetune
 
 
 def build_accelerator(opts: Optional[Options] = None):

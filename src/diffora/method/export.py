@@ -25,9 +25,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from .candidates import DAMGrid
-from .discretize import Selection
-from .errors import SearchStateError
-from .ranks import rank_pattern_for, transfer_lora_weights
+from ..select.quota import Selection
+from ..errors import SearchStateError
+from ..select.ranks import rank_pattern_for, transfer_lora_weights
 
 _TASK_TYPES = {
     "ForSequenceClassification": "SEQ_CLS",
@@ -117,7 +117,7 @@ def build_exported_model(
     """Wrap the search's base model (LoRA layers removed) in a stock PEFT model; copy ``shared`` into it.
 
     A module whose exported rank differs from the search's (``config.rank_pattern``) gets an equivalent branch
-    (:func:`diffora.ranks.transfer_lora_weights`; ``search_scaling`` = the search's ``alpha / r``)."""
+    (:func:`diffora.select.ranks.transfer_lora_weights`; ``search_scaling`` = the search's ``alpha / r``)."""
     lora, head_states = shared
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

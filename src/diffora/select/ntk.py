@@ -12,7 +12,7 @@ gradients. Gradient descent in the linearised regime converges at a rate set by 
 module set with a larger smallest eigenvalue fits every example faster. The DiffoRA paper argues that the module
 set matters through this :math:`\lambda_{\min}`; it does not give a selection procedure. Everything operational
 here — per-module kernels from one backward per example, greedy maximisation under the same cardinality and budget
-rules as :func:`diffora.discretize.select_modules`, and the random-set diagnostic — is our reconstruction.
+rules as :func:`diffora.select.quota.select_modules`, and the random-set diagnostic — is our reconstruction.
 
 Why greedy: maximising :math:`\lambda_{\min}` of a sum of PSD matrices over subsets is a combinatorial problem
 (:math:`\lambda_{\min}` is monotone and concave in the weights but not submodular in general), and exhaustive search
@@ -32,9 +32,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .candidates import DAMGrid, iter_cells
-from .discretize import Selection, select_modules
-from .errors import ConfigError, DataError, ModelError, TrainingError
+from ..method.candidates import DAMGrid, iter_cells
+from .quota import Selection, select_modules
+from ..errors import ConfigError, DataError, ModelError, TrainingError
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -103,7 +103,7 @@ def module_kernels(
 
     The model is evaluated in eval mode (no dropout) and its modes are restored; parameter values and ``.grad``
     are left untouched (gradients come from ``torch.autograd.grad``, which writes no ``.grad``). On a
-    :class:`~diffora.search.DAMSearch` model the gate hooks stay on, so this is the kernel of the gated model.
+    :class:`~diffora.method.search.DAMSearch` model the gate hooks stay on, so this is the kernel of the gated model.
     """
     if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 2:
         raise ConfigError(f"max_examples must be an integer >= 2 (a kernel needs two examples), got {max_examples!r}")
@@ -112,7 +112,7 @@ def module_kernels(
     if len(set(modules)) != len(modules):
         raise ConfigError("module_kernels got the same module name twice")
     if loss_fn is None:
-        from .search import default_loss
+        from ..method.search import default_loss
 
         loss_fn = default_loss
     params = _lora_params(peft_model, modules, adapter_name)

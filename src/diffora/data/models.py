@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from diffora.errors import ConfigError, ModelError
-from diffora.io import atomic_dir
+from diffora.store.io import atomic_dir
 from diffora.runtime import installed_package_dir
 
 if TYPE_CHECKING:

@@ -1,15 +1,15 @@
 """Step 4 of a finished search, for the pipeline and ``diffora compare`` alike: which modules to keep (the gate
-ranking of :mod:`diffora.discretize`, or the NTK selection of :mod:`diffora.ntk`) and, optionally, which rank each
-kept module gets (budget concentration, :mod:`diffora.ranks`). Functions of the search's public state."""
+ranking of :mod:`diffora.select.quota`, or the NTK selection of :mod:`diffora.select.ntk`) and, optionally, which rank each
+kept module gets (budget concentration, :mod:`diffora.select.ranks`). Functions of the search's public state."""
 
 from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
-from .discretize import Selection
+from .quota import Selection
 from .ntk import ModuleKernels, greedy_ntk_selection, module_kernels, ntk_diagnostic
 from .ranks import concentrate_ranks
-from .search import DAMSearch
+from ..method.search import DAMSearch
 
 
 def search_kernels(search: DAMSearch, batches: Iterable[dict], max_examples: int) -> ModuleKernels:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def split_for_search(n: int, gate_fraction: float, seed: int) -> tuple[list[int], list[int]]:

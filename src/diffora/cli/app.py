@@ -1,6 +1,6 @@
 """``diffora`` command line: ``run``, ``search``, ``train``, ``eval``, ``compare``.
 
-Every option is a field of :class:`diffora.options.Options` (its ``help`` metadata is the ``--help`` text), spelled
+Every option is a field of :class:`diffora.cli.options.Options` (its ``help`` metadata is the ``--help`` text), spelled
 with dashes on the command line (``--keep-ratio``) and with dashes or underscores in a ``--config`` YAML/JSON file.
 Command-line flags override the config file. Relative paths in a config file are relative to the file's folder, and
 a config file may only write (``output-dir``, ``output-file``) below that folder (see docs/reliability.md). Errors in
@@ -19,8 +19,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .checkpoint import Interrupted
-from .errors import ConfigError, DiffoRAError
+from ..store.checkpoint import Interrupted
+from ..errors import ConfigError, DiffoRAError
 
 GROUP_TITLES = {
     "data": "data", "model": "model", "search": "DAM search and discretisation", "train": "fine-tuning",
@@ -111,7 +111,7 @@ def _flag_kwargs(name: str, kind: Any, is_list: bool, metavar: str) -> dict[str,
 
 def _add_compare_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``diffora compare`` that ``diffora run`` does not have (:class:`diffora.compare.CompareOptions`)."""
-    from .compare.settings import CompareOptions
+    from ..compare.settings import CompareOptions
 
     section = parser.add_argument_group("comparison")
     for f in fields(CompareOptions):
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="DiffoRA: learn which modules get LoRA (a Differential Adaptation Matrix), fine-tune them, and "
         "export a plain PEFT LoRA adapter.",
     )
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"diffora {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -288,7 +288,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[str, Any, argparse.Name
                 if k not in {"command", "config", "debug"} and not (k in EXTRA_KINDS and v is None)}
     compare_kinds = None
     if args.command == "compare":
-        from .compare.settings import compare_option_kinds
+        from ..compare.settings import compare_option_kinds
 
         compare_kinds = compare_option_kinds()
     values = load_config_file(args.config, overridden=set(explicit), extra_kinds=compare_kinds,
@@ -322,18 +322,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = None
     try:
         command, opts, args = parse(argv)
-        from . import pipeline
+        from . import commands
 
         if command == "run":
-            pipeline.run_job(opts)
+            commands.run_job(opts)
         elif command in ("search", "ntk"):
-            pipeline.search_job(opts)
+            commands.search_job(opts)
         elif command == "train":
-            pipeline.train_job(opts, dam=getattr(args, "dam", None), modules=getattr(args, "modules", None))
+            commands.train_job(opts, dam=getattr(args, "dam", None), modules=getattr(args, "modules", None))
         elif command == "compare":
             _compare(opts, args, sys.argv[1:] if argv is None else list(argv))
         else:
-            pipeline.eval_job(opts, args.adapter, getattr(args, "output_file", None), model_given=args.model_given)
+            commands.eval_job(opts, args.adapter, getattr(args, "output_file", None), model_given=args.model_given)
     except Interrupted as exc:
         print(f"diffora: {exc}", file=sys.stderr)
         return 130
@@ -368,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _compare(opts: Any, args: argparse.Namespace, argv: list[str]) -> None:
     import shlex
 
-    from .compare import CompareOptions, compare
+    from ..compare import CompareOptions, compare
 
     settings = CompareOptions(**args.compare_settings)
     out = Path(opts.output_dir)
@@ -428,7 +428,7 @@ def _quiet_libraries(debug: bool) -> None:
         return
     import warnings
 
-    from .runtime import quiet_library_loggers
+    from ..runtime import quiet_library_loggers
 
     quiet_library_loggers()  # before anything imports those libraries
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

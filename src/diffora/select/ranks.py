@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .candidates import DAMGrid, iter_cells
-from .discretize import Selection
-from .errors import ConfigError
+from ..method.candidates import DAMGrid, iter_cells
+from .quota import Selection
+from ..errors import ConfigError
 
 MODES = ("uniform", "proportional")
 

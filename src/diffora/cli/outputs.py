@@ -19,9 +19,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .errors import ConfigError
-from .io import atomic_dir, atomic_write_json
-from .record import plot_dam
+from ..errors import ConfigError
+from ..store.io import atomic_dir, atomic_write_json
+from ..store.record import plot_dam
 
 try:
     import fcntl

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Optional
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 GateForm = Literal["sigmoid", "softmax"]
 Granularity = Literal["layer", "global", "budget"]
@@ -113,7 +113,7 @@ class DiffoRAConfig:
             "mean over gate steps of -g * dL_gate/dg, the first-order estimate of how much the gate-split loss "
             "would rise if the module's branch were removed (ours; magnitudes, not Adam's sign-driven movement; "
             "sigmoid gates only); 'ntk' = no "
-            "gate ranking: choose the set that maximises lambda_min of the LoRA kernel H(S) (diffora.ntk; the "
+            "gate ranking: choose the set that maximises lambda_min of the LoRA kernel H(S) (diffora.select.ntk; the "
             "paper's convergence argument made operational, ours), computed on gate-split examples."
         },
     )

@@ -21,9 +21,9 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from .errors import DiffoRAError
+from ..errors import DiffoRAError
 from .io import atomic_write_bytes, torch_load_safe
-from .runtime import capture_rng_state, restore_rng_state
+from ..runtime import capture_rng_state, restore_rng_state
 
 FORMAT = "diffora.checkpoint/1"
 

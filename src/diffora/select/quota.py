@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .candidates import DAMGrid, ceil_count, iter_cells
-from .config import GRANULARITIES
-from .errors import ConfigError
+from ..method.candidates import DAMGrid, ceil_count, iter_cells
+from ..method.config import GRANULARITIES
+from ..errors import ConfigError
 
 
 @dataclass

