@@ -36,7 +36,7 @@ _MAX_SEED = 2**32 - 1  # NumPy's legacy global generator only accepts 32-bit see
 #: libraries whose warnings diffora's command line and compare workers hide (failures are reported in one line):
 #: huggingface_hub logs every network retry, datasets its cache misses, and bitsandbytes (imported by peft when
 #: installed) warns at import on AVX512-BF16 CPUs that its optional `kernels` speed-up is missing
-QUIET_LOGGERS = ("huggingface_hub", "datasets", "bitsandbytes")
+QUIET_LOGGERS = ("huggingface_hub", "datasets", "bitsandbytes", "kernels")  # kernels: bitsandbytes' offline hub notice
 
 
 def quiet_library_loggers() -> None:
