@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks scripts examples
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 demo: $(STAMP)

@@ -90,7 +90,7 @@ class OutputGatedHooks:
         gates = search.gates
         self.handles = []
         for i, j, name in iter_cells(search.grid):
-            lora_b = search.lora_layer(name).lora_B[search.adapter_name]
+            lora_b = search.model.get_base_model().get_submodule(name).lora_B[search.adapter_name]
             self.handles.append(lora_b.register_forward_hook(
                 lambda _m, _a, out, i=i, j=j: out * gates.values()[i, j].to(out.dtype)))
 
@@ -183,7 +183,7 @@ def run_case(name: str, base: nn.Module, source: str, rank: int, batch: dict, re
     sec = {k: statistics.median(s for _, s in v) for k, v in results.items()}
     tokens = batch["input_ids"].numel()
     cells = list(iter_cells(search.grid))
-    d_out = sum(search.lora_layer(n).lora_B["default"].out_features for _, _, n in cells)
+    d_out = sum(search.model.get_base_model().get_submodule(n).lora_B["default"].out_features for _, _, n in cells)
     blocks = base.config.num_hidden_layers
     new_iter, old_iter = max(med["new_weight"], med["new_gate"]), max(med["old_weight"], med["old_gate"])
     overhead = {"old": med["old_gate"] - med["lora_step"], "new": med["new_gate"] - med["lora_step"]}

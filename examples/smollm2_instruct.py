@@ -140,8 +140,8 @@ def run(opts: argparse.Namespace, load_model: ModelLoader, log: Callable[[str], 
     from diffora.data.encode import encode_causal_lm, make_collator
     from diffora.evaluation.predict import evaluate_model
     from diffora.integrations import DiffoRATrainer
-    from diffora.store.record import plot_dam
     from diffora.runtime import peak_rss_mib
+    from diffora.store.record import plot_dam
 
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@ LoRA on S (seeded init), this script measures lambda_min(H(S)) on ``--ntk-exampl
 model that is then trained, see :mod:`diffora.select.ntk`), fine-tunes it with diffora's loop, and scores it on rows held
 out from *train* (never the dev set). It reports Spearman's and Kendall's rank correlation between lambda_min and the
 score, writes every job to ``OUT/premise.json`` as it finishes (a rerun skips finished jobs) and draws
-``OUT/premise.png``. The NTK-greedy set (:func:`diffora.select.ntk.greedy_ntk_selection` on the all-candidate kernel) is one
-extra, marked point.
+``OUT/premise.png``. The NTK-greedy set (:func:`diffora.select.strategies.ntk.greedy_ntk_selection` on the
+all-candidate kernel) is one extra, marked point.
 
     python scripts/ntk_premise.py --task sst2 --data-dir ../shared/data/glue/SST-2 --output-dir benchmarks/results/premise
 """
@@ -54,14 +54,15 @@ def main(argv=None) -> int:
 
     transformers.logging.set_verbosity_error()
 
-    from diffora.method.candidates import ceil_count, detect_task_heads, find_candidates, iter_cells
+    from diffora.cli.loading import encode, load_model, load_task_data, make_loader
+    from diffora.cli.options import Options
     from diffora.evaluation.metrics import higher_is_better
     from diffora.evaluation.predict import evaluate_model
+    from diffora.method.candidates import ceil_count, detect_task_heads, find_candidates
     from diffora.method.export import infer_task_type, lora_config_for
+    from diffora.select.ntk import module_kernels
+    from diffora.select.strategies.ntk import greedy_ntk_selection
     from diffora.store.io import atomic_write_json
-    from diffora.cli.loading import encode, load_model, load_task_data, make_loader
-    from diffora.select.ntk import greedy_ntk_selection, module_kernels
-    from diffora.cli.options import Options
     from diffora.train import FinetuneOptions, finetune
 
     out = Path(args.output_dir)

@@ -10,8 +10,8 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import REPO, load_benchmark, synthetic_sentiment
+
 from diffora.cli import app as cli
 from diffora.compare import CompareOptions, compare, parse_methods
 

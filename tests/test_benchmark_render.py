@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from conftest import load_benchmark, tiny_model
+
 from diffora import DiffoRAConfig, find_candidates
 from diffora.method.gates import DAMGates
 

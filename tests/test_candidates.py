@@ -1,11 +1,10 @@
 import pytest
 import transformers
+from conftest import tiny_model
 from torch import nn
 
 from diffora import ModelError, find_candidates
 from diffora.method.candidates import detect_task_heads
-
-from conftest import tiny_model
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import glue_dir, synthetic_sentiment
 
-FAST = ["--max-length", "32", "--batch-size", "8", "--eval-batch-size", "32", "--search-epochs", "1",
-        "--gate-warmup-steps", "3", "--epochs", "3", "--lr", "1e-2", "--search-lr", "1e-2", "--quiet"]
+SHARED = ["--max-length", "32", "--batch-size", "8", "--eval-batch-size", "32", "--quiet"]
+SEARCH = ["--search-epochs", "1", "--gate-warmup-steps", "3", "--search-lr", "1e-2"]
+FINETUNE = ["--epochs", "3", "--lr", "1e-2"]
+FAST = [*SHARED, *SEARCH, *FINETUNE]
 
 
 def diffora(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -99,10 +100,10 @@ def test_same_command_twice_is_deterministic(classification_run, tiny_bert_dir, 
 def test_search_then_train_from_record(tiny_bert_dir, sentiment_files, tmp_path):
     train, dev = sentiment_files
     common = ["--task", "classification", "--train-file", str(train), "--eval-file", str(dev),
-              "--model", str(tiny_bert_dir), *FAST]
-    diffora("search", *common, "--output-dir", str(tmp_path / "s"))
+              "--model", str(tiny_bert_dir), *SHARED]
+    diffora("search", *common, *SEARCH, "--output-dir", str(tmp_path / "s"))
     assert {p.name for p in (tmp_path / "s").iterdir()} >= {"dam.json", "dam.png", "search_adapter"}
-    diffora("train", *common, "--dam", str(tmp_path / "s" / "dam.json"), "--output-dir", str(tmp_path / "t"))
+    diffora("train", *common, *FINETUNE, "--dam", str(tmp_path / "s" / "dam.json"), "--output-dir", str(tmp_path / "t"))
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
     record = json.loads((tmp_path / "s" / "dam.json").read_text())
     assert metrics["kept_module_names"] == record["selection"]["modules"]
@@ -112,7 +113,7 @@ def test_search_then_train_from_record(tiny_bert_dir, sentiment_files, tmp_path)
 def test_train_on_explicit_modules(tiny_bert_dir, sentiment_files, tmp_path):
     train, dev = sentiment_files
     diffora("train", "--task", "classification", "--train-file", str(train), "--eval-file", str(dev),
-            "--model", str(tiny_bert_dir), *FAST, "--output-dir", str(tmp_path / "t"),
+            "--model", str(tiny_bert_dir), *SHARED, *FINETUNE, "--output-dir", str(tmp_path / "t"),
             "--modules", "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.output.dense")
     config = json.loads((tmp_path / "t" / "adapter" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["bert.encoder.layer.0.attention.self.query",

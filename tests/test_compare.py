@@ -2,7 +2,8 @@
 
 Covered: every method in one comparison (and what the report and results.json hold), resume after an interrupted
 suite, a failing job recorded while the others finish, causal LM on a tiny LLaMA, ``lora-matched``'s parameter
-count, and the one-line errors for bad input.
+count, the controls matched to DiffoRA's kept set (type-prior, random at its parameter count or within module types),
+the LR grid that extends past its edge, typed job records, and the one-line errors for bad input.
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import synthetic_sentiment
+
 from diffora.cli import app as cli
-from diffora.compare import CompareOptions, compare, jobs, runner
-from diffora.errors import ConfigError
 from diffora.cli.options import Options
+from diffora.compare import FAMILIES, CompareOptions, compare, jobs, methods, runner
+from diffora.errors import ConfigError
 
 ALL_METHODS = ["diffora", "diffora[keep_ratio=0.25]", "lora-all", "lora-matched", "random", "random-ws", "lora-qv",
-               "adalora", "eva", "full"]
+               "adalora", "eva", "full", "type-prior", "random[matched=true]", "random-ws[within_type=true]"]
 
 
 def write_csv(path: Path, n: int, seed: int) -> Path:
@@ -88,6 +89,27 @@ def test_every_method_runs_for_every_seed(every_method):
     assert results["timing"]["ratios"]["search_iteration_over_lora_step"] > 0
 
 
+def test_controls_match_diffora_kept_set_of_the_same_seed(every_method):
+    """type-prior, random[matched=true] and random-ws[within_type=true] read DiffoRA's kept set of the same seed's
+    search: the same LoRA parameters within one module's cost (within_type: exactly), no search of their own."""
+    results, _ = every_method
+    runs = finetunes(results)
+    grid = jobs.DAMGrid.from_dict(results["jobs"]["search[default]@seed0"]["record"]["grid"])
+    biggest = 8 * max(c for row in grid.param_costs for c in row)
+    for seed in (0, 1):
+        d = runs[f"diffora@seed{seed}"]
+        prior, rnd, within = (runs[f"{m}@seed{seed}"] for m in ("type-prior", "random[matched=true]",
+                                                                "random-ws[within_type=true]"))
+        for control in (prior, rnd):
+            assert control["target_lora_params"] == d["lora_params"]
+            assert d["lora_params"] - biggest < control["lora_params"] <= d["lora_params"]
+            assert control["search_seconds"] == 0.0 and control["curve"][0]["step"] > 0  # fresh LoRA, no warm start
+        assert within["lora_params"] == d["lora_params"] and within["curve"][0]["step"] == 0  # search's weights
+        types = [sorted(grid.position(m)[1] for m in r["kept_module_names"]) for r in (d, within)]
+        assert types[0] == types[1]  # the same number of modules of every type
+        assert prior["type_order"][0] in grid.labels
+
+
 def test_lora_matched_matches_diffora_within_5_percent(every_method):
     results, _ = every_method
     runs = finetunes(results)
@@ -127,7 +149,7 @@ def test_resume_runs_only_the_unfinished_jobs(tiny_bert_dir, data_files, tmp_pat
     def interrupted(job):
         if len(calls) == 2:
             raise KeyboardInterrupt  # Ctrl-C during the third job
-        calls.append(job["id"])
+        calls.append(job.id)
         return real(job)
 
     monkeypatch.setattr(runner.Scheduler, "execute", staticmethod(interrupted))
@@ -138,7 +160,7 @@ def test_resume_runs_only_the_unfinished_jobs(tiny_bert_dir, data_files, tmp_pat
     assert (out / "searches").is_dir()  # the search state is kept for the rerun
 
     rerun: list[str] = []
-    monkeypatch.setattr(runner.Scheduler, "execute", staticmethod(lambda job: rerun.append(job["id"]) or real(job)))
+    monkeypatch.setattr(runner.Scheduler, "execute", staticmethod(lambda job: rerun.append(job.id) or real(job)))
     resumed = compare(**small(tiny_bert_dir, data_files, out, methods=methods, seeds=[0]))
     assert sorted(rerun) == ["lora-all@seed0", "random-ws@seed0"]  # finished jobs are not run again
     for jid, run in finetunes(reference).items():
@@ -159,12 +181,12 @@ def test_a_failing_job_is_recorded_and_the_others_finish(tiny_bert_dir, data_fil
     real_build, real_search = jobs.build_model, jobs.run_search
 
     def broken(job, *args, **kwargs):
-        if job["family"] == "lora-qv":
+        if job.family == "lora-qv":
             raise RuntimeError("simulated failure\nwith a second line")
         return real_build(job, *args, **kwargs)
 
     def broken_search(job):
-        if job["options"]["gate"] == "softmax":
+        if job.options["gate"] == "softmax":
             raise ValueError("simulated search failure")
         return real_search(job)
 
@@ -187,7 +209,7 @@ def test_a_failing_job_is_recorded_and_the_others_finish(tiny_bert_dir, data_fil
     monkeypatch.undo()
     retried: list[str] = []
     real = runner.Scheduler.execute
-    monkeypatch.setattr(runner.Scheduler, "execute", staticmethod(lambda job: retried.append(job["id"]) or real(job)))
+    monkeypatch.setattr(runner.Scheduler, "execute", staticmethod(lambda job: retried.append(job.id) or real(job)))
     again = compare(**small(tiny_bert_dir, data_files, out, methods=methods, seeds=[0]))
     assert sorted(retried) == ["diffora[gate=softmax]@seed0", "lora-qv@seed0", "search[gate=softmax]@seed0"]
     assert not [r for r in again["jobs"].values() if "error" in r]
@@ -288,7 +310,8 @@ def test_config_file_and_api_take_the_compare_options(tmp_path, data_files, tiny
 def test_learning_rates_are_chosen_on_rows_held_out_from_train(tiny_bert_dir, data_files, tmp_path):
     out = tmp_path / "tuned"
     results = compare(**small(tiny_bert_dir, data_files, out, methods=["lora-all", "diffora", "full[lr=1e-4]"],
-                              seeds=[0], tune_lr=True, tune_lr_factors=[1.0, 4.0], holdout_rows=12))
+                              seeds=[0], tune_lr=True, tune_lr_factors=[1.0, 4.0], holdout_rows=12, tune_lr_seeds=1,
+                              tune_lr_extensions=0))
     choice = results["lr_choice"]
     assert choice["holdout_rows"] == 12 and set(choice["methods"]) == {"lora-all", "diffora"}  # full keeps its lr
     tune = {j: r for j, r in results["jobs"].items() if j.startswith("tune:")}
@@ -389,3 +412,114 @@ def test_epochs_for_steps_gives_exactly_the_asked_steps(n_train, batch, accumula
     epochs = jobs.epochs_for_steps(opts, n_train, steps)
     assert jobs.finetune_steps(Options(task="classification", train_file="x.csv", batch_size=batch, epochs=epochs,
                                        gradient_accumulation_steps=accumulation), n_train) == steps
+
+
+# ------------------------------------------------------------------------------ the controls, as small units
+@pytest.fixture(scope="module")
+def bert_grid():
+    from conftest import tiny_model
+
+    from diffora import find_candidates
+
+    return find_candidates(tiny_model("bert"))
+
+
+def test_type_prior_keeps_the_most_kept_types_in_every_layer(bert_grid):
+    grid, rank = bert_grid, 8
+    rows, cols = grid.shape
+    ffn = [j for j, label in enumerate(grid.labels) if grid.param_costs[0][j] == max(grid.param_costs[0])]
+    value = grid.labels.index("value") if "value" in grid.labels else 2
+    # DiffoRA kept the FFN types in every layer and one value projection: FFN first, then value, then the rest
+    kept = [grid.names[i][j] for i in range(rows) for j in ffn] + [grid.names[0][value]]
+    budget = sum(rank * grid.param_costs[i][j] for i in range(rows) for j in ffn) + rank * grid.param_costs[0][value]
+    order = methods.type_order(grid, kept)
+    assert set(order[: len(ffn)]) == {grid.labels[j] for j in ffn} and order[len(ffn)] == grid.labels[value]
+    prior = methods.type_prior_selection(grid, kept, budget, rank)
+    assert all(prior.mask[i][j] for i in range(rows) for j in ffn)  # the most-kept types, in every layer
+    assert prior.mask[0][value]  # then the next type while the budget lasts
+    smallest = rank * min(c for row in grid.param_costs for c in row)
+    assert budget - smallest < prior.lora_params <= budget
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_random_at_diffora_parameter_count(bert_grid, seed):
+    grid, rank = bert_grid, 8
+    budget = int(0.64 * 8 * sum(c for row in grid.param_costs for c in row))
+    drawn = jobs.random_selection(grid, 0.5, seed, rank, "budget", budget_params=budget)
+    biggest = rank * max(c for row in grid.param_costs for c in row)
+    assert budget - biggest < drawn.lora_params <= budget
+    plain = jobs.random_selection(grid, 0.5, seed, rank)
+    assert len(plain.modules) == sum(-(-len([n for n in row if n]) // 2) for row in grid.names)  # ceil(rho * M)
+    kept = plain.modules
+    within = jobs.random_within_types(grid, kept, seed + 7, 0.5, rank)
+    assert within.lora_params == plain.lora_params
+    assert sorted(grid.position(m)[1] for m in within.modules) == sorted(grid.position(m)[1] for m in kept)
+
+
+@pytest.mark.parametrize("grid, best, more", [([1e-3, 2e-3, 4e-3], 4e-3, 8e-3), ([1e-3, 2e-3, 4e-3], 1e-3, 5e-4),
+                                              ([1e-3, 2e-3, 4e-3], 2e-3, None), ([5e-4], 5e-4, 1e-3)])
+def test_lr_grid_extends_past_the_edge(grid, best, more):
+    assert runner.extend_lr_grid(grid, best) == more
+
+
+def test_tuning_extends_the_grid_until_the_best_lr_is_interior(tmp_path):
+    """A fake scheduler scores each LR with a function that peaks at 1.6e-2 (the default grid tops out at 2e-3):
+    the grid grows upward until the best LR is interior, the choice is the mean over two seeds, the grid is recorded.
+    """
+    import math
+    from types import SimpleNamespace
+
+    opts = Options(task="classification", train_file="x.csv", output_dir=str(tmp_path / "cmp"), lr=5e-4)
+    settings = CompareOptions(methods=["lora-all", "lora-qv[lr=1e-3]"], seeds=[0], tune_lr=True,
+                              tune_lr_factors=[1.0, 2.0, 4.0], tune_lr_extensions=5)
+    c = runner.Comparison(opts, settings)
+    c.methods = methods.parse_methods(settings.methods, opts)
+    c.tune_prep = SimpleNamespace(data=SimpleNamespace(main_metric="accuracy"))
+    c.holdout_rows = 10
+    planned: list[list[str]] = []
+
+    def score(lr: float, seed: int) -> float:
+        return 1.0 - abs(math.log(lr / 1.6e-2)) / 10 + (0.01 if seed else 0.0)
+
+    class FakeScheduler:
+        stopped = False
+
+        def run(self, jobs_: list) -> None:
+            planned.append([j.id for j in jobs_])
+            for j in jobs_:
+                assert j.kind == "finetune" and j.spec.split == "holdout"
+                results["jobs"][j.id] = {"final": {"accuracy": score(j.spec.lr, j.key["seed"])}}
+
+    results: dict = {"jobs": {}}
+    chosen = c.tune(FakeScheduler(), results)
+    assert chosen == {"lora-all": 1.6e-2}  # lora-qv keeps its variant's LR
+    row = results["lr_choice"]["methods"]["lora-all"]
+    assert row["grid"] == [5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2] and row["extensions"] == 4
+    assert row["interior"] and row["seeds"] == [0, 1] == results["lr_choice"]["seeds"]
+    assert row["tried"]["0.016"] == pytest.approx(score(1.6e-2, 0) + 0.005)  # mean over the two seeds
+    assert planned[0] == [f"tune:lora-all@lr={lr:g}@seed{s}" for s in (0, 1) for lr in (5e-4, 1e-3, 2e-3)]
+    capped = CompareOptions(methods=["lora-all"], seeds=[0], tune_lr=True, tune_lr_factors=[1.0, 2.0],
+                            tune_lr_extensions=1, tune_lr_seeds=1)
+    c.settings, c.methods, results = capped, methods.parse_methods(["lora-all"], opts), {"jobs": {}}
+    c.tune(FakeScheduler(), results)
+    row = results["lr_choice"]["methods"]["lora-all"]
+    assert row["grid"] == [5e-4, 1e-3, 2e-3] and row["chosen"] == 2e-3 and row["interior"] is False
+
+
+def test_job_records_are_typed_and_round_trip():
+    spec = jobs.FinetuneJob(id="random@seed0", key={"kind": "finetune", "seed": 0}, split="main",
+                            options={"seed": 0}, label="random[matched=true]", family="random", lr=5e-4,
+                            extra={"matched": True})
+    spec.search = jobs.SearchRef(state_path="s.pt", seconds=1.5)
+    data = spec.to_dict()
+    assert data["kind"] == "finetune" and data["search"] == {"state_path": "s.pt", "seconds": 1.5}
+    assert jobs.JobSpec.from_dict(data) == spec
+    assert all(hasattr(f, hook) for f in FAMILIES.values()
+               for hook in ("validate", "build", "attach", "during_finetune", "account", "needs_search"))
+    parsed = methods.parse_method("random[matched=true]", Options())
+    assert parsed.needs_search and parsed.extra == {"matched": True}
+    assert not methods.parse_method("random", Options()).needs_search
+    with pytest.raises(ConfigError, match="use one of them"):
+        methods.parse_method("random[matched=true,within_type=true]", Options())
+    with pytest.raises(ConfigError, match="matched must be true or false"):
+        methods.parse_method("random[matched=maybe]", Options())

@@ -7,11 +7,11 @@ import textwrap
 
 import pytest
 import torch
+from conftest import random_batch, randomize_lora_b, tiny_model
 from safetensors.torch import load_file, save_file
 
-from diffora import DiffoRAConfig, prepare_search
-
-from conftest import random_batch, randomize_lora_b, tiny_model
+from diffora import DiffoRAConfig, choose_modules, prepare_search
+from diffora.method.export import export_search
 
 CASES = [("bert", "seq_cls"), ("llama", "seq_cls"), ("gpt2", "seq_cls"), ("llama", "causal")]
 
@@ -34,7 +34,7 @@ def _searched(arch, kind, tmp_path, **cfg):
 def test_exported_model_matches_masked_relaxed_model(arch, kind, tmp_path):
     search, _, _, batch = _searched(arch, kind, tmp_path)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    selection = search.discretize(keep_ratio=0.5)
+    selection = choose_modules(search, keep_ratio=0.5)
     mask = torch.tensor(selection.mask)
     search.model.eval()
     with torch.no_grad():
@@ -42,7 +42,7 @@ def test_exported_model_matches_masked_relaxed_model(arch, kind, tmp_path):
         with search.gates.forced(gates * mask):
             expected = search.model(**inputs).logits
         full = search.model(**inputs).logits
-        exported = search.export(selection).eval()
+        exported = export_search(search, selection).eval()
         got = exported(**inputs).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(full, expected, atol=1e-4), "dropping half the branches must change the output"
@@ -54,8 +54,8 @@ def test_exported_model_matches_masked_relaxed_model(arch, kind, tmp_path):
 def test_round_trip_in_fresh_process_without_diffora(arch, kind, tmp_path):
     search, base_dir, auto, batch = _searched(arch, kind, tmp_path)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    selection = search.discretize()
-    exported = search.export(selection).eval()
+    selection = choose_modules(search)
+    exported = export_search(search, selection).eval()
     with torch.no_grad():
         expected = exported(**inputs).logits
     adapter_dir = tmp_path / "adapter"
@@ -93,16 +93,16 @@ def test_round_trip_in_fresh_process_without_diffora(arch, kind, tmp_path):
 
 def test_weight_sharing_folds_gate_into_b_and_carries_head(tmp_path):
     search, *_ = _searched("bert", "seq_cls", tmp_path)
-    selection = search.discretize()
+    selection = choose_modules(search)
     gates = search.gates.values().detach()
     expected = {}
     for name in selection.modules:
         i, j = search.grid.position(name)
-        layer = search.lora_layer(name)
+        layer = search.model.get_base_model().get_submodule(name)
         expected[name] = (layer.lora_A["default"].weight.detach().clone(),
                           gates[i, j] * layer.lora_B["default"].weight.detach().clone())
     head = search.model.get_base_model().classifier.modules_to_save["default"].weight.detach().clone()
-    exported = search.export(selection)
+    exported = export_search(search, selection)
     for name, (a, b) in expected.items():
         layer = exported.get_base_model().get_submodule(name)
         assert torch.equal(layer.lora_A["default"].weight, a)
@@ -116,7 +116,7 @@ def test_reinit_gives_peft_init_and_pre_search_head(tmp_path):
     original_head = search.model.get_base_model().classifier.original_module.weight.detach().clone()
     trained_head = search.model.get_base_model().classifier.modules_to_save["default"].weight.detach().clone()
     assert not torch.equal(original_head, trained_head)
-    exported = search.export(search.discretize())
+    exported = export_search(search, choose_modules(search))
     for name, module in exported.named_modules():
         if name.endswith("lora_B.default"):
             assert torch.count_nonzero(module.weight) == 0
@@ -131,6 +131,6 @@ def test_search_is_consumed_by_export(tmp_path):
     from diffora import SearchStateError
 
     search, _, _, batch = _searched("bert", "seq_cls", tmp_path)
-    search.export(search.discretize())
+    export_search(search, choose_modules(search))
     with pytest.raises(SearchStateError, match="exported"):
         search.weight_step(batch)

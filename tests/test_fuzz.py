@@ -14,12 +14,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from diffora.cli.options import Options
+from diffora.data.readers import Examples, load_examples, read_records
+from diffora.errors import ConfigError, DataError
 from diffora.method.candidates import DAMGrid, ceil_count
 from diffora.method.config import DiffoRAConfig
-from diffora.data.readers import Examples, load_examples, read_records
 from diffora.select.quota import select_modules
-from diffora.errors import ConfigError, DataError
-from diffora.cli.options import Options
 
 FUZZ = settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])

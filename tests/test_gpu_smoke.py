@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import minilm_dir
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_smoke.py"

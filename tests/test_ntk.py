@@ -6,18 +6,13 @@ import statistics
 
 import pytest
 import torch
+from conftest import random_batch, randomize_lora_b, tiny_model
 from torch.func import functional_call, grad
 
-from conftest import random_batch, randomize_lora_b, tiny_model
 from diffora import ConfigError, DAMGrid, DataError, DiffoRAConfig, ModelError, prepare_search, select_modules
-from diffora.select.ntk import (
-    ModuleKernels,
-    _random_sets,
-    greedy_ntk_selection,
-    module_kernels,
-    ntk_diagnostic,
-    random_lambda_min,
-)
+from diffora.select.ntk import module_kernels
+from diffora.select.quota import random_sets
+from diffora.select.strategies.ntk import ModuleKernels, greedy_ntk_selection, ntk_diagnostic, random_lambda_min
 
 
 def search_for(arch: str, kind: str = "seq_cls"):
@@ -79,7 +74,8 @@ def test_module_kernels_leaves_the_model_as_it_was():
     search = search_for("bert")
     model = search.model
     model.train()
-    frozen = search.lora_layer(search.grid.module_names()[0]).lora_A[search.adapter_name].weight
+    layer = search.model.get_base_model().get_submodule(search.grid.module_names()[0])
+    frozen = layer.lora_A[search.adapter_name].weight
     frozen.requires_grad_(False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -190,7 +186,7 @@ def test_greedy_validates_like_select_modules():
         greedy_ntk_selection(partial, grid, 0.5)
 
 
-def test_identical_kernels_tie_break_like_discretize():
+def test_identical_kernels_tie_break_like_select_modules():
     grid = hand_grid(costs=(10, 30, 10, 25))
     kernels = kernels_from(grid, [torch.eye(4)] * 12)
     flat = [[1.0] * 4 for _ in range(3)]
@@ -222,7 +218,7 @@ def signal_kernels(grid: DAMGrid) -> ModuleKernels:
     return kernels_from(grid, mats)
 
 
-def test_greedy_finds_the_known_optimum_and_beats_random_sets():
+def test_greedy_finds_the_known_optimum_and_beatsrandom_sets():
     grid = hand_grid()
     kernels = signal_kernels(grid)
     cells = grid.module_names()
@@ -245,10 +241,10 @@ def test_random_sets_follow_the_rules_and_keep_the_global_rng():
     assert a == random_lambda_min(kernels, grid, 0.5, "layer", rank=2, n_sets=8, seed=3)
     assert a != random_lambda_min(kernels, grid, 0.5, "layer", rank=2, n_sets=8, seed=4)
     cells = [(i, j) for i in range(3) for j in range(4)]
-    for s in _random_sets(grid, 0.5, "layer", 2, None, 10, 0):
+    for s in random_sets(grid, 0.5, "layer", 2, None, 10, 0):
         assert [sum(1 for k in s if cells[k][0] == row) for row in range(3)] == [2, 2, 2]
-    assert all(len(s) == 3 for s in _random_sets(grid, 0.25, "global", 2, None, 10, 0))
-    sets = _random_sets(grid, 0.5, "budget", 1, None, 10, 0)  # budget 0.5 * 165 = 82.5
+    assert all(len(s) == 3 for s in random_sets(grid, 0.25, "global", 2, None, 10, 0))
+    sets = random_sets(grid, 0.5, "budget", 1, None, 10, 0)  # budget 0.5 * 165 = 82.5
     for s in sets:
         spent = sum(grid.param_costs[cells[k][0]][cells[k][1]] for k in s)
         assert spent <= 82.5 and all(k in s or spent + grid.param_costs[c[0]][c[1]] > 82.5

@@ -7,17 +7,18 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import random_batch, synthetic_sentiment, tiny_model
 
+from diffora import choose_modules
+from diffora.method.export import export_search
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-FAST = ["--max-length", "32", "--batch-size", "8", "--eval-batch-size", "32", "--search-epochs", "1",
-        "--gate-warmup-steps", "3", "--epochs", "1", "--lr", "1e-2", "--search-lr", "1e-2", "--quiet",
-        "--ntk-examples", "12"]
+TRAIN_FAST = ["--max-length", "32", "--batch-size", "8", "--eval-batch-size", "32", "--epochs", "1", "--lr", "1e-2",
+              "--quiet"]
+FAST = [*TRAIN_FAST, "--search-epochs", "1", "--gate-warmup-steps", "3", "--search-lr", "1e-2", "--ntk-examples", "12"]
 
 
 def diffora(*args: str) -> subprocess.CompletedProcess:
@@ -111,12 +112,12 @@ def test_concentrated_export_computes_what_the_plain_export_computes():
 
     batch = {k: v for k, v in random_batch(seed=9).items() if k != "labels"}
     plain_search = searched()
-    plain = plain_search.export(plain_search.discretize()).eval()
+    plain = export_search(plain_search, choose_modules(plain_search)).eval()
     wide_search = searched()
-    selection = wide_search.discretize()
+    selection = choose_modules(wide_search)
     ranks = concentrate_ranks(wide_search.grid, selection, 4, mode="uniform")
     assert max(ranks.values()) > 4
-    wide = wide_search.export(selection, ranks=ranks).eval()
+    wide = export_search(wide_search, selection, ranks=ranks).eval()
     with torch.no_grad():
         torch.testing.assert_close(wide(**batch).logits, plain(**batch).logits, rtol=1e-5, atol=1e-6)
     lora_a = {n: p.shape[0] for n, p in wide.named_parameters() if "lora_A" in n}
@@ -134,6 +135,6 @@ def test_diffora_ntk_command_selects_without_a_search_and_train_uses_it(data, ti
     assert record["config"]["selection_score"] == "ntk" and record["weight_steps"] == 0
     assert record["ntk"]["selected_rank_among_random"] >= 0.5
     diffora("train", *data, "--model", str(tiny_bert_dir), "--dam", str(out / "dam.json"), "--output-dir",
-            str(tmp_path / "trained"), *FAST)
+            str(tmp_path / "trained"), *TRAIN_FAST)
     metrics = json.loads((tmp_path / "trained" / "metrics.json").read_text())
     assert metrics["kept_module_names"] == record["selection"]["modules"]

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import VOCAB, minilm_dir, synthetic_sentiment, tiny_model
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -206,8 +205,8 @@ def test_sharded_launch_is_refused_before_loading(kind, monkeypatch):
     import accelerate
 
     import diffora.cli.commands
-    from diffora.errors import ConfigError
     from diffora.cli.options import Options
+    from diffora.errors import ConfigError
 
     class Sharded:
         distributed_type = enum.Enum("DistributedType", kind).__members__[kind]

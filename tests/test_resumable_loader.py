@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from diffora.store.checkpoint import ResumableLoader
 from diffora.method.search import _cycle
+from diffora.store.checkpoint import ResumableLoader
 
 
 def _loader(rows=10):

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import synthetic_sentiment
+from safetensors.torch import load_file
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 VOLATILE_METRICS = {"search_seconds", "finetune_seconds", "total_seconds", "peak_rss_mib", "options"}

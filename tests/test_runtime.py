@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,15 +122,3 @@ def test_peak_rss_mib_is_plausible_and_grows() -> None:
     del block
     assert after >= before
     assert after >= 64  # the peak includes the block
-
-
-def test_stopwatch() -> None:
-    sw = runtime.Stopwatch()
-    assert sw.seconds == 0.0
-    with sw:
-        time.sleep(0.02)
-        running = sw.seconds
-    assert 0.0 < running <= sw.seconds
-    done = sw.seconds
-    time.sleep(0.01)
-    assert sw.seconds == done >= 0.02  # frozen after the block

@@ -4,11 +4,10 @@ import copy
 
 import pytest
 import torch
+from conftest import random_batch, randomize_lora_b, tiny_model
 
 from diffora import ConfigError, DiffoRAConfig, prepare_search
 from diffora.method.search import MicroBatches
-
-from conftest import random_batch, randomize_lora_b, tiny_model
 
 CASES = [("bert", "seq_cls"), ("llama", "causal")]
 NO_DROPOUT = {"bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), "llama": {}}

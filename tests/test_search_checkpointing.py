@@ -8,10 +8,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import random_batch, randomize_lora_b, tiny_model
 
 from diffora import DiffoRAConfig, prepare_search
-
-from conftest import random_batch, randomize_lora_b, tiny_model
 
 CASES = [("llama", "causal"), ("bert", "seq_cls")]
 
@@ -25,7 +24,7 @@ def _run(arch, kind, checkpointing, micro):
     search = prepare_search(model, DiffoRAConfig(rank=4, gate_warmup_steps=0, dropout=0.1))
     randomize_lora_b(search.model)
     recomputed = [0]
-    first = search.lora_layer(search.grid.names[0][0]).lora_B["default"]
+    first = search.model.get_base_model().get_submodule(search.grid.names[0][0]).lora_B["default"]
     first.register_forward_pre_hook(lambda *_: recomputed.__setitem__(0, recomputed[0] + 1))
     weight = [random_batch(n=4, seed=s, kind=kind) for s in (1, 2)]
     gate = [random_batch(n=4, seed=s, kind=kind) for s in (3, 4)]

@@ -11,17 +11,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-import diffora.method.search as search_module
-from diffora import ConfigError, DiffoRAConfig, TrainingError, prepare_search
-from diffora.method.search import _to_device
-
 from conftest import random_batch, randomize_lora_b, tiny_model
+
+import diffora.method.precision as precision_module
+from diffora import ConfigError, DiffoRAConfig, TrainingError, prepare_search
+from diffora.method.parallel import to_device as _to_device
 
 
 def _lora_a_dtypes(search):
     seen = []
-    layer = search.lora_layer(search.grid.names[0][0])
+    layer = search.model.get_base_model().get_submodule(search.grid.names[0][0])
     layer.lora_A["default"].register_forward_hook(lambda _m, _a, out: seen.append(out.dtype))
     return seen
 
@@ -68,7 +67,7 @@ def test_accelerator_gives_the_mixed_precision():
 
 @pytest.fixture
 def fp16_search(monkeypatch):
-    monkeypatch.setattr(search_module, "_FP16_UNSUPPORTED", frozenset())
+    monkeypatch.setattr(precision_module, "FP16_UNSUPPORTED", frozenset())
 
     def make():
         search = prepare_search(tiny_model("bert"), DiffoRAConfig(rank=4, gate_warmup_steps=0),

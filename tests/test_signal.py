@@ -15,7 +15,7 @@ wrong modules) fails this test.
 import torch
 from torch import nn
 
-from diffora import DiffoRAConfig, prepare_search
+from diffora import DiffoRAConfig, choose_modules, prepare_search
 
 
 class ToyBlock(nn.Module):
@@ -59,13 +59,15 @@ def test_search_ranks_the_only_useful_module_type_highest():
     search = prepare_search(
         ToyModel(),
         DiffoRAConfig(rank=2, alpha=2, modules_to_save=[], gate_warmup_steps=10, weight_lr=1e-2, gate_lr=5e-2,
-                      keep_ratio=0.5, granularity="global"),
+                      keep_ratio=0.5, granularity="global"),  # the default score
     )
     assert search.grid.labels == ["solver", "distractor"]
     search.fit(_batches(16, seed=1), _batches(8, seed=2), steps=120, progress=False)
     gates = torch.tensor(search.gate_values())
     solver, distractor = gates[:, 0], gates[:, 1]
     assert solver.min() > distractor.max(), gates
-    assert search.discretize().modules == [f"layers.{i}.solver" for i in range(3)]
+    assert choose_modules(search).modules == [f"layers.{i}.solver" for i in range(3)]
+    # gates start at 1 and the distractors' move furthest (down): |movement| would keep the wrong modules
+    assert choose_modules(search, score="movement").modules != [f"layers.{i}.solver" for i in range(3)]
     # and the loss really went down: the kept branches learned the task
     assert search.history.weight_losses[-1] < 0.5 * search.history.weight_losses[0]

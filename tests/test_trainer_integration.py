@@ -34,6 +34,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from diffora import ConfigError, DiffoRAConfig, ModelError, SearchStateError, load_record
 from diffora.integrations import GATE_SPLIT, DiffoRACallback, DiffoRATrainer, train_with_diffora
 from diffora.integrations.trainer import SEARCH_DIR, STATE_JSON, STATE_TENSORS, TRAIN_DIR
+from diffora.method.export import export_search
 
 MAX_STEPS, SEARCH_STEPS, WARMUP = 12, 6, 2
 FINETUNE_STEPS = MAX_STEPS - SEARCH_STEPS
@@ -396,7 +397,7 @@ def test_callback_by_hand_with_a_plain_trainer(tmp_path):
     trainer.train()
     selection = callback.finish()
     assert callback.search_steps == 4 and search.gate_steps == 4 - WARMUP and selection.num_kept == 6
-    model = search.export(selection)
+    model = export_search(search, selection)
     assert isinstance(model, PeftModel)
 
 

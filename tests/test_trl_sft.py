@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from diffora import DiffoRAConfig, load_record  # noqa: E402
 from diffora.integrations import DiffoRATrainer, train_with_diffora  # noqa: E402
+from diffora.integrations.trainer import SEARCH_DIR
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "car", "book", "fish", "bird"]
 SEARCH, TOTAL = 4, 6
@@ -138,7 +139,7 @@ def test_sft_resume_mid_search_is_bit_identical(tiny_llama_dir, tmp_path):
     tokenizer = load(tiny_llama_dir)[1]
     data = prompt_completion()
     runs = []
-    for name, resume in (("ref", None), ("resumed", tmp_path / "ref" / "search" / "checkpoint-2")):
+    for name, resume in (("ref", None), ("resumed", tmp_path / "ref" / SEARCH_DIR / "checkpoint-2")):
         model = load(tiny_llama_dir)[0]
         runs.append(train_with_diffora(sft_factory(tmp_path / name, tokenizer, save_strategy="steps", save_steps=2),
                                        model, data, search_steps=SEARCH, max_steps=TOTAL, diffora_config=CONFIG,

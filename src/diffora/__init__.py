@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DAMGrid": "method.candidates", "detect_task_heads": "method.candidates", "find_candidates": "method.candidates",
     "DiffoRAConfig": "method.config", "Selection": "select.quota", "select_modules": "select.quota",
+    "choose_modules": "select.choose",
     "ConfigError": "errors", "DataError": "errors", "DiffoRAError": "errors", "ModelError": "errors",
     "SearchStateError": "errors", "TrainingError": "errors", "infer_task_type": "method.export",
     "lora_config_for": "method.export", "DAMGates": "method.gates", "load_record": "store.record", "plot_dam": "store.record",
@@ -51,6 +52,7 @@ __all__ = [
     "SearchStateError",
     "Selection",
     "TrainingError",
+    "choose_modules",
     "detect_task_heads",
     "find_candidates",
     "infer_task_type",

@@ -11,9 +11,7 @@ import importlib.util
 import os
 import random
 import sys
-import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Optional
 
 import numpy as np
@@ -22,7 +20,6 @@ import torch
 from diffora.errors import ConfigError, DiffoRAError
 
 __all__ = [
-    "Stopwatch",
     "capture_rng_state",
     "peak_rss_mib",
     "restore_rng_state",
@@ -209,39 +206,6 @@ def peak_rss_mib() -> float:
     # ru_maxrss is in KiB on Linux (and most Unixes) but in bytes on macOS.
     divisor = 2**20 if sys.platform == "darwin" else 2**10
     return float(peak) / divisor
-
-
-class Stopwatch:
-    """Context manager measuring wall-clock seconds with :func:`time.perf_counter`.
-
-    ``seconds`` is the running time while inside the block and the final duration after it::
-
-        with Stopwatch() as sw:
-            train()
-        print(f"{sw.seconds:.1f} s")
-    """
-
-    def __init__(self) -> None:
-        self._start: float | None = None
-        self._stop: float | None = None
-
-    def __enter__(self) -> Stopwatch:
-        self._start = time.perf_counter()
-        self._stop = None
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stop = time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        """Elapsed wall seconds (0.0 before the block starts)."""
-        if self._start is None:
-            return 0.0
-        end = self._stop if self._stop is not None else time.perf_counter()
-        return end - self._start
 
 
 def installed_package_dir(package: str) -> Path | None:

@@ -18,39 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from .errors import TrainingError
+from .method.config import FinetuneOptions
 from .store.checkpoint import Checkpointer, ResumableLoader
-from .errors import ConfigError, TrainingError
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
-
-
-@dataclass
-class FinetuneOptions:
-    epochs: float = field(default=3.0, metadata={"help": "Passes over the training data."})
-    lr: float = field(default=5e-4, metadata={"help": "Peak AdamW learning rate."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    warmup_ratio: float = field(default=0.06, metadata={"help": "Fraction of steps with linear warm-up."})
-    max_grad_norm: Optional[float] = field(default=1.0, metadata={"help": "Gradient clipping norm (None: off)."})
-    eval_every: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end of each epoch)."})
-    keep_best: bool = field(
-        default=False,
-        metadata={"help": "Restore the checkpoint with the best eval metric (selects on the eval set: off by default)."},
-    )
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Micro-batches per optimiser step (the loss of each is divided by this)."}
-    )
-
-    def __post_init__(self) -> None:
-        if not self.epochs > 0:
-            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.eval_every < 0:
-            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
-        if self.gradient_accumulation_steps < 1:
-            raise ConfigError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
 
 
 @dataclass

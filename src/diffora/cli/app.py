@@ -1,10 +1,13 @@
-"""``diffora`` command line: ``run``, ``search``, ``train``, ``eval``, ``compare``.
+"""``diffora`` command line: ``run``, ``search``, ``train``, ``eval``, ``ntk``, ``compare``.
 
 Every option is a field of :class:`diffora.cli.options.Options` (its ``help`` metadata is the ``--help`` text), spelled
-with dashes on the command line (``--keep-ratio``) and with dashes or underscores in a ``--config`` YAML/JSON file.
-Command-line flags override the config file. Relative paths in a config file are relative to the file's folder, and
-a config file may only write (``output-dir``, ``output-file``) below that folder (see docs/reliability.md). Errors in
-the input print one line and exit with status 2 (1 for internal errors); ``--debug`` shows the traceback.
+with dashes on the command line (``--keep-ratio``) and with dashes or underscores in a ``--config`` YAML/JSON file;
+each command takes the options its code reads (:data:`~diffora.cli.options.COMMAND_OPTIONS`). Command-line flags
+override the config file. Relative paths in a config file are relative to the file's folder, and a config file may
+only write (``output-dir``, ``output-file``) below that folder (see docs/reliability.md). Errors in the input print
+one line and exit with status 2 (1 for internal errors); ``--debug`` shows the traceback.
+
+Nothing here imports torch, transformers or peft before a command runs, so ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -15,24 +18,15 @@ import json
 import os
 import sys
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..store.checkpoint import Interrupted
 from ..errors import ConfigError, DiffoRAError
 
 GROUP_TITLES = {
     "data": "data", "model": "model", "search": "DAM search and discretisation", "train": "fine-tuning",
     "run": "run",
-}
-COMMAND_GROUPS = {
-    "run": ("data", "model", "search", "train", "run"),
-    "search": ("data", "model", "search", "train", "run"),
-    "train": ("data", "model", "search", "train", "run"),
-    "eval": ("data", "model", "run"),
-    "compare": ("data", "model", "search", "train", "run"),
-    "ntk": ("data", "model", "search", "train", "run"),
 }
 COMMAND_HELP = {
     "run": "the whole pipeline: DAM search -> discretise -> export -> fine-tune -> evaluate -> save",
@@ -44,9 +38,6 @@ COMMAND_HELP = {
     "ntk": "NTK module selection without a search: the modules that maximise lambda_min of the LoRA kernel, and "
            "lambda_min against random sets (= diffora search --selection-score ntk --search-epochs 0 --search-steps 0)",
 }
-EVAL_ONLY_SKIP = {"overwrite", "output_dir", "train_file", "max_train_samples"}
-#: run options that compare replaces: --seeds instead of --seed; it resumes by itself (rerun the same command)
-COMPARE_SKIP = {"seed", "resume", "checkpoint_every"}
 COMPARE_DEFAULTS = {"output_dir": "runs/compare"}
 COMPARE_HELP = {
     "overwrite": "Start over: remove the results of an earlier comparison in OUTPUT_DIR (without it, rerunning the "
@@ -55,45 +46,45 @@ COMPARE_HELP = {
     "quiet": "No progress bars or per-job lines.",
     "lr": "Peak learning rate of the LoRA family (DiffoRA, LoRA, random, EVA); see --adalora-lr and --full-lr.",
 }
+#: options naming files or folders that diffora reads / writes
+INPUT_PATHS = ("train_file", "eval_file", "data_dir", "dam", "adapter")
+OUTPUT_PATHS = ("output_dir", "output_file")
+_OWN_FLAGS = ("command", "config", "debug")
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _base_type(annotation: Any) -> tuple[Any, bool]:
-    """(element type, is_list) of a dataclass field annotation like ``Optional[list[str]]``."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing), {"Optional": Optional})  # annotations are postponed strings
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) is typing.Union and len(args) == 1:
-        annotation = args[0]
-    if typing.get_origin(annotation) is list:
-        return typing.get_args(annotation)[0], True
-    return annotation, False
+def _help(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help with %
 
 
-def _add_options(parser: argparse.ArgumentParser, groups: Sequence[str], command: str) -> None:
-    from .options import Options
+def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """The flags of ``command``: the :class:`Options` fields it takes, grouped as in ``diffora run --help``."""
+    from .options import COMMAND_OPTIONS, Options, option_kinds
 
-    sections = {g: parser.add_argument_group(GROUP_TITLES[g]) for g in groups}
-    for f in fields(Options):
-        group = f.metadata.get("group")
-        if command == "eval" and f.name == "eval_batch_size":
-            group = "data"
-        if group not in groups or (command == "eval" and f.name in EVAL_ONLY_SKIP):
-            continue
-        if command == "compare" and f.name in COMPARE_SKIP:
-            continue
-        kind, is_list = _base_type(f.type)
-        default = f.default if f.default is not MISSING else None
+    taken = COMMAND_OPTIONS[command]
+    kinds = option_kinds()
+    chosen = [f for f in fields(Options) if f.name in taken]
+    group_of = {f.name: "data" if command == "eval" and f.name == "eval_batch_size" else f.metadata["group"]
+                for f in chosen}
+    sections = {g: parser.add_argument_group(t) for g, t in GROUP_TITLES.items() if g in group_of.values()}
+    for f in chosen:
+        group = group_of[f.name]
+        default = _default(f)
         text = f.metadata.get("help", "")
         if command == "compare":
             default = COMPARE_DEFAULTS.get(f.name, default)
             text = COMPARE_HELP.get(f.name, text)
-        kwargs = _flag_kwargs(f.name, kind, is_list, f.name.upper() if not is_list else "NAME")
-        kwargs["help"] = f"{text} (default: {default})"
+        kind = kinds[f.name]
+        kwargs = _flag_kwargs(f.name, kind.type, kind.is_list, "NAME" if kind.is_list else f.name.upper())
+        kwargs["help"] = _help(f"{text} (default: {default})")
         sections[group].add_argument(_flag(f.name), **kwargs)
+
+
+def _default(f: Field) -> Any:
+    return f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
 
 
 def _flag_kwargs(name: str, kind: Any, is_list: bool, metavar: str) -> dict[str, Any]:
@@ -109,18 +100,30 @@ def _flag_kwargs(name: str, kind: Any, is_list: bool, metavar: str) -> dict[str,
     return kwargs
 
 
+def _add_inputs(parser: argparse.ArgumentParser, cls: type) -> None:
+    """A command's own inputs (``train --dam``, ``eval --adapter``), from their dataclass."""
+    from ..method.config import field_kinds
+
+    kinds = field_kinds(cls)
+    for f in fields(cls):
+        kind = kinds[f.name]
+        kwargs = _flag_kwargs(f.name, kind.type, kind.is_list, f.metadata.get("metavar", f.name.upper()))
+        parser.add_argument(_flag(f.name), **kwargs, help=_help(f.metadata.get("help", "")))
+
+
 def _add_compare_options(parser: argparse.ArgumentParser) -> None:
-    """The options of ``diffora compare`` that ``diffora run`` does not have (:class:`diffora.compare.CompareOptions`)."""
-    from ..compare.settings import CompareOptions
+    """The options of ``diffora compare`` that ``diffora run`` lacks (:class:`diffora.compare.CompareOptions`)."""
+    from ..compare.settings import CompareOptions, compare_option_kinds
 
     section = parser.add_argument_group("comparison")
+    kinds = compare_option_kinds()
     for f in fields(CompareOptions):
-        kind, is_list = _base_type(f.type)
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        kind = kinds[f.name]
         metavar = {"methods": "METHOD", "seeds": "SEED", "tune_lr_factors": "FACTOR"}.get(f.name, f.name.upper())
-        kwargs = _flag_kwargs(f.name, kind, is_list, metavar)
+        kwargs = _flag_kwargs(f.name, kind.type, kind.is_list, metavar)
+        default = _default(f)
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
-        kwargs["help"] = f.metadata.get("help", "") + ("" if f.name == "methods" else f" (default: {shown})")
+        kwargs["help"] = _help(f.metadata.get("help", "") + ("" if f.name == "methods" else f" (default: {shown})"))
         section.add_argument(_flag(f.name), **kwargs)
 
 
@@ -131,40 +134,67 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message}; see '{self.prog} --help'")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: Optional[typing.Collection[str]] = None) -> argparse.ArgumentParser:
+    """The ``diffora`` parser. With ``only``, just those subcommands get their options (the others are listed by
+    name): parsing one command reads no other command's options, and ``diffora --help`` reads none."""
     parser = _Parser(
         prog="diffora",
         description="DiffoRA: learn which modules get LoRA (a Differential Adaptation Matrix), fine-tune them, and "
         "export a plain PEFT LoRA adapter.",
     )
     from .. import __version__
+    from .options import COMMAND_INPUTS
 
     parser.add_argument("--version", action="version", version=f"diffora {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command, groups in COMMAND_GROUPS.items():
-        sub = commands.add_parser(command, help=COMMAND_HELP[command], description=COMMAND_HELP[command])
-        sub.add_argument("--config", metavar="FILE", help="YAML or JSON file with options (keys as the flags' names; relative paths are relative to the file)")
+    for name, text in COMMAND_HELP.items():
+        sub = commands.add_parser(name, help=text, description=text)
+        if only is not None and name not in only:
+            continue
+        sub.add_argument("--config", metavar="FILE", help="YAML or JSON file with options (keys as the flags' names; "
+                         "relative paths are relative to the file)")
         sub.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
-        if command == "train":
-            sub.add_argument("--dam", metavar="DAM_JSON", help="search record from 'diffora search' (uses its kept modules)")
-            sub.add_argument("--modules", nargs="+", metavar="NAME", help="explicit full module names to adapt")
-        if command == "eval":
-            sub.add_argument("--adapter", metavar="DIR", help="adapter folder (OUT/adapter); required")
-            sub.add_argument("--output-file", metavar="FILE", help="also write the metrics JSON here")
-        if command == "compare":
+        if name in COMMAND_INPUTS:
+            _add_inputs(sub, COMMAND_INPUTS[name])
+        if name == "compare":
             _add_compare_options(sub)
-        _add_options(sub, groups, command)
+        _add_options(sub, name)
     return parser
 
 
-def load_config_file(path: str, overridden: typing.Collection[str] = (),
-                     extra_kinds: Optional[dict[str, tuple[type, bool, bool]]] = None,
-                     command: str = "run") -> dict[str, Any]:
-    """Options from a YAML/JSON file; keys may use dashes or underscores. Values are converted to the options'
-    types; relative paths are resolved against the file's folder, and write locations must stay below it
-    (options in ``overridden``, given on the command line, are not checked). ``extra_kinds`` adds a command's own
-    keys (``diffora compare``'s), ``command`` is the one named in the unknown-key message."""
-    from .options import Options
+def command_kinds(command: str) -> dict[str, Any]:
+    """name -> Kind of every option ``command`` takes: its :class:`Options` fields, its own inputs, and for compare
+    the :class:`~diffora.compare.CompareOptions`."""
+    from ..method.config import field_kinds
+    from .options import COMMAND_INPUTS, COMMAND_OPTIONS, option_kinds
+
+    kinds = {k: v for k, v in option_kinds().items() if k in COMMAND_OPTIONS[command]}
+    if command in COMMAND_INPUTS:
+        kinds.update(field_kinds(COMMAND_INPUTS[command]))
+    if command == "compare":
+        from ..compare.settings import compare_option_kinds
+
+        kinds.update(compare_option_kinds())
+    return kinds
+
+
+def _not_taken(command: str, name: str) -> Optional[str]:
+    """The message for an option that exists but that ``command`` does not take; ``None`` for an unknown name."""
+    from .options import COMMAND_INPUTS, COMMAND_OPTIONS
+
+    takers = [c for c in COMMAND_HELP if name in COMMAND_OPTIONS[c]
+              or (c in COMMAND_INPUTS and name in {f.name for f in fields(COMMAND_INPUTS[c])})]
+    if not takers:
+        return None
+    return (f"'diffora {command}' does not take {_flag(name)} (an option of diffora {', '.join(takers)}); see "
+            f"'diffora {command} --help'")
+
+
+def load_config_file(path: str, overridden: typing.Collection[str] = (), command: str = "run") -> dict[str, Any]:
+    """Options from a YAML/JSON file; keys may use dashes or underscores, and must be options of ``command``.
+    Values are converted to the options' types; relative paths are resolved against the file's folder, and write
+    locations must stay below it (options in ``overridden``, given on the command line, are not checked)."""
+    from ..method.config import convert_value
 
     file = Path(path)
     try:
@@ -190,70 +220,25 @@ def load_config_file(path: str, overridden: typing.Collection[str] = (),
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of option names to values")
-    known = {f.name for f in fields(Options)} | set(EXTRA_KINDS) | set(extra_kinds or {})
+    kinds = command_kinds(command)
     options = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"config file '{path}': unknown option '{key}'; see 'diffora {command} --help'")
-        options[name] = _coerce(path, key, name, value, extra_kinds)
+        if name not in kinds:
+            # the same rule as on the command line: an option of another command is named as such
+            other = _not_taken(command, name)
+            raise ConfigError(f"config file '{path}': " + (other or f"unknown option '{key}'; see 'diffora {command} "
+                                                                    "--help'"))
+        try:
+            options[name] = convert_value(value, kinds[name])
+        except ValueError:
+            raise ConfigError(f"config file '{path}': option '{key}' must be {kinds[name].describe()}, "
+                              f"got {value!r}") from None
     base = file.resolve().parent
     for name, value in options.items():
         if isinstance(value, str) and name not in overridden:
             options[name] = _config_path(path, base, name, value)
     return options
-
-
-#: config-file options that are not fields of Options (command-specific flags)
-EXTRA_KINDS: dict[str, tuple[type, bool, bool]] = {
-    "dam": (str, False, True), "modules": (str, True, True), "adapter": (str, False, True),
-    "output_file": (str, False, True),
-}
-#: options naming files or folders that diffora reads / writes
-INPUT_PATHS = ("train_file", "eval_file", "data_dir", "dam", "adapter")
-OUTPUT_PATHS = ("output_dir", "output_file")
-_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _coerce(path: str, key: Any, name: str, value: Any,
-            extra_kinds: Optional[dict[str, tuple[type, bool, bool]]] = None) -> Any:
-    """A config value in the option's type, converted the way argparse converts a flag's text (YAML reads
-    ``1e-3`` as a string, JSON may quote numbers); anything else is a one-line :class:`ConfigError`."""
-    from .options import option_kinds
-
-    kind, is_list, optional = {**option_kinds(), **EXTRA_KINDS, **(extra_kinds or {})}[name]
-
-    def bad() -> ConfigError:
-        what = "a list of strings" if is_list else _KIND_WORDS.get(kind, kind.__name__)
-        return ConfigError(f"config file '{path}': option '{key}' must be {what}, got {value!r}")
-
-    def one(item: Any) -> Any:
-        if isinstance(item, bool) or item is None or isinstance(item, (list, dict)):
-            if kind is bool and isinstance(item, bool):
-                return item
-            raise bad()
-        if kind is bool:
-            raise bad()
-        if kind is str:
-            return str(item) if isinstance(item, (str, int, float)) else _raise(bad())
-        if kind is int and isinstance(item, float):
-            return int(item) if item.is_integer() else _raise(bad())
-        try:
-            return kind(item)
-        except (TypeError, ValueError, OverflowError):
-            raise bad() from None
-
-    if value is None:
-        if optional:
-            return None
-        raise bad()
-    if is_list:
-        return [one(v) for v in value] if isinstance(value, list) else [one(value)]
-    return one(value)
-
-
-def _raise(exc: Exception) -> typing.NoReturn:
-    raise exc
 
 
 def _config_path(path: str, base: Path, name: str, value: str) -> str:
@@ -278,30 +263,41 @@ def _config_path(path: str, base: Path, name: str, value: str) -> str:
     return value
 
 
+def _command_in(argv: Sequence[str]) -> Optional[str]:
+    """The subcommand ``argv`` names (its first word that is not a flag), if it is one."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in COMMAND_HELP else None
+
+
+def _unrecognized(command: str, extras: list[str]) -> ConfigError:
+    flag = next((a for a in extras if a.startswith("--")), None)
+    other = _not_taken(command, flag[2:].split("=")[0].replace("-", "_")) if flag else None
+    return ConfigError(other or f"unrecognized arguments: {' '.join(extras)}; see 'diffora {command} --help'")
+
+
 def parse(argv: Optional[Sequence[str]] = None) -> tuple[str, Any, argparse.Namespace]:
     """Parse ``argv`` into (command, Options, raw namespace)."""
-    from .options import Options
+    from .options import COMMAND_INPUTS, Options
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    explicit = {k: v for k, v in vars(args).items()
-                if k not in {"command", "config", "debug"} and not (k in EXTRA_KINDS and v is None)}
-    compare_kinds = None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command_in(argv)
+    parser = build_parser([command] if command else [])
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        raise _unrecognized(args.command, extras)
+    explicit = {k: v for k, v in vars(args).items() if k not in _OWN_FLAGS}
+    values = load_config_file(args.config, overridden=set(explicit), command=args.command) if args.config else {}
+    values.update(explicit)
     if args.command == "compare":
         from ..compare.settings import compare_option_kinds
 
-        compare_kinds = compare_option_kinds()
-    values = load_config_file(args.config, overridden=set(explicit), extra_kinds=compare_kinds,
-                              command=args.command) if args.config else {}
-    values.update(explicit)
-    if args.command == "compare":
-        args.compare_settings = {k: values.pop(k) for k in list(values) if k in compare_kinds}
+        args.compare_settings = {k: values.pop(k) for k in list(values) if k in compare_option_kinds()}
         values.setdefault("output_dir", COMPARE_DEFAULTS["output_dir"])
-    extras = {k: values.pop(k) for k in ("dam", "modules", "adapter", "output_file") if k in values}
-    for k, v in extras.items():
-        setattr(args, k, v)
+    inputs = {f.name for f in fields(COMMAND_INPUTS[args.command])} if args.command in COMMAND_INPUTS else set()
+    for name in inputs:
+        setattr(args, name, values.pop(name, None))
     args.model_given = "model" in values
-    if args.command == "eval" and not getattr(args, "adapter", None):
+    if args.command == "eval" and not args.adapter:
         raise ConfigError("diffora eval needs --adapter DIR, the adapter folder a run wrote (OUT/adapter)")
     if args.command == "eval":
         values.setdefault("output_dir", ".")
@@ -309,19 +305,16 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[str, Any, argparse.Name
         values.setdefault("selection_score", "ntk")
         if "search_epochs" not in values and "search_steps" not in values:
             values.update(search_epochs=0.0, search_steps=0)
-    try:
-        opts = Options(**values)
-    except TypeError as exc:  # a config value of the wrong type
-        raise ConfigError(f"invalid option value: {exc}") from None
-    return args.command, opts, args
+    return args.command, Options(**values), args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    _quiet_libraries(debug)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     opts = None
     try:
         command, opts, args = parse(argv)
+        _quiet_libraries(debug)  # before the command imports those libraries, after --help (which needs none)
         from . import commands
 
         if command == "run":
@@ -331,13 +324,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif command == "train":
             commands.train_job(opts, dam=getattr(args, "dam", None), modules=getattr(args, "modules", None))
         elif command == "compare":
-            _compare(opts, args, sys.argv[1:] if argv is None else list(argv))
+            _compare(opts, args, argv)
         else:
             commands.eval_job(opts, args.adapter, getattr(args, "output_file", None), model_given=args.model_given)
-    except Interrupted as exc:
-        print(f"diffora: {exc}", file=sys.stderr)
-        return 130
     except DiffoRAError as exc:
+        if _interrupted(exc):
+            print(f"diffora: {exc}", file=sys.stderr)
+            return 130
         if debug:
             raise
         print(f"diffora: error: {exc}", file=sys.stderr)
@@ -369,6 +362,7 @@ def _compare(opts: Any, args: argparse.Namespace, argv: list[str]) -> None:
     import shlex
 
     from ..compare import CompareOptions, compare
+    from ..store.checkpoint import Interrupted
 
     settings = CompareOptions(**args.compare_settings)
     out = Path(opts.output_dir)
@@ -390,6 +384,13 @@ def _compare(opts: Any, args: argparse.Namespace, argv: list[str]) -> None:
               + (f", {failed} failed" if failed else "") + (f", {len(results['skipped'])} left for a rerun"
                                                              if results["skipped"] else "")
               + f"; report: {out / 'report.md'} (results.json, curves.png, score_vs_params.png, dam_*.png)")
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a run stopped on a signal after a checkpoint. Only a run that loaded the checkpoint module (and torch)
+    can raise that, so it is looked up, not imported: an option error must not pay for importing torch."""
+    checkpoint = sys.modules.get("diffora.store.checkpoint")
+    return checkpoint is not None and isinstance(exc, checkpoint.Interrupted)
 
 
 def _internal_error(exc: BaseException) -> int:

@@ -5,31 +5,30 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 
-from ..method.candidates import detect_task_heads
-from ..store.checkpoint import Checkpointer, ResumableLoader
-from ..select.quota import select_modules
+from ..data.models import check_4bit_support
+from ..data.splits import split_for_search
 from ..errors import ConfigError, DataError, ModelError, ResourceError, TrainingError
 from ..evaluation.metrics import higher_is_better, majority_baseline
 from ..evaluation.predict import evaluate_model
-from ..method.export import count_trainable, infer_task_type, lora_config_for
-from ..store.io import atomic_write_json
+from ..method.export import count_trainable, export_search, fresh_lora
+from ..method.schedule import check_warmup, gate_warmup, search_length
+from ..method.search import prepare_search
+from ..runtime import peak_gpu_mib, peak_rss_mib, seed_everything
+from ..select.choose import allocate_ranks, choose_modules, diagnostic, search_kernels
+from ..select.quota import select_modules
+from ..store.checkpoint import Checkpointer, ResumableLoader
+from ..store.io import atomic_write_json, check_adapter_weights, load_error_detail
+from ..store.record import load_record, search_record
+from ..train import finetune
 from .loading import TaskData, encode, load_model, load_task_data, make_loader
-from ..data.models import check_4bit_support
 from .options import Options
 from .outputs import RESUME_VOLATILE, check_output_dir, check_output_file, json_safe, output_lock, write_outputs
-from ..store.record import load_record
-from ..runtime import peak_gpu_mib, peak_rss_mib, seed_everything
-from ..method.search import prepare_search
-from ..select.choose import allocate_ranks, choose_modules, diagnostic, search_kernels
-from ..data.splits import split_for_search
-from ..train import finetune
 
 
 def build_accelerator(opts: Optional[Options] = None):
@@ -171,22 +170,27 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
     accumulation = opts.gradient_accumulation_steps
     # a search step is one optimiser step on the weights: --gradient-accumulation-steps micro-batches
     # 0 only when both lengths are 0, which Options allows for the ntk selection alone (it needs no search)
-    steps = opts.search_steps or math.ceil(opts.search_epochs * len(weight_loader) / accumulation)
-    if 0 < steps <= config.gate_warmup_steps:
-        raise DataError(
-            f"the search has only {steps} steps, not more than --gate-warmup-steps {config.gate_warmup_steps}, so no "
-            "gate step would run; add data, raise --search-epochs/--search-steps or lower --gate-warmup-steps"
-        )
+    steps = search_length(len(weight_loader), epochs=opts.search_epochs, steps=opts.search_steps,
+                          accumulation=accumulation)
+    if steps > 0:
+        check_warmup(steps, gate_warmup(steps, config), error=DataError,
+                     hint="add data, raise --search-epochs/--search-steps or lower --gate-warmup-steps")
     previous_seconds = 0.0
     if resumable and opts.resume:
         saved = ckpt.load("search")
         if saved is not None:
-            _check_same_options(saved["options"], opts)
-            search.load_state_dict(saved["search"])
-            weight_loader.load_state_dict(saved["weight_loader"])
-            gate_loader.load_state_dict(saved["gate_loader"])
-            previous_seconds = float(saved["seconds"])
-            Checkpointer.restore_rng(saved)
+            try:
+                _check_same_options(saved["options"], opts)
+                search.load_state_dict(saved["search"])
+                weight_loader.load_state_dict(saved["weight_loader"])
+                gate_loader.load_state_dict(saved["gate_loader"])
+                previous_seconds = float(saved["seconds"])
+                Checkpointer.restore_rng(saved)
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+                if isinstance(exc, ConfigError):
+                    raise
+                raise DataError(f"{ckpt.path('search')} does not fit this diffora version or this run "
+                                f"({load_error_detail(exc)}); start over with --overwrite") from None
 
     def checkpoint(s: Any, _step: int) -> None:
         if resumable and ckpt.due(s.weight_steps):
@@ -215,8 +219,8 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
     if ranks is not None:
         extra["ranks"] = ranks
     seconds = previous_seconds + time.perf_counter() - start
-    record = search.record(
-        selection,
+    record = search_record(
+        search, selection,
         model=opts.model,
         task=prep.data.name,
         seed=opts.seed,
@@ -227,7 +231,7 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
         ranks_agree=agree,
         **extra,
     )
-    peft_model = search.export(selection, ranks=ranks)
+    peft_model = export_search(search, selection, ranks=ranks)
     if resumable:
         atomic_write_json(ckpt.folder / "dam.json", {**record, "search_seconds": seconds})
     return peft_model, selection, record, seconds
@@ -245,17 +249,8 @@ def _module_kernels(prep: _Prepared, opts: Options, search: Any, gate_idx: list[
 def _model_from_record(prep: _Prepared, opts: Options, modules: list[str], heads: Optional[list[str]] = None,
                        ranks: Optional[dict[str, int]] = None) -> Any:
     """A fresh PEFT model with LoRA on ``modules`` (PEFT init), as the export would build it."""
-    from peft import get_peft_model
-
-    config = lora_config_for(
-        modules, rank=opts.rank, alpha=opts.alpha, dropout=opts.lora_dropout, ranks=ranks,
-        modules_to_save=heads if heads is not None else detect_task_heads(prep.model),
-        task_type=infer_task_type(type(prep.model).__name__),
-        fan_in_fan_out=any(type(prep.model.get_submodule(m)).__name__ == "Conv1D" for m in modules),
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(opts.seed + 1)
-        return get_peft_model(prep.model, config)
+    return fresh_lora(prep.model, modules, rank=opts.rank, alpha=opts.alpha, dropout=opts.lora_dropout,
+                      seed=opts.seed, heads=heads, ranks=ranks)
 
 
 def _ranks_agree(beta: torch.Tensor) -> bool:
@@ -335,8 +330,12 @@ def run_job(opts: Options) -> dict:
             shutil.rmtree(ckpt.folder)  # stale resume state of an earlier run must not leak into this one
         if opts.resume and ckpt.path("finetune").exists():
             saved = load_record(ckpt.folder / "dam.json")
-            search_seconds = float(saved.pop("search_seconds"))
-            record, modules = saved, saved["selection"]["modules"]
+            try:
+                search_seconds = float(saved.pop("search_seconds"))
+                record, modules = saved, saved["selection"]["modules"]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise DataError(f"{ckpt.folder / 'dam.json'} does not fit this diffora version or this run "
+                                f"({load_error_detail(exc)}); start over with --overwrite") from None
             _check_same_options(ckpt.load("finetune").get("options", vars(opts)), opts)
             peft_model = _model_from_record(prep, opts, modules, saved.get("heads"), saved.get("ranks"))
         else:
@@ -386,7 +385,7 @@ def search_job(opts: Options) -> dict:
 
 def train_job(opts: Options, dam: Optional[str] = None, modules: Optional[list[str]] = None) -> dict:
     """Fine-tune LoRA on the modules of a search record (``dam``) or an explicit module list."""
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel
 
     if (dam is None) == (modules is None):
         raise DataError("diffora train needs exactly one of --dam (a dam.json from diffora search) or --modules")
@@ -420,16 +419,15 @@ def train_job(opts: Options, dam: Optional[str] = None, modules: Optional[list[s
                              f"module names such as '{example}'")
         search_adapter = Path(dam).parent / "search_adapter" if dam else None
         if opts.weight_sharing and search_adapter is not None and (search_adapter / "adapter_config.json").exists():
-            peft_model = PeftModel.from_pretrained(prep.model, str(search_adapter), is_trainable=True)
+            check_adapter_weights(search_adapter)
+            try:
+                peft_model = PeftModel.from_pretrained(prep.model, str(search_adapter), is_trainable=True)
+            except (ValueError, KeyError, RuntimeError, OSError) as exc:
+                raise DataError(f"search adapter '{search_adapter}' does not fit model '{opts.model}' "
+                                f"({load_error_detail(exc)}); drop --weight-sharing or rerun diffora search") from None
         else:
-            config = lora_config_for(
-                modules, rank=opts.rank, alpha=opts.alpha, dropout=opts.lora_dropout,
-                modules_to_save=detect_task_heads(prep.model), task_type=infer_task_type(type(prep.model).__name__),
-                ranks=record.get("ranks") if record is not None else None,
-            )
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(opts.seed + 1)
-                peft_model = get_peft_model(prep.model, config)
+            peft_model = fresh_lora(prep.model, modules, rank=opts.rank, alpha=opts.alpha, dropout=opts.lora_dropout,
+                                    seed=opts.seed, ranks=record.get("ranks") if record is not None else None)
         result = _finetune(prep, opts, peft_model)
         candidates = sum(1 for row in record["grid"]["names"] for n in row if n) if record else None
         metrics = _metrics(prep, opts, peft_model, result, kept=modules, candidates=candidates, search_seconds=0.0,
@@ -455,6 +453,7 @@ def eval_job(opts: Options, adapter: str, output_file: Optional[str] = None, mod
     except Exception as exc:  # PEFT raises several types for a broken config
         raise DataError(f"'{adapter_dir}/adapter_config.json' cannot be read as a PEFT config ({exc.__class__.__name__}); "
                         "pass the adapter folder a run wrote (OUT/adapter)") from None
+    check_adapter_weights(adapter_dir)  # a damaged file is named before the model is loaded
     if not model_given and peft_config.base_model_name_or_path:
         opts.model = peft_config.base_model_name_or_path
     seed_everything(opts.seed)
@@ -464,7 +463,8 @@ def eval_job(opts: Options, adapter: str, output_file: Optional[str] = None, mod
         try:
             model = PeftModel.from_pretrained(prep.model, str(adapter_dir))
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
-            raise DataError(f"adapter '{adapter_dir}' does not fit model '{opts.model}': {str(exc).splitlines()[0][:200]}") from None
+            raise DataError(f"adapter '{adapter_dir}' does not fit model '{opts.model}' ({load_error_detail(exc)}); "
+                            "pass the base model it was trained on with --model") from None
         metrics = json_safe({"task": prep.data.name, "adapter": str(adapter_dir), "model": opts.model,
                              "eval_rows": len(prep.eval_items), "eval": prep.evaluate(model)})
         if output_file and accelerator.is_main_process:

@@ -9,11 +9,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import encode as enc
+from ..data.models import load_model_and_tokenizer
 from ..data.packaged import PACKAGED_DATASETS, PACKAGED_TASKS, load_packaged
 from ..data.readers import Examples, LMExamples, build_lm_examples, load_examples, read_records
 from ..data.tasks import GLUE_TASKS, TaskSpec, get_task, load_task_file, load_task_split
 from ..errors import ConfigError, DataError
-from ..data.models import load_model_and_tokenizer
 from .options import Options
 
 GENERIC_TASKS = ("classification", "regression", "causal_lm")
@@ -81,7 +81,9 @@ def _generic_task(kind: str, opts: Options, need_train: bool) -> TaskData:
             records = read_records(path, encoding=opts.encoding)
             text_column = opts.text_column if opts.prompt_column is None and opts.response_column is None else None
             if text_column is None and opts.response_column is None and opts.prompt_column is None:
-                text_column = "text"
+                # chat data ("messages": [{"role", "content"}, ...]) is picked up without flags, as TRL does
+                chat = bool(records) and "text" not in records[0] and "messages" in records[0]
+                text_column = "messages" if chat else "text"
             return build_lm_examples(records, text_column=text_column, prompt_column=opts.prompt_column,
                                      response_column=opts.response_column, source=path)
         return load_examples(

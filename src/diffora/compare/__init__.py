@@ -12,15 +12,28 @@ method, whether its difference from DiffoRA exceeds the seed-to-seed spread::
 
 or on the command line ``diffora compare --task … --methods diffora lora-all … --output-dir runs/cmp``.
 
-Layout: :mod:`.settings` (the options ``diffora run`` does not have) → :mod:`.methods` (``--methods`` entries and
-their variants) → :mod:`.data` (splits, encoded rows) → :mod:`.jobs` (one search / fine-tune / timing job, in a
-worker process) → :mod:`.runner` (validation, the plan, resume, scheduling, ``results.json``) → :mod:`.report`
+Layout: :mod:`.settings` (the options ``diffora run`` does not have) → :mod:`.methods` (one object per method
+family: checks, model, fine-tune hooks, accounting; ``--methods`` entries and their variants) → :mod:`.data`
+(splits, encoded rows) → :mod:`.jobs` (typed job records; one search / fine-tune / timing job, in a worker
+process) → :mod:`.runner` (validation, the plan, resume, scheduling, ``results.json``) → :mod:`.report`
 (``report.md`` and the plots).
 """
 
-from .methods import FAMILIES, Method, parse_method, parse_methods
-from .runner import RESULTS_FORMAT, compare
-from .settings import DEFAULT_METHODS, CompareOptions
+# Public names load on first use, so `diffora compare --help` (which reads .settings) imports neither torch nor peft.
+_EXPORTS = {
+    "FAMILIES": "methods", "Family": "methods", "Method": "methods", "parse_method": "methods", "parse_methods": "methods",
+    "RESULTS_FORMAT": "runner", "compare": "runner", "DEFAULT_METHODS": "settings", "CompareOptions": "settings",
+}
 
-__all__ = ["CompareOptions", "DEFAULT_METHODS", "FAMILIES", "Method", "RESULTS_FORMAT", "compare", "parse_method",
-           "parse_methods"]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

@@ -19,9 +19,9 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ..errors import DataError
 from ..cli.loading import TaskData, encode, load_model, load_task_data, make_loader
 from ..cli.options import Options
+from ..errors import DataError
 
 #: seed of the held-out split (the benchmark's ablation split used the same one)
 HOLDOUT_SEED = 1234

@@ -16,27 +16,31 @@ import os
 import statistics
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
-from ..method.candidates import DAMGrid, detect_task_heads, find_candidates
-from ..method.config import SELECTION_SCORES
-from ..select.quota import Selection, select_modules
+from ..cli.loading import load_model
+from ..cli.options import Options
+from ..data.splits import split_for_search
 from ..errors import ConfigError, TrainingError
 from ..evaluation.metrics import higher_is_better
 from ..evaluation.predict import evaluate_model
-from ..method.export import count_trainable, infer_task_type, lora_config_for
-from ..store.io import atomic_write_bytes, torch_load_safe
-from ..cli.loading import load_model
-from ..cli.options import Options
-from ..runtime import seed_everything
+from ..method.candidates import DAMGrid, detect_task_heads, find_candidates, uses_conv1d
+from ..method.export import count_trainable, export_search, infer_task_type, lora_config_for, seeded_peft_model
+from ..method.schedule import search_length
 from ..method.search import prepare_search
-from ..select.choose import allocate_ranks, choose_modules, search_kernels
-from ..data.splits import split_for_search
+from ..runtime import seed_everything
+from ..select.choose import allocate_ranks, choose_modules, gate_scores, search_kernels
+from ..select.quota import Selection, select_modules
+from ..select.strategies import get_strategy
+from ..store.io import atomic_write_bytes, torch_load_safe
+from ..store.record import search_record
 from ..train import finetune
 from .data import OnDevice, Prepared, device, eval_loader, loader, prepared
+from .methods import FAMILIES, Built
 
 #: column labels (see diffora.method.candidates.PRESETS) and type suffixes of the query and value projections
 QV_LABELS = ("query", "value", "q", "v")
@@ -81,9 +85,8 @@ def one_line(exc: BaseException) -> str:
 def search_steps(opts: Options, n_weight_rows: int) -> int:
     """The search length ``diffora run`` uses: --search-steps, or --search-epochs passes over the weight split (a
     step is --gradient-accumulation-steps micro-batches)."""
-    accumulation = getattr(opts, "gradient_accumulation_steps", 1)
-    batches = math.ceil(n_weight_rows / opts.batch_size)
-    return opts.search_steps or max(1, math.ceil(opts.search_epochs * batches / accumulation))
+    return search_length(math.ceil(n_weight_rows / opts.batch_size), epochs=opts.search_epochs,
+                         steps=opts.search_steps, accumulation=getattr(opts, "gradient_accumulation_steps", 1))
 
 
 def new_search(model, opts: Options, config=None):
@@ -97,7 +100,7 @@ def new_search(model, opts: Options, config=None):
 
 def finetune_steps(opts: Options, n_train: int) -> int:
     """Optimiser steps of the fine-tune, as :func:`diffora.train.finetune` counts them."""
-    accumulation = getattr(opts, "gradient_accumulation_steps", 1)
+    accumulation = opts.gradient_accumulation_steps
     return max(1, math.ceil(opts.epochs * math.ceil(n_train / opts.batch_size) / accumulation))
 
 
@@ -115,7 +118,7 @@ def search_passes(search: dict) -> int:
 def epochs_for_steps(opts: Options, n_train: int, steps: int) -> float:
     """The (fractional) --epochs for which :func:`finetune_steps` gives exactly ``steps``: the shared loop keeps
     its schedule shape (warm-up ratio, linear decay) over the longer run."""
-    accumulation = getattr(opts, "gradient_accumulation_steps", 1)
+    accumulation = opts.gradient_accumulation_steps
     batches = math.ceil(n_train / opts.batch_size)
     epochs = (steps * accumulation - 0.5) / batches  # ceil(epochs * batches / accumulation) == steps
     assert max(1, math.ceil(epochs * batches / accumulation)) == steps
@@ -147,11 +150,37 @@ def eva_check(grid: DAMGrid, model: Any, rank: int, rho: float, where: str) -> N
                               f"'{name}' has only {features} input features; lower --rank or eva_rho")
 
 
-def random_selection(grid: DAMGrid, keep_ratio: float, seed: int, rank: int, granularity: str = "layer") -> Selection:
-    """Uniform random scores through DiffoRA's own discretisation: as many modules, per layer, as DiffoRA keeps."""
+def random_scores(grid: DAMGrid, keep_ratio: float, seed: int) -> list[list[float]]:
+    """The uniform random scores of one seed (the same draw for every random control of that seed and rho)."""
     g = torch.Generator().manual_seed(10_000 + 1000 * seed + int(round(keep_ratio * 100)))
-    scores = torch.rand(grid.shape, generator=g).tolist()
-    return select_modules(grid, scores, keep_ratio, granularity, rank=rank)
+    return torch.rand(grid.shape, generator=g).tolist()
+
+
+def random_selection(grid: DAMGrid, keep_ratio: float, seed: int, rank: int, granularity: str = "layer", *,
+                     budget_params: Optional[int] = None) -> Selection:
+    """Uniform random scores through DiffoRA's own discretisation: as many modules, per layer, as DiffoRA keeps
+    (``budget``: as many LoRA parameters as ``budget_params``, within one module's cost)."""
+    return select_modules(grid, random_scores(grid, keep_ratio, seed), keep_ratio, granularity, rank=rank,
+                          budget_params=budget_params)
+
+
+def random_within_types(grid: DAMGrid, kept: list[str], seed: int, keep_ratio: float, rank: int) -> Selection:
+    """As many modules of each type as ``kept`` holds, in the layers with the highest random scores."""
+    scores = random_scores(grid, keep_ratio, seed)
+    rows, cols = grid.shape
+    per_type = [0] * cols
+    for name in kept:
+        per_type[grid.position(name)[1]] += 1
+    mask = [[False] * cols for _ in range(rows)]
+    for j in range(cols):
+        layers = sorted((i for i in range(rows) if grid.names[i][j] is not None), key=lambda i: (-scores[i][j], i))
+        for i in layers[: per_type[j]]:
+            mask[i][j] = True
+    cells = [(i, j, name) for i, row in enumerate(grid.names) for j, name in enumerate(row) if name is not None]
+    cost = {(i, j): rank * grid.param_costs[i][j] for i, j, _ in cells}
+    return Selection(mask=mask, modules=[name for i, j, name in cells if mask[i][j]], keep_ratio=keep_ratio,
+                     granularity="within_type", lora_params=sum(cost[i, j] for i, j, _ in cells if mask[i][j]),
+                     total_lora_params=sum(cost.values()))
 
 
 def all_modules(grid: DAMGrid, rank: int) -> Selection:
@@ -185,21 +214,84 @@ def accelerator_for(dev: torch.device, mixed_precision: str):
                           "comparison with --workers 1 or more, or in a new process") from None
 
 
-def job_options(job: dict) -> Options:
-    return Options(**job["options"])
+# ------------------------------------------------------------------------------------------------ job records
+@dataclass
+class SearchRef:
+    """What a fine-tune takes from its finished search: the saved state and the search's time."""
+
+    state_path: str
+    seconds: float
 
 
-def _prepared(job: dict, opts: Options) -> Prepared:
-    return prepared(opts, job["split"], job.get("holdout_rows", 0))
+@dataclass(kw_only=True)
+class JobSpec:
+    """What a worker gets for one job. ``key`` is what makes a saved result reusable; ``options`` are the
+    :class:`~diffora.cli.options.Options` fields of the job (as a dict, so a record pickles and prints plainly)."""
+
+    kind: ClassVar[str] = ""
+    id: str
+    key: dict
+    split: str
+    holdout_rows: int = 0
+    options: dict
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(data: dict) -> "JobSpec":
+        cls = JOB_KINDS[data["kind"]]
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        if isinstance(values.get("search"), dict):
+            values["search"] = SearchRef(**values["search"])
+        return cls(**values)
+
+
+@dataclass(kw_only=True)
+class SearchJob(JobSpec):
+    kind: ClassVar[str] = "search"
+    state_path: str
+    label: str
+
+
+@dataclass(kw_only=True)
+class FinetuneJob(JobSpec):
+    kind: ClassVar[str] = "finetune"
+    label: str
+    family: str
+    lr: float
+    eval_points: int = 5
+    extra: dict = field(default_factory=dict)  # the variant's values that are not Options fields (eva_rho, matched)
+    search: Optional[SearchRef] = None  # set by the family's attach() once the search has finished
+    search_passes: Optional[int] = None  # lora-all-cm: forward/backward passes of the search
+    reference: Optional[dict] = None  # DiffoRA's kept modules and LoRA parameters of the same seed
+
+
+@dataclass(kw_only=True)
+class TimingJob(JobSpec):
+    kind: ClassVar[str] = "timing"
+    rounds: int
+
+
+JOB_KINDS: dict[str, type[JobSpec]] = {c.kind: c for c in (SearchJob, FinetuneJob, TimingJob)}
+
+
+def job_options(job: JobSpec) -> Options:
+    return Options(**job.options)
+
+
+def _prepared(job: JobSpec, opts: Options) -> Prepared:
+    return prepared(opts, job.split, job.holdout_rows)
 
 
 def _model(opts: Options, prep: Prepared, dev: torch.device):
     model, _ = load_model(opts, prep.data, device=dev)
-    return model.to(dev) if not getattr(opts, "load_in_4bit", False) else model
+    return model.to(dev) if not opts.load_in_4bit else model
 
 
 # -------------------------------------------------------------------------------------------------- search
-def run_search(job: dict) -> dict:
+def run_search(job: SearchJob) -> dict:
     """The bi-level search of ``diffora run``; its state is saved so each method can export from it."""
     opts = job_options(job)
     seed = opts.seed
@@ -215,20 +307,19 @@ def run_search(job: dict) -> dict:
     w_loader = loader(prep, [prep.train_items[i] for i in w_idx], opts.batch_size, shuffle=True, seed=seed)
     g_loader = loader(prep, [prep.train_items[i] for i in g_idx], opts.batch_size, shuffle=True, seed=seed + 1)
     search = new_search(model, opts, config)
-    accumulation = getattr(opts, "gradient_accumulation_steps", 1)
+    accumulation = opts.gradient_accumulation_steps
     search.fit(OnDevice(w_loader, dev), OnDevice(g_loader, dev), steps, progress=False,
                **({"accumulation_steps": accumulation} if accumulation > 1 else {}))
     seconds = time.perf_counter() - start
-    save_state(Path(job["state_path"]), search.state_dict())
-    record = search.record(None, task=prep.data.name, seed=seed, search_steps=steps, model=opts.model,
+    save_state(Path(job.state_path), search.state_dict())
+    record = search_record(search, None, task=prep.data.name, seed=seed, search_steps=steps, model=opts.model,
                            weight_split_rows=len(w_idx), gate_split_rows=len(g_idx))
     record.pop("history", None)
     return {
         "kind": "search", "seed": seed, "config": config.to_dict(), "steps": steps, "gate_steps": search.gate_steps,
         "weight_split_rows": len(w_idx), "gate_split_rows": len(g_idx), "seconds": seconds,
         "gates": search.gate_values(),
-        "scores": {score: search.selection_scores(score) for score in SELECTION_SCORES
-                   if score != "ntk" and (score != "taylor" or config.gate == "sigmoid")},
+        "scores": gate_scores(search),
         "gate_snapshots": [{"step": s, "gates": g} for s, g in search.history.gate_snapshots],
         "weight_loss": search.history.weight_losses, "gate_loss": search.history.gate_losses,
         "record": record, "total_lora_params": all_modules(search.grid, config.rank).lora_params,
@@ -238,138 +329,120 @@ def run_search(job: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ fine-tune
 def _fresh_lora(model, config, seed: int):
-    from peft import get_peft_model
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)  # the init stream of DiffoRA's export without weight sharing
-        return get_peft_model(model, config)
+    return seeded_peft_model(model, config, seed + 1)  # the init stream of DiffoRA's export without weight sharing
 
 
-def build_model(job: dict, opts: Options, prep: Prepared, model, train_loader) -> tuple[Any, list[str], dict]:
-    """The method's trainable model, the modules that carry an adapter, and what else the report needs."""
-    from peft import AdaLoraConfig, EvaConfig, LoraConfig, initialize_lora_eva_weights
+@dataclass
+class BuildContext:
+    """What a method family builds its trainable model from (see :meth:`diffora.compare.methods.Family.build`)."""
 
-    family, seed = job["family"], opts.seed
-    heads = detect_task_heads(model)
-    task_type = infer_task_type(type(model).__name__)
-    info: dict[str, Any] = {}
+    job: FinetuneJob
+    opts: Options
+    prep: Prepared
+    model: Any
+    train_loader: Any
+    heads: list[str]
+    task_type: Optional[str]
+    _grid: Optional[DAMGrid] = None
 
-    def lora(modules: list[str], rank: int, **extra):
-        fan_in_fan_out = any(type(model.get_submodule(m)).__name__ == "Conv1D" for m in modules)
-        config = lora_config_for(modules, rank=rank, alpha=opts.alpha, dropout=opts.lora_dropout,
-                                 modules_to_save=heads, task_type=task_type, fan_in_fan_out=fan_in_fan_out)
+    @property
+    def grid(self) -> DAMGrid:
+        if self._grid is None:
+            self._grid = find_candidates(self.model, self.opts.target_types)
+        return self._grid
+
+    def lora(self, modules: list[str], rank: int, **extra):
+        """The plain LoraConfig of ``modules`` at ``rank`` with the comparison's alpha and dropout."""
+        fan_in_fan_out = uses_conv1d(self.model, modules)
+        config = lora_config_for(modules, rank=rank, alpha=self.opts.alpha, dropout=self.opts.lora_dropout,
+                                 modules_to_save=self.heads, task_type=self.task_type, fan_in_fan_out=fan_in_fan_out)
         for key, value in extra.items():
             setattr(config, key, value)
         return config
 
-    if family in ("diffora", "random-ws"):
-        t0 = time.perf_counter()
-        search = new_search(model, opts)
-        search.load_state_dict(torch_load_safe(job["search"]["state_path"]))
-        ranks = None
-        if family == "diffora":
-            kernels = None
-            if opts.selection_score == "ntk":  # the same gate-split rows diffora run uses
-                _, g_idx = split_for_search(len(prep.train_items), search.config.gate_fraction, seed)
-                rows = [prep.train_items[i] for i in g_idx[: opts.ntk_examples]]
-                kernels = search_kernels(search, loader(prep, rows, min(8, opts.batch_size), shuffle=False, seed=0),
-                                         opts.ntk_examples)
-            selection = choose_modules(search, kernels, keep_ratio=opts.keep_ratio, granularity=opts.granularity)
-            ranks = allocate_ranks(search, selection, kernels)
-            if ranks is not None:
-                info["ranks"] = ranks
-        else:
-            selection = random_selection(search.grid, opts.keep_ratio, seed, opts.rank, opts.granularity)
-        peft_model = search.export(selection, weight_sharing=opts.weight_sharing, ranks=ranks)
-        info["export_seconds"] = time.perf_counter() - t0
-        info["search_seconds"] = job["search"]["seconds"]
-        return peft_model, selection.modules, info
-    grid = find_candidates(model, opts.target_types)
-    if family == "random":
-        kept = random_selection(grid, opts.keep_ratio, seed, opts.rank, opts.granularity).modules
-        return _fresh_lora(model, lora(kept, opts.rank), seed), kept, info
-    if family in ("lora-all", "lora-all-cm"):
-        kept = grid.module_names()
-        return _fresh_lora(model, lora(kept, opts.rank), seed), kept, info
-    if family == "lora-qv":
-        kept = qv_modules(grid)
-        return _fresh_lora(model, lora(kept, opts.rank), seed), kept, info
-    if family == "lora-matched":
-        from ..select.ranks import rank_pattern_for
-
-        ranks = matched_ranks(grid, opts.rank, job["target_lora_params"])
-        base = statistics.mode(ranks.values())
-        kept = grid.module_names()
-        peft_model = _fresh_lora(model, lora(kept, base, rank_pattern=rank_pattern_for(ranks, base)), seed)
-        info.update(matched_ranks=sorted(set(ranks.values())), target_lora_params=job["target_lora_params"])
-        return peft_model, kept, info
-    if family == "adalora":
-        kept = grid.module_names()
-        total = finetune_steps(opts, len(prep.train_items))
-        target_r = max(1, round(opts.rank * opts.keep_ratio))
-        init_r = math.ceil(1.5 * target_r)
-        config = AdaLoraConfig(
-            init_r=init_r, target_r=target_r, lora_alpha=opts.alpha, lora_dropout=opts.lora_dropout,
-            tinit=max(1, int(0.1 * total)), tfinal=max(1, int(0.2 * total)), deltaT=max(1, total // 20),
-            total_step=total, target_modules=kept, modules_to_save=heads or None, task_type=task_type,
-        )
-        info["adalora"] = {"init_r": init_r, "target_r": target_r, "tinit": config.tinit, "tfinal": config.tfinal,
-                           "deltaT": config.deltaT, "total_step": total}
-        return _fresh_lora(model, config, seed), kept, info
-    if family == "eva":
-        kept = grid.module_names()
-        extra = job.get("extra", {})
-        eva = EvaConfig(rho=float(extra.get("eva_rho", 2.0)), tau=float(extra.get("eva_tau", 0.99)),
-                        use_label_mask=prep.data.kind == "causal_lm")
-        base = lora(kept, opts.rank)
-        config = LoraConfig(r=base.r, lora_alpha=base.lora_alpha, lora_dropout=base.lora_dropout,
-                            target_modules=kept, modules_to_save=base.modules_to_save, task_type=base.task_type,
-                            fan_in_fan_out=base.fan_in_fan_out, init_lora_weights="eva", eva_config=eva)
-        peft_model = _fresh_lora(model, config, seed).to(device())
-        t0 = time.perf_counter()
-        calls = {"n": 0}
-
-        def forward(m, inputs):
-            calls["n"] += 1
-            if calls["n"] > EVA_MAX_BATCHES:
-                raise TrainingError(f"EVA's SVD did not converge within {EVA_MAX_BATCHES} batches; raise eva_tau's "
-                                    "tolerance (e.g. 'eva[eva_tau=0.95]') or lower the rank")
-            return m(**inputs)
-
-        eva_loader = loader(prep, prep.train_items, opts.batch_size, shuffle=True, seed=seed + 3)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 3)
-            initialize_lora_eva_weights(peft_model, dataloader=eva_loader, forward_fn=forward, show_progress_bar=False)
-        ranks = {n.replace("base_model.model.", ""): int(m.lora_A["default"].weight.shape[0])
-                 for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
-        info.update(search_seconds=time.perf_counter() - t0, eva_batches=calls["n"], eva_ranks=ranks,
-                    eva={"rho": eva.rho, "tau": eva.tau, "use_label_mask": eva.use_label_mask})
-        return peft_model, [m for m in kept if m in ranks], info
-    if family == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, [], info
-    raise ConfigError(f"unknown method family {family!r}")
+    def fresh(self, config):
+        return _fresh_lora(self.model, config, self.opts.seed)
 
 
-def run_finetune(job: dict) -> dict:
+def load_search(ctx: BuildContext):
+    """The finished search of this job's seed, restored from its saved state."""
+    search = new_search(ctx.model, ctx.opts)
+    search.load_state_dict(torch_load_safe(ctx.job.search.state_path))
+    return search
+
+
+def diffora_selection(ctx: BuildContext, search) -> tuple[Selection, Optional[dict], dict]:
+    """DiffoRA's kept modules (and per-module ranks) from a finished search, as ``diffora run`` chooses them."""
+    opts, prep, seed = ctx.opts, ctx.prep, ctx.opts.seed
+    info: dict[str, Any] = {}
+    kernels = None
+    if get_strategy(opts.selection_score).needs_kernels:  # the same gate-split rows diffora run uses
+        _, g_idx = split_for_search(len(prep.train_items), search.config.gate_fraction, seed)
+        rows = [prep.train_items[i] for i in g_idx[: opts.ntk_examples]]
+        kernels = search_kernels(search, loader(prep, rows, min(8, opts.batch_size), shuffle=False, seed=0),
+                                 opts.ntk_examples)
+    selection = choose_modules(search, kernels, keep_ratio=opts.keep_ratio, granularity=opts.granularity)
+    ranks = allocate_ranks(search, selection, kernels)
+    if ranks is not None:
+        info["ranks"] = ranks
+    return selection, ranks, info
+
+
+def eva_init(ctx: BuildContext, rho: float, tau: float) -> Built:
+    """PEFT LoRA on every candidate, initialised by EVA on training batches (at most EVA_MAX_BATCHES)."""
+    from peft import EvaConfig, LoraConfig, initialize_lora_eva_weights
+
+    opts, prep, seed = ctx.opts, ctx.prep, ctx.opts.seed
+    kept = ctx.grid.module_names()
+    eva = EvaConfig(rho=rho, tau=tau, use_label_mask=prep.data.kind == "causal_lm")
+    base = ctx.lora(kept, opts.rank)
+    config = LoraConfig(r=base.r, lora_alpha=base.lora_alpha, lora_dropout=base.lora_dropout,
+                        target_modules=kept, modules_to_save=base.modules_to_save, task_type=base.task_type,
+                        fan_in_fan_out=base.fan_in_fan_out, init_lora_weights="eva", eva_config=eva)
+    peft_model = ctx.fresh(config).to(device())
+    t0 = time.perf_counter()
+    calls = {"n": 0}
+
+    def forward(m, inputs):
+        calls["n"] += 1
+        if calls["n"] > EVA_MAX_BATCHES:
+            raise TrainingError(f"EVA's SVD did not converge within {EVA_MAX_BATCHES} batches; raise eva_tau's "
+                                "tolerance (e.g. 'eva[eva_tau=0.95]') or lower the rank")
+        return m(**inputs)
+
+    eva_loader = loader(prep, prep.train_items, opts.batch_size, shuffle=True, seed=seed + 3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 3)
+        initialize_lora_eva_weights(peft_model, dataloader=eva_loader, forward_fn=forward, show_progress_bar=False)
+    ranks = {n.replace("base_model.model.", ""): int(m.lora_A["default"].weight.shape[0])
+             for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    info = {"search_seconds": time.perf_counter() - t0, "eva_batches": calls["n"], "eva_ranks": ranks,
+            "eva": {"rho": eva.rho, "tau": eva.tau, "use_label_mask": eva.use_label_mask}}
+    return Built(peft_model, [m for m in kept if m in ranks], info)
+
+
+def build_model(job: FinetuneJob, opts: Options, prep: Prepared, model, train_loader) -> Built:
+    """The method's trainable model, the modules that carry an adapter, and what else the report needs."""
+    ctx = BuildContext(job=job, opts=opts, prep=prep, model=model, train_loader=train_loader,
+                       heads=detect_task_heads(model), task_type=infer_task_type(type(model).__name__))
+    return FAMILIES[job.family].build(ctx)
+
+
+def run_finetune(job: FinetuneJob) -> dict:
     """Build the method's model and fine-tune it with the shared loop."""
+    family = FAMILIES[job.family]
     opts = job_options(job)
-    seed, family = opts.seed, job["family"]
+    seed = opts.seed
     prep = _prepared(job, opts)
     data = prep.data
-    compute: dict[str, int] = {}
-    if family == "lora-all-cm":  # DiffoRA's fine-tune + one step per pass of its search, same schedule shape
-        base = finetune_steps(opts, len(prep.train_items))
-        compute = {"finetune_steps": base, "search_passes": int(job["search_passes"])}
-        opts = dataclasses.replace(opts, epochs=epochs_for_steps(opts, len(prep.train_items),
-                                                                 base + compute["search_passes"]))
+    opts, compute = family.training_options(job, opts, len(prep.train_items))
     reset_peak_memory()
     seed_everything(seed)
     dev = device()
     model = _model(opts, prep, dev)
     train_loader = loader(prep, prep.train_items, opts.batch_size, shuffle=True, seed=seed + 2)
-    peft_model, kept, info = build_model(job, opts, prep, model, train_loader)
+    built = build_model(job, opts, prep, model, train_loader)
+    peft_model, kept, info = built.model, built.kept, built.info
     peft_model.to(dev)
 
     batches = OnDevice(eval_loader(prep, opts.eval_batch_size), dev)
@@ -382,33 +455,22 @@ def run_finetune(job: dict) -> dict:
         return result
 
     curve0 = []
-    if family in ("diffora", "random-ws") and opts.weight_sharing:
+    if family.starts_from_search(opts):
         curve0 = [{"step": 0, "epoch": 0.0, **evaluate(peft_model)}]  # the weights inherited from the search
     total = finetune_steps(opts, len(prep.train_items))
-    options = dataclasses.replace(opts.finetune_options(), lr=job["lr"],
-                                  eval_every=eval_every(opts, total, job.get("eval_points", 5)))
-    handle, counter = None, {"step": 0}
-    if family == "adalora":
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        def allocate(optimizer, args, kwargs):  # PEFT: every step, after optimizer.step(), before zero_grad()
-            peft_model.base_model.update_and_allocate(counter["step"])
-            counter["step"] += 1
-
-        handle = register_optimizer_step_post_hook(allocate)
+    options = dataclasses.replace(opts.finetune_options(), lr=job.lr,
+                                  eval_every=eval_every(opts, total, job.eval_points))
     before = eval_time[0]
-    try:
+    hooked: dict[str, Any] = {}
+    with family.during_finetune(peft_model, hooked):
         result = finetune(model=peft_model, train_loader=train_loader, evaluate=evaluate, options=options,
                           main_metric=data.main_metric, greater_is_better=higher_is_better(data.main_metric),
-                          accelerator=accelerator_for(dev, getattr(opts, "mixed_precision", "no")), progress=False, desc=job["label"])
-    finally:
-        if handle is not None:
-            handle.remove()
+                          accelerator=accelerator_for(dev, opts.mixed_precision), progress=False, desc=job.label)
     ft_eval = eval_time[0] - before
     lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n)
     out: dict[str, Any] = {
-        "kind": "finetune", "method": job["label"], "family": family, "seed": seed, "lr": job["lr"],
-        "rho": opts.keep_ratio if family in ("diffora", "random", "random-ws", "lora-matched", "adalora") else None,
+        "kind": "finetune", "method": job.label, "family": job.family, "seed": seed, "lr": job.lr,
+        "rho": opts.keep_ratio if family.reports_rho else None,
         "rank": opts.rank, "kept_modules": len(kept), "kept_module_names": kept,
         "trainable_params": count_trainable(peft_model), "lora_params": lora_params,
         # --keep-best restores the best evaluation's weights: report those scores (picked on the scored rows)
@@ -419,23 +481,13 @@ def run_finetune(job: dict) -> dict:
         "loss_first": statistics.mean(result.losses[:10]), "loss_last": statistics.mean(result.losses[-10:]),
         **({"compute_matched": compute} if compute else {}), **info, **peak_memory(),
     }
-    if family == "adalora":
-        out["adalora_allocate_calls"] = counter["step"]
-        eff_params, eff_rank = 0, {}
-        for name, module in peft_model.named_modules():
-            e = getattr(module, "lora_E", None)
-            if e is not None and "default" in e:
-                r_eff = int((e["default"].detach() != 0).sum())
-                base = module.get_base_layer()
-                eff_params += r_eff * (base.in_features + base.out_features + 1)
-                eff_rank[name.replace("base_model.model.", "")] = r_eff
-        out.update(adalora_effective_lora_params=eff_params, adalora_final_ranks=eff_rank,
-                   adalora_total_rank=sum(eff_rank.values()))
+    out.update(hooked)
+    family.account(peft_model, out)
     return out
 
 
 # --------------------------------------------------------------------------------------------------- timing
-def run_timing(job: dict) -> dict:
+def run_timing(job: TimingJob) -> dict:
     """Median step times, interleaved round by round on the same batches: PEFT LoRA step (reference), plain
     forward+backward (the cost any gate step must pay), DiffoRA weight step, gate step, search iteration, and a
     fine-tuning step of the exported DiffoRA model."""
@@ -443,7 +495,7 @@ def run_timing(job: dict) -> dict:
 
     opts = job_options(job)
     prep = _prepared(job, opts)
-    rounds = int(job["rounds"])
+    rounds = int(job.rounds)
     dev = device()
     torch.manual_seed(0)
     batches = [next(iter(OnDevice(loader(prep, prep.train_items, opts.batch_size, shuffle=True, seed=100 + i), dev)))
@@ -462,7 +514,7 @@ def run_timing(job: dict) -> dict:
     for i in range(3):
         donor.weight_step(batches[i % 4])
         donor.gate_step(batches[(i + 1) % 4], batches[i % 4])
-    final = donor.export(donor.discretize(opts.keep_ratio))
+    final = export_search(donor, choose_modules(donor, keep_ratio=opts.keep_ratio))
     final_opt = torch.optim.AdamW([p for p in final.parameters() if p.requires_grad], lr=opts.lr)
     lora.train()
     final.train()
@@ -519,13 +571,13 @@ def run_timing(job: dict) -> dict:
 RUNNERS = {"search": run_search, "finetune": run_finetune, "timing": run_timing}
 
 
-def execute(job: dict) -> dict:
+def execute(job: JobSpec) -> dict:
     """Run one job; never raises (a failure is returned as ``error``, one line, plus its traceback)."""
     start = time.perf_counter()
     try:
-        out = RUNNERS[job["kind"]](job)
+        out = RUNNERS[job.kind](job)
     except Exception as exc:  # a failed job is recorded; the comparison goes on
-        out = {"kind": job["kind"], "error": one_line(exc), "traceback": traceback.format_exc()}
-    out.update(id=job["id"], key=job["key"], job_seconds=time.perf_counter() - start,
+        out = {"kind": job.kind, "error": one_line(exc), "traceback": traceback.format_exc()}
+    out.update(id=job.id, key=job.key, job_seconds=time.perf_counter() - start,
                finished_at=_dt.datetime.now().isoformat(timespec="seconds"), pid=os.getpid())
     return out

@@ -330,7 +330,7 @@ def dam_heatmaps(results: dict, out: Path) -> list[Path]:
     for jid, rec in sorted(results["jobs"].items()):
         if rec.get("kind") != "search" or "error" in rec or jid.startswith("tune:") or "record" not in rec:
             continue
-        users = [m for m in methods if m["family"] in ("diffora", "lora-matched", "random-ws")
+        users = [m for m in methods if m["family"] in ("diffora", "lora-matched", "random-ws", "type-prior")
                  and _search_label_of(m, opts) == rec.get("label")]
         chosen = next((m for m in users if m["family"] == "diffora"), users[0] if users else None)
         o = {**opts, **(chosen["overrides"] if chosen else {})}
@@ -396,14 +396,21 @@ def write_report(results: dict, out: Path) -> Path:
     lines += ["## Paired differences", "", *paired_section(results, groups), ""]
     if results.get("lr_choice"):
         c = results["lr_choice"]
+        seeds = c.get("seeds") or [c["seed"]]
+        on = (f"seed {seeds[0]}" if len(seeds) == 1 else
+              f"seeds {', '.join(map(str, seeds))}; each LR's score is the mean over them")
+        grown = (f" While a method's best LR was the largest or smallest tried, one more beyond it was tried (at most "
+                 f"{c['max_extensions']} times)." if c.get("max_extensions") else "")
         lines += ["## Learning rates chosen on held-out training rows", "",
                   f"Each method trained at its default LR times {', '.join(f'{f:g}' for f in s['tune_lr_factors'])} on "
-                  f"the training rows left after holding out {c['holdout_rows']:,} (seed {c['seed']}), scored on the "
-                  f"held-out rows ({c['metric']}); the best LR was then used above. The eval set played no part.", "",
+                  f"the training rows left after holding out {c['holdout_rows']:,} ({on}), scored on the "
+                  f"held-out rows ({c['metric']}); the best LR was then used above.{grown} The eval set played no "
+                  "part.", "",
                   "| method | default LR | tried: held-out score | chosen |", "|---|---|---|---|"]
         for label, row in c["methods"].items():
             tried = ", ".join(f"{lr}: {v:.4f}" for lr, v in row["tried"].items()) or row.get("note", "—")
-            lines.append(f"| {label} | {row['default']:g} | {tried} | {row['chosen']:g} |")
+            edge = " (edge of the grid)" if row.get("interior") is False else ""
+            lines.append(f"| {label} | {row['default']:g} | {tried} | {row['chosen']:g}{edge} |")
         lines.append("")
     if results.get("timing"):
         lines += ["## Step-time ratios", "", *timing_lines(results["timing"]), ""]

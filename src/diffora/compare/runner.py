@@ -8,7 +8,6 @@ skipped or interrupted ones, and jobs of methods or seeds added since). ``--over
 from __future__ import annotations
 
 import concurrent.futures as cf
-from concurrent.futures.process import BrokenProcessPool
 import dataclasses
 import datetime as _dt
 import json
@@ -20,15 +19,16 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..cli.options import Options
 from ..errors import ConfigError, DataError
 from ..store.io import atomic_write_json
-from ..cli.options import Options
 from .data import Prepared, load_split, prepared
-from .methods import FAMILIES, Method, parse_methods, search_key, search_label
+from .methods import Method, Validation, parse_methods, search_key, search_label
 from .settings import CompareOptions
 
 RESULTS_FORMAT = "diffora.compare/1"
@@ -80,15 +80,27 @@ def compare(options: Optional[Options] = None, settings: Optional[CompareOptions
 # ------------------------------------------------------------------------------------------------ planning
 @dataclasses.dataclass
 class Job:
-    id: str
-    kind: str  # search | finetune | timing
-    payload: dict  # what the worker gets (see diffora.compare.jobs)
-    key: dict  # what makes a saved result reusable
-    needs: Optional[str] = None  # id of the search this job exports from
+    """A planned job: what the worker gets (a typed record of :mod:`diffora.compare.jobs`), what it waits for and
+    when it runs."""
+
+    spec: Any  # SearchJob | FinetuneJob | TimingJob
+    needs: Optional[str] = None  # id of the search this job exports from or reads DiffoRA's kept set from
     order: tuple = ()
 
-    def to_worker(self) -> dict:
-        return {**self.payload, "id": self.id, "kind": self.kind, "key": self.key}
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def key(self) -> dict:
+        return self.spec.key
+
+    def to_worker(self) -> Any:
+        return self.spec
 
 
 class Comparison:
@@ -103,17 +115,16 @@ class Comparison:
     # .............................................................................. validation, before any job
     def validate(self) -> None:
         """Every option, the data and the model, checked before the first job (one-line errors)."""
-        from ..method.candidates import detect_task_heads, find_candidates
-        from ..select.quota import select_modules
         from ..cli.loading import load_model
         from ..data.splits import split_for_search
-        from .jobs import eva_check, finetune_steps, qv_modules, search_steps
+        from ..method.candidates import detect_task_heads, find_candidates
+        from .jobs import finetune_steps, search_steps
 
         opts, s = self.opts, self.settings
         self.methods: list[Method] = parse_methods(s.methods, opts)
         import torch
 
-        if getattr(opts, "mixed_precision", "no") == "fp16" and not torch.cuda.is_available():
+        if opts.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; use bf16 on CPU")
         self.main_split = "holdout" if s.eval_on_holdout else "main"
         self.resume_state = self._check_output_dir()
@@ -132,25 +143,12 @@ class Comparison:
         self.head_params = sum(p.numel() for h in heads for p in model.get_submodule(h).parameters())
         self.total_params = sum(p.numel() for p in model.parameters())
         self.ft_steps = finetune_steps(opts, len(self.prep.train_items))
-        rows, cols = self.grid.shape
         for method in self.methods:
             mopts = method.options(opts)
             where = f"method '{method.label}'"
-            if method.family == "lora-qv" and not qv_modules(self.grid):
-                raise ConfigError(f"{where}: model '{opts.model}' has no query/value projections among its candidate "
-                                  f"types ({', '.join(self.grid.labels)}); drop lora-qv")
-            if method.family == "adalora" and min(finetune_steps(opts, len(p.train_items)) for p in preps) < 3:
-                raise ConfigError(f"{where}: AdaLoRA needs at least 3 fine-tuning steps (a warm-up, a budgeting and a "
-                                  f"final phase), this comparison has {self.ft_steps}; add data or raise --epochs")
-            if method.family == "eva":
-                eva_check(self.grid, model, mopts.rank, method.values.get("eva_rho", 2.0), where)
-            if method.family in ("diffora", "lora-matched", "random", "random-ws"):
-                try:  # fail now, not after the search, when the discretisation cannot keep anything
-                    select_modules(self.grid, [[0.0] * cols for _ in range(rows)], mopts.keep_ratio,
-                                   mopts.granularity, rank=mopts.rank)
-                except ConfigError as exc:
-                    raise ConfigError(f"{where}: {exc}") from None
-            if FAMILIES[method.family].needs_search:
+            method.kind.validate(Validation(where=where, opts=mopts, values=method.values, grid=self.grid, model=model,
+                                            train_rows=[len(p.train_items) for p in preps]))
+            if method.needs_search:
                 for prep in preps:
                     w_idx, _ = split_for_search(len(prep.train_items), mopts.gate_fraction, 0)
                     steps = search_steps(mopts, len(w_idx))
@@ -232,16 +230,19 @@ class Comparison:
 
     def plan(self, split: str, seeds: list[int], lrs: Callable[[Method], list[float]], prefix: str = "") -> list[Job]:
         """Searches and fine-tunes of every method and seed on ``split``; ``lrs(method)`` gives the LRs to train."""
+        from .jobs import FinetuneJob, SearchJob
+
         s = self.settings
         jobs: list[Job] = []
         searches: dict[str, Job] = {}
-        common = {"split": split, "holdout_rows": s.holdout_rows}
         for m_index, method in enumerate(self.methods):
             mopts = method.options(self.opts)
-            family = FAMILIES[method.family]
+            method_lrs = lrs(method)
+            if not method_lrs:
+                continue
             for s_index, seed in enumerate(seeds):
                 needs = None
-                if family.needs_search:
+                if method.needs_search:
                     values = method.search_values(self.opts)
                     label = search_label(values, self.opts)
                     sid = f"{prefix}search[{label}]@seed{seed}"
@@ -249,52 +250,89 @@ class Comparison:
                         (self.out / "searches").mkdir(parents=True, exist_ok=True)
                         search_opts = dataclasses.replace(self.opts, **values)
                         key = {"kind": "search", "split": split, "seed": seed, "search": json.loads(search_key(values))}
-                        job = Job(sid, "search", {**common, "options": self.worker_options(search_opts, seed),
-                                                  "state_path": str(self.out / "searches" / f"{_safe(sid)}.pt"),
-                                                  "label": label},
-                                  key, order=(0, s_index, m_index))
-                        searches[sid] = job
-                        jobs.append(job)
+                        spec = SearchJob(id=sid, key=key, split=split, holdout_rows=s.holdout_rows,
+                                         options=self.worker_options(search_opts, seed),
+                                         state_path=str(self.out / "searches" / f"{_safe(sid)}.pt"), label=label)
+                        searches[sid] = Job(spec, order=(0, s_index, m_index))
+                        jobs.append(searches[sid])
                     needs = sid
-                for lr in lrs(method):
+                for lr in method_lrs:
                     jid = f"{prefix}{method.label}" + (f"@lr={lr:g}" if prefix else "") + f"@seed{seed}"
                     key = {"kind": "finetune", "split": split, "seed": seed, "label": method.label, "lr": lr}
-                    payload = {**common, "options": self.worker_options(mopts, seed), "label": method.label,
-                               "family": method.family, "lr": lr, "eval_points": s.eval_points,
-                               "extra": {k: v for k, v in method.overrides if k in ("eva_rho", "eva_tau")}}
-                    jobs.append(Job(jid, "finetune", payload, key, needs=needs, order=(1, s_index, m_index)))
+                    spec = FinetuneJob(id=jid, key=key, split=split, holdout_rows=s.holdout_rows,
+                                       options=self.worker_options(mopts, seed), label=method.label,
+                                       family=method.family, lr=lr, eval_points=s.eval_points, extra=method.extra)
+                    jobs.append(Job(spec, needs=needs, order=(1, s_index, m_index)))
         return jobs
 
-    def tuned_lrs(self, results: dict) -> dict[str, float]:
-        """The LR of each tuned method: the best held-out score of its candidates (ties: the default LR)."""
+    # ....................................................................................... --tune-lr
+    def tune_seeds(self) -> list[int]:
+        """The seeds the LRs are chosen on: the first --tune-lr-seeds of --seeds, then the next unused integers."""
+        seeds = list(self.settings.seeds[: self.settings.tune_lr_seeds])
+        candidate = 0
+        while len(seeds) < self.settings.tune_lr_seeds:
+            if candidate not in self.settings.seeds and candidate not in seeds:
+                seeds.append(candidate)
+            candidate += 1
+        return seeds
+
+    def tune(self, runner: "Scheduler", results: dict) -> dict[str, float]:
+        """Choose every method's LR on the held-out rows: train its grid on the tuning seeds, and while the best LR
+        is the grid's largest or smallest, add one more LR beyond it (at most --tune-lr-extensions times)."""
+        seeds, cap = self.tune_seeds(), self.settings.tune_lr_extensions
+        grids = {m.label: self.candidate_lrs(m) for m in self.methods if m.explicit_lr is None}
+        extensions = {label: 0 for label in grids}
+        while True:
+            runner.run(self.plan("holdout", seeds, lambda m: grids.get(m.label, []), "tune:"))
+            chosen, table = self.tuned_lrs(results, grids, seeds, extensions)
+            grown = False
+            for label, grid in grids.items():
+                more = extend_lr_grid(grid, table[label]["chosen"]) if table[label]["tried"] else None
+                if more is not None and extensions[label] < cap:
+                    grids[label] = sorted(grid + [more])
+                    extensions[label] += 1
+                    grown = True
+            if not grown or runner.stopped:
+                return chosen
+
+    def tuned_lrs(self, results: dict, grids: dict[str, list[float]], seeds: list[int],
+                  extensions: dict[str, int]) -> tuple[dict[str, float], dict[str, dict]]:
+        """The LR of each tuned method: the best mean held-out score over the tuning seeds (ties: nearest the
+        default LR), and the table ``results.json`` records."""
         from ..evaluation.metrics import higher_is_better
 
         metric = self.tune_prep.data.main_metric
-        sign = 1.0 if higher_is_better(metric) else -1.0
         chosen, table = {}, {}
         for method in self.methods:
-            if method.explicit_lr is not None:
+            if method.label not in grids:
                 continue
             default = method.default_lr(self.opts, self.settings)
-            tried = {}
-            for lr in self.candidate_lrs(method):
-                rec = results["jobs"].get(f"tune:{method.label}@lr={lr:g}@seed{self.settings.seeds[0]}")
-                if rec and "error" not in rec and "final" in rec:
-                    value = rec["final"].get(metric)
-                    if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                        tried[lr] = value
-            if not tried:
-                table[method.label] = {"tried": {}, "chosen": default, "default": default,
-                                       "note": "no tuning job finished: the default LR is used"}
+            per_seed: dict[float, dict[int, float]] = {}
+            for lr in grids[method.label]:
+                for seed in seeds:
+                    rec = results["jobs"].get(f"tune:{method.label}@lr={lr:g}@seed{seed}")
+                    if rec and "error" not in rec and "final" in rec:
+                        value = rec["final"].get(metric)
+                        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                            per_seed.setdefault(lr, {})[seed] = value
+            row: dict[str, Any] = {"grid": [float(lr) for lr in grids[method.label]], "seeds": seeds,
+                                   "extensions": extensions[method.label]}
+            if not per_seed:
+                row.update(tried={}, chosen=default, default=default,
+                           note="no tuning job finished: the default LR is used")
                 chosen[method.label] = default
+                table[method.label] = row
                 continue
-            best = max(tried, key=lambda lr: (sign * tried[lr], -abs(math.log(lr / default))))
+            tried = {lr: sum(v.values()) / len(v) for lr, v in per_seed.items()}
+            best = choose_lr(tried, default, higher_is_better(metric))
             chosen[method.label] = best
-            table[method.label] = {"tried": {f"{lr:g}": v for lr, v in sorted(tried.items())}, "chosen": best,
-                                   "default": default}
-        results["lr_choice"] = {"metric": metric, "seed": self.settings.seeds[0], "holdout_rows": self.holdout_rows,
-                                "methods": table}
-        return chosen
+            row.update(tried={f"{lr:g}": v for lr, v in sorted(tried.items())}, chosen=best, default=default,
+                       per_seed={f"{lr:g}": {str(k): x for k, x in v.items()} for lr, v in sorted(per_seed.items())},
+                       interior=extend_lr_grid(grids[method.label], best) is None)
+            table[method.label] = row
+        results["lr_choice"] = {"metric": metric, "seed": seeds[0], "seeds": seeds, "holdout_rows": self.holdout_rows,
+                                "max_extensions": self.settings.tune_lr_extensions, "methods": table}
+        return chosen, table
 
     def candidate_lrs(self, method: Method) -> list[float]:
         default = method.default_lr(self.opts, self.settings)
@@ -303,6 +341,7 @@ class Comparison:
     # .................................................................................................. run
     def run(self) -> dict:
         from .data import clear_cache
+        from .jobs import TimingJob
 
         clear_cache()  # data files may have changed since an earlier comparison in this process
         self.validate()
@@ -313,21 +352,15 @@ class Comparison:
         runner = Scheduler(self, results)
         try:
             if s.timing:
-                timing = Job("timing", "timing", {"split": self.main_split, "holdout_rows": s.holdout_rows,
-                                                  "options": self.worker_options(self.opts, 0),
-                                                  "rounds": s.timing_rounds},
-                             {"kind": "timing", "rounds": s.timing_rounds}, order=(-1,))
-                runner.run([timing])
-            tuned = None
-            if s.tune_lr:
-                tune_jobs = self.plan("holdout", s.seeds[:1],
-                                      lambda m: [] if m.explicit_lr is not None else self.candidate_lrs(m), "tune:")
-                runner.run(tune_jobs)
-                tuned = self.tuned_lrs(results)
+                timing = TimingJob(id="timing", key={"kind": "timing", "rounds": s.timing_rounds},
+                                   split=self.main_split, holdout_rows=s.holdout_rows,
+                                   options=self.worker_options(self.opts, 0), rounds=s.timing_rounds)
+                runner.run([Job(timing, order=(-1,))])
+            tuned = self.tune(runner, results) if s.tune_lr else None
             lr_info = {m.label: self.lr_of(m, tuned) for m in self.methods}
             results["methods"] = [
                 {"label": m.label, "family": m.family, "overrides": dict(m.overrides), "lr": lr_info[m.label][0],
-                 "lr_source": lr_info[m.label][1], "what": FAMILIES[m.family].what} for m in self.methods]
+                 "lr_source": lr_info[m.label][1], "what": m.kind.what} for m in self.methods]
             main_jobs = self.plan(self.main_split, s.seeds, lambda m: [lr_info[m.label][0]])
             results["plan"] = [j.id for j in main_jobs]
             runner.run(main_jobs)
@@ -412,6 +445,25 @@ class Comparison:
         return max(1, (os.cpu_count() or 1) // workers) if workers > 0 else 0
 
 
+def choose_lr(scores: dict[float, float], default: float, higher_is_better: bool = True) -> float:
+    """The LR with the best (mean held-out) score; ties go to the LR nearest the default (in log scale)."""
+    sign = 1.0 if higher_is_better else -1.0
+    return max(scores, key=lambda lr: (sign * scores[lr], -abs(math.log(lr / default))))
+
+
+def extend_lr_grid(grid: list[float], best: float) -> Optional[float]:
+    """The LR to try next when ``best`` is the grid's largest or smallest (one grid step beyond it, the step being the
+    ratio to its neighbour, or 2 for a one-LR grid), or None when ``best`` is interior."""
+    lrs = sorted(grid)
+    if len(lrs) == 1:
+        return float(f"{best * 2:.6g}")
+    if best >= lrs[-1]:
+        return float(f"{best * lrs[-1] / lrs[-2]:.6g}")
+    if best <= lrs[0]:
+        return float(f"{best * lrs[0] / lrs[1]:.6g}")
+    return None
+
+
 def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-=" else "_" for c in text)
 
@@ -430,13 +482,14 @@ class Scheduler:
         self.deadline = (comparison.started + 60 * comparison.settings.max_minutes
                          if comparison.settings.max_minutes else None)
         self.bar: Any = None
+        self.stopped = False  # --max-minutes ran out: start nothing more
         if self.workers == 0 and self.threads > 0:
             import torch
 
             torch.set_num_threads(self.threads)
 
     @staticmethod
-    def execute(job: dict) -> dict:
+    def execute(job: Any) -> dict:
         """Run one job in this process (--workers 0)."""
         from . import jobs
 
@@ -478,7 +531,7 @@ class Scheduler:
         # A finished search whose saved state is gone (a complete run removes them) reruns only if a job that still
         # has to run exports from it.
         for j in jobs:
-            if j.kind == "search" and j.id not in waiting and not Path(j.payload["state_path"]).exists():
+            if j.kind == "search" and j.id not in waiting and not Path(j.spec.state_path).exists():
                 if any(p.needs == j.id and p.id in waiting for p in jobs):
                     waiting.add(j.id)
         if not waiting:
@@ -516,6 +569,7 @@ class Scheduler:
                     skipped = sorted(waiting, key=lambda i: by_id[i].order)
                     self.results["skipped"] += [i for i in skipped if i not in self.results["skipped"]]
                     waiting.clear()
+                    self.stopped = True
                     if not self.c.opts.quiet:
                         self.bar.write(f"diffora compare: --max-minutes {self.c.settings.max_minutes:g} reached; "
                                        f"{len(skipped)} job(s) left for a rerun of the same command")
@@ -549,26 +603,15 @@ class Scheduler:
                 self.bar = None
 
     def _attach(self, job: Job, search: dict) -> None:
-        """Give a job what it needs from its finished search."""
-        job.payload["search"] = {"state_path": search["state_path"], "seconds": search["seconds"]}
-        if job.payload["family"] == "lora-all-cm":  # as many extra optimiser steps as the search made passes
-            from .jobs import search_passes
+        """Give a fine-tune what it needs from its finished search (the method's family decides what)."""
+        from .methods import FAMILIES
 
-            job.payload["search_passes"] = search_passes(search)
-        if job.payload["family"] == "lora-matched":  # DiffoRA's realised LoRA parameters for these options
-            from ..method.candidates import DAMGrid
-            from ..select.quota import select_modules
-
-            o = Options(**job.payload["options"])
-            grid = DAMGrid.from_dict(search["record"]["grid"])
-            selection = select_modules(grid, search["scores"][o.selection_score], o.keep_ratio, o.granularity,
-                                       rank=o.rank)
-            job.payload["target_lora_params"] = selection.lora_params
+        FAMILIES[job.spec.family].attach(job.spec, search)
 
     def _record(self, job: Job, rec: dict) -> None:
         rec["id"], rec["key"] = job.id, job.key
         if job.kind == "search":
-            rec["state_path"], rec["label"] = job.payload["state_path"], job.payload["label"]
+            rec["state_path"], rec["label"] = job.spec.state_path, job.spec.label
         self.results["jobs"][job.id] = rec
         self.c.save(self.results)
         if self.bar is not None:

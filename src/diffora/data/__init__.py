@@ -5,6 +5,7 @@
 
 from diffora.data.packaged import PACKAGED_DATASETS, PACKAGED_TASKS, load_packaged
 from diffora.data.readers import (
+    ChatExamples,
     Examples,
     LMExamples,
     Record,
@@ -19,6 +20,7 @@ __all__ = [
     "GLUE_TASKS",
     "PACKAGED_DATASETS",
     "PACKAGED_TASKS",
+    "ChatExamples",
     "Examples",
     "LMExamples",
     "Record",

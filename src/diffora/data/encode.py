@@ -10,19 +10,29 @@ with the collator from :func:`make_collator`. Token ids stay Python lists until 
 * Causal LM items: ``input_ids``, ``attention_mask`` and ``labels`` (same length). Labels are ``-100`` on prompt
   tokens, so the loss covers only the response; for plain text every token is scored. An EOS token closes every
   response/text so the model learns to stop.
+* Chat items (:class:`~diffora.data.readers.ChatExamples`): the same keys; the conversation is rendered with the
+  tokenizer's chat template and labels are ``-100`` everywhere except on the assistant turns (each with the
+  template's end-of-turn marker, so the model learns to stop).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 
-from diffora.data.readers import Examples, LMExamples
-from diffora.errors import ModelError
+from diffora.data.readers import ChatExamples, Examples, LMExamples, Message
+from diffora.errors import DataError, ModelError
 
-__all__ = ["IGNORE_INDEX", "encode_causal_lm", "encode_classification", "ensure_pad_token", "make_collator"]
+__all__ = [
+    "IGNORE_INDEX",
+    "encode_causal_lm",
+    "encode_chat",
+    "encode_classification",
+    "ensure_pad_token",
+    "make_collator",
+]
 
 #: Label value ignored by PyTorch's cross-entropy (and by every Hugging Face model's loss).
 IGNORE_INDEX = -100
@@ -76,14 +86,16 @@ def _bos_id(tokenizer: Any) -> Optional[int]:
     return bos if bos is not None and bos != eos else None
 
 
-def encode_causal_lm(lm_examples: LMExamples, tokenizer: Any, max_length: int) -> list[Item]:
-    """Tokenize causal-LM examples; see the module docstring for the label layout.
+def encode_causal_lm(lm_examples: Union[LMExamples, ChatExamples], tokenizer: Any, max_length: int) -> list[Item]:
+    """Tokenize causal-LM examples; see the module docstring for the label layout (chat data: :func:`encode_chat`).
 
     Each sequence is ``[BOS] prompt response EOS`` (BOS only when the tokenizer has a distinct one). Prompt and
     response are tokenized separately, so the boundary is exact. When the whole does not fit in ``max_length``,
     the response keeps up to half the budget and the prompt loses its *oldest* tokens (the end of a prompt is what
     the response depends on); the response is then cut at the end if still too long.
     """
+    if isinstance(lm_examples, ChatExamples):
+        return encode_chat(lm_examples, tokenizer, max_length)
     _check_max_length(max_length)
     bos = _bos_id(tokenizer)
     eos = tokenizer.eos_token_id
@@ -115,6 +127,78 @@ def encode_causal_lm(lm_examples: LMExamples, tokenizer: Any, max_length: int) -
             else:
                 labels = [IGNORE_INDEX] * len(context) + list(target)
             items.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
+    return items
+
+
+def _chat_segments(conversation: list[Message], tokenizer: Any, source: str, index: int) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into ``(text, is_assistant_turn)`` pieces.
+
+    Each assistant turn is the text between the conversation rendered up to it with the generation prompt and the
+    conversation rendered through it, so the role header (e.g. "<|im_start|>assistant") stays unscored and the
+    end-of-turn marker is scored. That needs a template that renders every prefix as a prefix of the whole.
+    """
+
+    def render(messages: list[Message], generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as exc:  # jinja2 raises TemplateError, and templates raise their own exceptions
+            detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+            raise DataError(f"{source} record #{index + 1}: the tokenizer's chat template rejects this conversation "
+                            f"({detail}); fix the conversation (e.g. the order of roles)") from None
+
+    segments: list[tuple[str, bool]] = []
+    done = ""  # the text already cut into segments
+    for i, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        before, after = render(conversation[:i], True), render(conversation[: i + 1], False)
+        if not before.startswith(done) or not after.startswith(before):
+            raise ModelError(
+                f"the chat template of {getattr(tokenizer, 'name_or_path', 'the tokenizer')!r} does not render a "
+                "conversation turn by turn (an earlier turn changes when a later one is added), so the assistant "
+                "turns cannot be told apart; use --prompt-column/--response-column data instead"
+            )
+        segments += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
+    whole = render(conversation, False)
+    segments.append((whole[len(done):], False) if whole.startswith(done) else ("", False))
+    return [(text, scored) for text, scored in segments if text]
+
+
+def encode_chat(chat: ChatExamples, tokenizer: Any, max_length: int) -> list[Item]:
+    """Render each conversation with the tokenizer's chat template; score the assistant turns only.
+
+    Every piece is tokenized on its own (without added special tokens: the template writes them), so the boundary
+    between unscored and scored tokens is exact. A conversation longer than ``max_length`` keeps its first
+    ``max_length`` tokens, or, when the first assistant turn ends later than that, the ``max_length`` tokens that
+    end with it, so every example keeps at least one scored token.
+    """
+    _check_max_length(max_length)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"chat data ({chat.source}) needs a tokenizer with a chat template, and "
+            f"{getattr(tokenizer, 'name_or_path', 'this one')!r} has none; use an instruct/chat model, or "
+            "--prompt-column/--response-column data"
+        )
+    items: list[Item] = []
+    for index, conversation in enumerate(chat.conversations):
+        segments = _chat_segments(conversation, tokenizer, chat.source, index)
+        pieces = tokenizer([text for text, _ in segments], add_special_tokens=False)["input_ids"]
+        input_ids: list[int] = []
+        labels: list[int] = []
+        first_end: Optional[int] = None  # where the first assistant turn ends
+        for (_, scored), ids in zip(segments, pieces, strict=True):
+            input_ids += list(ids)
+            labels += list(ids) if scored else [IGNORE_INDEX] * len(ids)
+            if scored and first_end is None and ids:
+                first_end = len(input_ids)
+        if first_end is None:
+            raise DataError(f"{chat.source} record #{index + 1}: the assistant turns render to no tokens with this "
+                            "chat template; give them some content")
+        if len(input_ids) > max_length:
+            stop = max(max_length, first_end)
+            input_ids, labels = input_ids[stop - max_length : stop], labels[stop - max_length : stop]
+        items.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
     return items
 
 

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from diffora.errors import ConfigError, ModelError
-from diffora.store.io import atomic_dir
 from diffora.runtime import installed_package_dir
+from diffora.store.io import atomic_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -159,7 +159,8 @@ def _check_model_folder(folder: Path, name: str) -> None:
             f"'{name}' is a LoRA/PEFT adapter folder, not a model: pass its base model"
             " (named by base_model_name_or_path in adapter_config.json)"
         )
-    raise ModelError(f"folder '{name}' has no config.json: pass a folder written by save_pretrained, a hub id, or one of: {_short_names_text()}")
+    raise ModelError(f"folder '{name}' has no config.json: pass a folder written by save_pretrained, a hub id, "
+                     f"or one of: {_short_names_text()}")
 
 
 def resolve_model(name_or_path: str | os.PathLike[str]) -> ResolvedModel:
@@ -172,7 +173,8 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> ResolvedModel:
     """
     text = os.fspath(name_or_path).strip()
     if not text:
-        raise ModelError(f"no model given: pass a local folder with config.json, a hub id, or one of: {_short_names_text()}")
+        raise ModelError(f"no model given: pass a local folder with config.json, a hub id, or one of: "
+                         f"{_short_names_text()}")
 
     short = SHORT_NAMES.get(text.lower())
     if short is not None:
@@ -203,7 +205,8 @@ def _resolve_short_name(name: str, short: ShortName) -> ResolvedModel:
     location = package_dir / short.relpath
     if not location.exists():
         raise ModelError(
-            f"package '{short.package}' is installed but lacks {short.relpath}: reinstall it ({short.install} --force-reinstall)"
+            f"package '{short.package}' is installed but lacks {short.relpath}: reinstall it ({short.install} "
+            "--force-reinstall)"
         )
     if not short.is_gguf:
         _check_model_folder(location, name)
@@ -242,7 +245,8 @@ def _load_gguf(gguf_file: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise ModelError(f"cannot read GGUF file '{gguf_file}' ({_one_line(exc)}): pass a GGUF causal LM that transformers supports") from exc
+        raise ModelError(f"cannot read GGUF file '{gguf_file}' ({_one_line(exc)}): pass a GGUF causal LM that "
+                         "transformers supports") from exc
     return model, tokenizer
 
 
@@ -263,7 +267,8 @@ def convert_gguf(gguf_file: str | os.PathLike[str], target: str | os.PathLike[st
         return folder
     if folder.exists():
         raise ModelError(
-            f"cache folder '{folder}' exists but is not a finished conversion by this diffora version: delete it and retry"
+            f"cache folder '{folder}' exists but is not a finished conversion by this diffora version: delete "
+            "it and retry"
         )
     if not source.is_file():
         raise ModelError(f"GGUF file '{source}' not found: check the path")
@@ -292,9 +297,11 @@ def convert_gguf(gguf_file: str | os.PathLike[str], target: str | os.PathLike[st
             (tmp / _CONVERSION_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     except FileExistsError:
         if not _is_converted(folder):
-            raise ModelError(f"cache folder '{folder}' exists but is not a finished conversion: delete it and retry") from None
+            raise ModelError(f"cache folder '{folder}' exists but is not a finished conversion: delete it and "
+                             "retry") from None
     except OSError as exc:
-        raise ModelError(f"cannot write converted model to '{folder}' ({_one_line(exc)}): free disk space or set DIFFORA_CACHE to a writable folder") from exc
+        raise ModelError(f"cannot write converted model to '{folder}' ({_one_line(exc)}): free disk space or "
+                         "set DIFFORA_CACHE to a writable folder") from exc
     return folder
 
 
@@ -306,7 +313,8 @@ def _validated_head_kwargs(task: str, num_labels: int | None) -> dict[str, Any]:
         raise ConfigError(f"num_labels must be an integer, got {num_labels!r}")
     if task == "classification":
         if num_labels is not None and num_labels < 2:
-            raise ConfigError(f"classification needs num_labels >= 2, got {num_labels}: for one continuous target use task 'regression'")
+            raise ConfigError(f"classification needs num_labels >= 2, got {num_labels}: for one continuous "
+                              "target use task 'regression'")
         kwargs: dict[str, Any] = {"problem_type": "single_label_classification"}
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
@@ -324,14 +332,17 @@ def _load_error(resolved: ResolvedModel, name: str, exc: BaseException) -> Model
     detail = _one_line(exc)
     if not resolved.is_local:
         lowered = str(exc).lower()
-        if any(k in lowered for k in ("couldn't connect", "offline", "connection", "name or service not known", "timed out")):
+        offline_words = ("couldn't connect", "offline", "connection", "name or service not known", "timed out")
+        if any(k in lowered for k in offline_words):
             why = " (offline mode: HF_HUB_OFFLINE is set)" if _hub_offline_mode() else ""
             return ModelError(
                 f"model '{name}' is not a local folder and the Hugging Face hub is unreachable{why}:"
                 f" pass a local folder with config.json or one of: {_short_names_text()}"
             )
-        return ModelError(f"cannot load model '{name}' from the Hugging Face hub ({detail}): check the id, or pass a local folder or one of: {_short_names_text()}")
-    return ModelError(f"cannot load model '{name}' ({detail}): check that the folder holds a complete transformers model")
+        return ModelError(f"cannot load model '{name}' from the Hugging Face hub ({detail}): check the id, or "
+                          f"pass a local folder or one of: {_short_names_text()}")
+    return ModelError(f"cannot load model '{name}' ({detail}): check that the folder holds a complete "
+                      "transformers model")
 
 
 def _hub_offline_mode() -> bool:
@@ -444,7 +455,8 @@ def load_model_and_tokenizer(
             pickled = [w for w in _PICKLE_WEIGHTS if (folder / w).is_file()]
             if pickled:
                 raise ModelError(
-                    f"model '{name}' only has pickle weights ({pickled[0]}), which diffora does not load because they can run code:"
+                    f"model '{name}' only has pickle weights ({pickled[0]}), which diffora does not load "
+                    "because they can run code:"
                     " re-save it with save_pretrained (writes model.safetensors)"
                 )
             raise ModelError(f"model '{name}' has no model.safetensors: pass a folder written by save_pretrained")

@@ -1,11 +1,13 @@
-"""Read user data files (CSV, TSV, JSON, JSONL) into records, and records into examples.
+"""Read user data (CSV, TSV, JSON, JSONL, Parquet files, or a Hugging Face hub dataset) into records, and records
+into examples.
 
 Two steps, so that every format shares one set of checks:
 
-1. :func:`read_records` parses a file into a list of :class:`Record` (a ``dict`` of column -> value that also
-   remembers the line it started on, for error messages).
+1. :func:`read_records` parses a file (or a hub dataset id such as ``user/name:split``) into a list of
+   :class:`Record` (a ``dict`` of column -> value that also remembers the line it started on, for error messages).
 2. :func:`build_examples` (classification / regression) or :func:`build_lm_examples` (causal LM) picks the
-   columns a task needs and turns them into :class:`Examples` / :class:`LMExamples`.
+   columns a task needs and turns them into :class:`Examples`, :class:`LMExamples` or, for chat data (a column of
+   ``[{"role": ..., "content": ...}, ...]`` lists), :class:`ChatExamples`.
 
 Every problem with the file or its contents is a :class:`~diffora.errors.DataError` whose one-line message names
 the file (and the line, where there is one) and says how to fix it. Parser exceptions (``UnicodeDecodeError``,
@@ -18,6 +20,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,17 +30,20 @@ from diffora.errors import DataError
 
 __all__ = [
     "FORMATS",
+    "ChatExamples",
     "Examples",
     "LMExamples",
     "Record",
     "build_examples",
     "build_lm_examples",
     "infer_format",
+    "is_hub_dataset_id",
     "load_examples",
+    "read_hub_records",
     "read_records",
 ]
 
-Format = Literal["csv", "tsv", "json", "jsonl"]
+Format = Literal["csv", "tsv", "json", "jsonl", "parquet"]
 LabelKind = Literal["class", "float"]
 PathLike = Union[str, Path]
 
@@ -48,7 +54,10 @@ FORMATS: dict[str, Format] = {
     ".json": "json",
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
+    ".parquet": "parquet",
 }
+#: Roles a chat message may have; the loss covers the assistant's turns only.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 class Record(dict):  # type: ignore[type-arg]
@@ -192,6 +201,67 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
     return records
 
 
+def _read_parquet(path: Path) -> list[Record]:
+    """Parquet through pyarrow (installed with ``datasets``); values keep their Arrow-to-Python types."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install 'diffora[hub]' (or pip install pyarrow)")
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        first = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise DataError(f"{path}: not a readable Parquet file ({first}); re-create it or pass another file") from None
+    if not rows:
+        raise DataError(f"{path} holds no examples; add at least one row")
+    return [Record({str(k): v for k, v in row.items()}) for row in rows]
+
+
+#: ``user/name`` or ``user/name:split``: one slash, no leading ``.``/``/``/``~`` (those are paths)
+_HUB_DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9._\[\]:%+-]+)?$")
+_FILE_SUFFIXES = (*FORMATS, ".txt", ".gz", ".zip", ".arrow")
+
+
+def is_hub_dataset_id(text: str) -> bool:
+    """Whether ``text`` reads as a hub dataset id (``user/name[:split]``) rather than a data file's path."""
+    return bool(_HUB_DATASET.match(text)) and not text.split(":")[0].lower().endswith(_FILE_SUFFIXES)
+
+
+def read_hub_records(spec: str) -> list[Record]:
+    """Rows of the hub dataset ``user/name`` (split ``train``) or ``user/name:split``, via ``datasets``.
+
+    When the hub cannot be reached, offline mode is switched on for the call, so a cached dataset still loads and
+    anything else fails at once with a one-line :class:`DataError` instead of minutes of retries.
+    """
+    name, _, split = spec.partition(":")
+    split = split or "train"
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"'{spec}' is not a local file; loading it as a hub dataset needs the 'datasets' package: "
+                        "pip install 'diffora[hub]', or pass a local CSV/TSV/JSON(L)/Parquet file") from None
+    from diffora.data.models import hub_offline_if_unreachable
+
+    try:
+        with hub_offline_if_unreachable():
+            data = datasets.load_dataset(name, split=split)
+            rows = data.to_list()
+    except (OSError, ValueError) as exc:  # ConnectionError/FileNotFoundError are OSErrors; a bad split a ValueError
+        from huggingface_hub import constants
+
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        if constants.HF_HUB_OFFLINE or "offline" in detail.lower() or isinstance(exc, ConnectionError):
+            raise DataError(
+                f"'{spec}' is not a local file and the Hugging Face hub is unreachable (offline) to load it as a "
+                "dataset; pass a local CSV/TSV/JSON(L)/Parquet file, or run online once to cache it"
+            ) from None
+        raise DataError(f"'{spec}' is not a local file and cannot be loaded as a hub dataset ({detail}); check "
+                        "the path, or the dataset id and split (user/name:split)") from None
+    if not rows:
+        raise DataError(f"hub dataset '{spec}' holds no examples; pass another split (user/name:split)")
+    return [Record({str(k): v for k, v in row.items()}) for row in rows]
+
+
 def read_records(
     path: PathLike,
     *,
@@ -200,28 +270,34 @@ def read_records(
     encoding: str = "utf-8-sig",
     column_names: Optional[Sequence[str]] = None,
 ) -> list[Record]:
-    """Read a CSV, TSV, JSON or JSONL file into a list of :class:`Record`.
+    """Read a CSV, TSV, JSON, JSONL or Parquet file (or a hub dataset) into a list of :class:`Record`.
 
     Args:
-        path: the file. Its suffix picks the format unless ``fmt`` is given.
-        fmt: ``"csv"``, ``"tsv"``, ``"json"`` or ``"jsonl"``.
+        path: the file. Its suffix picks the format unless ``fmt`` is given. A ``user/name`` or ``user/name:split``
+            that is not an existing path is loaded from the Hugging Face hub with ``datasets`` (split ``train`` by
+            default; see :func:`read_hub_records`).
+        fmt: ``"csv"``, ``"tsv"``, ``"json"``, ``"jsonl"`` or ``"parquet"``.
         header: CSV/TSV only: whether the first row names the columns. Without a header the columns are named by
             ``column_names`` or, failing that, ``"0"``, ``"1"``, ...
         encoding: text encoding. The default ``utf-8-sig`` reads UTF-8 and drops a leading byte-order mark.
         column_names: CSV/TSV only: names for the columns (replacing the header's, if there is one).
 
     TSV is read without quote handling (``csv.QUOTE_NONE``) because GLUE-style TSV texts contain bare ``"``;
-    CSV uses standard quoting. Blank lines are skipped. Values of CSV/TSV records are strings; JSON values keep
-    their JSON types.
+    CSV uses standard quoting. Blank lines are skipped. Values of CSV/TSV records are strings; JSON and Parquet
+    values keep their types.
     """
     file = Path(path)
+    if fmt is None and not file.exists() and is_hub_dataset_id(str(path)):
+        return read_hub_records(str(path))
     fmt = fmt or infer_format(file)
-    if fmt not in ("csv", "tsv", "json", "jsonl"):
-        raise DataError(f"{file}: unknown format {fmt!r}; use csv, tsv, json or jsonl")
+    if fmt not in ("csv", "tsv", "json", "jsonl", "parquet"):
+        raise DataError(f"{file}: unknown format {fmt!r}; use csv, tsv, json, jsonl or parquet")
     if not file.exists():
         raise DataError(f"{file}: no such file; check the path")
     if not file.is_file():
         raise DataError(f"{file} is not a file; pass the path of a {fmt} file")
+    if fmt == "parquet":
+        return _read_parquet(file)
     try:
         raw = file.read_bytes()
     except OSError as exc:
@@ -335,6 +411,36 @@ class LMExamples:
         )
 
     def select(self, n: Optional[int]) -> "LMExamples":
+        """The first ``n`` examples (all of them when ``n`` is ``None`` or not smaller than the size)."""
+        if n is None or n >= len(self):
+            return self
+        if n < 0:
+            raise ValueError(f"cannot select {n} examples")
+        return self.subset(range(n))
+
+
+Message = dict[str, str]
+
+
+@dataclass
+class ChatExamples:
+    """Conversations for causal language modelling: each a list of ``{"role", "content"}`` messages.
+
+    They are rendered with the tokenizer's chat template and only the assistant turns are scored (see
+    :func:`diffora.data.encode.encode_chat`).
+    """
+
+    conversations: list[list[Message]]
+    source: str = "data"
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def subset(self, indices: Sequence[int]) -> "ChatExamples":
+        """The examples at ``indices``, in that order."""
+        return ChatExamples(conversations=[self.conversations[i] for i in indices], source=self.source)
+
+    def select(self, n: Optional[int]) -> "ChatExamples":
         """The first ``n`` examples (all of them when ``n`` is ``None`` or not smaller than the size)."""
         if n is None or n >= len(self):
             return self
@@ -475,6 +581,31 @@ def build_examples(
     return Examples(texts=texts, text_pairs=pairs, labels=labels, label_names=names, source=source)
 
 
+def _conversation(record: Mapping[str, Any], column: str, source: str, index: int) -> list[Message]:
+    """One chat example: a list of ``{"role": ..., "content": ...}`` with at least one assistant turn."""
+    value = _field(record, column, source, index)
+    where = _where(source, record, index)
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: {column!r} must be a non-empty list of {{\"role\": ..., \"content\": ...}} "
+                        "messages; fix that example")
+    messages: list[Message] = []
+    for number, message in enumerate(value, start=1):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if role not in CHAT_ROLES or not isinstance(content, str):
+            raise DataError(f"{where}: message {number} of {column!r} must be {{\"role\": one of "
+                            f"{'/'.join(CHAT_ROLES)}, \"content\": text}}, not {json.dumps(message, default=str)[:80]}")
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation in {column!r} has no assistant message, so nothing would be "
+                        "trained on; add the assistant's answer or drop the example")
+    return messages
+
+
+def _is_chat_column(records: Sequence[Mapping[str, Any]], column: str) -> bool:
+    return bool(records) and isinstance(records[0].get(column), list)
+
+
 def build_lm_examples(
     records: Sequence[Mapping[str, Any]],
     *,
@@ -482,11 +613,13 @@ def build_lm_examples(
     prompt_column: Optional[str] = None,
     response_column: Optional[str] = None,
     source: str = "data",
-) -> LMExamples:
+) -> Union[LMExamples, ChatExamples]:
     """Build causal-LM examples: either plain ``text_column``, or ``prompt_column`` + ``response_column``.
 
     With a prompt and a response, the model is trained on the response only (see
-    :func:`diffora.data.encode.encode_causal_lm`). A response column alone is treated like a text column.
+    :func:`diffora.data.encode.encode_causal_lm`). A response column alone is treated like a text column. A text
+    column whose values are lists of ``{"role", "content"}`` messages (chat data, e.g. ``messages``) gives
+    :class:`ChatExamples`, trained on the assistant turns only.
     """
     if text_column is not None and (prompt_column is not None or response_column is not None):
         raise DataError(f"{source}: give either a text column or prompt/response columns, not both")
@@ -499,6 +632,9 @@ def build_lm_examples(
         raise DataError(f"{source}: causal LM data needs {what}")
     column = text_column if text_column is not None else response_column
     _check_columns(records, [column, prompt_column], source)
+    if text_column is not None and _is_chat_column(records, text_column):
+        conversations = [_conversation(r, text_column, source, i) for i, r in enumerate(records)]
+        return ChatExamples(conversations=conversations, source=source)
     texts = [_text(r, column, source, i) for i, r in enumerate(records)]  # type: ignore[arg-type]
     prompts = None if prompt_column is None else [_text(r, prompt_column, source, i) for i, r in enumerate(records)]
     return LMExamples(texts=texts, prompts=prompts, source=source)

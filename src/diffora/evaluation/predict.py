@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..method.parallel import model_device
 from .metrics import compute_metrics
 
 
@@ -19,7 +20,7 @@ def evaluate_model(model: nn.Module, batches: Iterable[dict], kind: str, metrics
     """Score ``model`` on ``batches`` (each a dict with ``labels``). The model's train/eval mode is restored."""
     was_training = model.training
     model.eval()
-    device = _device_of(model)
+    device = model_device(model)
     batches = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()} for batch in batches)
     try:
         if kind == "causal_lm":
@@ -34,11 +35,6 @@ def evaluate_model(model: nn.Module, batches: Iterable[dict], kind: str, metrics
         return compute_metrics(list(metrics), predictions, torch.cat(labels))
     finally:
         model.train(was_training)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    """Where the model's inputs go: the device of its first parameter (batches follow the model)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _evaluate_lm(model: nn.Module, batches: Iterable[dict], metrics: Sequence[str]) -> dict[str, float]:

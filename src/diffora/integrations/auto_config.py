@@ -28,11 +28,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data.splits import split_for_search
-from ..method.config import DiffoRAConfig
-from ..select.quota import Selection
 from ..errors import ConfigError, DataError, ModelError
-from ..method.export import infer_task_type, lora_config_for
+from ..method.config import DiffoRAConfig
+from ..method.export import export_search, infer_task_type, lora_config_for
+from ..method.parallel import model_device, to_device
+from ..method.schedule import check_warmup, gate_warmup, min_search_length, search_length
 from ..method.search import LossFn, default_loss, prepare_search
+from ..select.choose import choose_modules
+from ..select.quota import Selection
+from ..store.record import search_record
 
 __all__ = ["AutoLoraResult", "DEFAULT_MAX_SEARCH_STEPS", "auto_lora_config", "has_adapters", "split_indices"]
 
@@ -88,9 +92,10 @@ split_indices = split_for_search
 
 
 def default_search_steps(n_weight_batches: int, config: DiffoRAConfig, cap: int = DEFAULT_MAX_SEARCH_STEPS) -> int:
-    """One pass over the weight split, at least ``gate_warmup_steps + MIN_GATE_STEPS``, at most ``cap`` steps."""
-    wanted = max(n_weight_batches, config.gate_warmup_steps + MIN_GATE_STEPS)
-    return max(min(wanted, cap), config.gate_warmup_steps + 1)
+    """One pass over the weight split, long enough for ``MIN_GATE_STEPS`` gate steps, at most ``cap`` steps (but
+    never too short for one gate step)."""
+    steps = search_length(n_weight_batches, minimum=min_search_length(MIN_GATE_STEPS, config), cap=cap)
+    return max(steps, min_search_length(1, config))
 
 
 def auto_lora_config(
@@ -146,19 +151,17 @@ def auto_lora_config(
 
     weight_idx, gate_idx = split_indices(n, config.gate_fraction, config.seed)
     collate = _column_filtering(collate_fn or _default_collator(), model)
-    device = _device_of(model)
+    if not any(True for _ in model.parameters()):
+        raise ModelError(f"{type(model).__name__} has no parameters")
+    device = model_device(model)
     n_weight_batches = math.ceil(len(weight_idx) / batch_size)
     steps = int(search_steps) if search_steps is not None else default_search_steps(n_weight_batches, config)
-    if steps <= config.gate_warmup_steps:
-        raise ConfigError(
-            f"search_steps ({steps}) must exceed config.gate_warmup_steps ({config.gate_warmup_steps}), otherwise "
-            "no gate step runs and the DAM learns nothing; raise search_steps or lower gate_warmup_steps"
-        )
+    check_warmup(steps, gate_warmup(steps, config))
 
     base_loss = loss_fn or default_loss
 
     def on_device_loss(m: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-        return base_loss(m, _to_device(batch, device))
+        return base_loss(m, to_device(batch, device))
 
     start = time.perf_counter()
     cuda_devices = [device] if device.type == "cuda" else []
@@ -172,10 +175,10 @@ def auto_lora_config(
         weight_loader = _loader(train_dataset, weight_idx, batch_size, collate, config.seed)
         gate_loader = _loader(train_dataset, gate_idx, batch_size, collate, config.seed + 1)
         search.fit(weight_loader, gate_loader, steps, progress=progress)
-        selection = search.discretize()
+        selection = choose_modules(search)
         seconds = time.perf_counter() - start
-        record = search.record(
-            selection,
+        record = search_record(
+            search, selection,
             search_steps=steps,
             weight_split_rows=len(weight_idx),
             gate_split_rows=len(gate_idx),
@@ -194,7 +197,7 @@ def auto_lora_config(
         )
         state_dict = None
         if return_weights:
-            exported = search.export(selection, weight_sharing=True)
+            exported = export_search(search, selection, weight_sharing=True)
             state_dict = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(exported).items()}
             del exported
     del search, work
@@ -271,13 +274,3 @@ def _loader(data: Sequence[Any], indices: list[int], batch_size: int, collate: C
     return DataLoader(_Rows(data, indices), batch_size=batch_size, shuffle=True, collate_fn=collate,
                       generator=generator)
 
-
-def _device_of(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        raise ModelError(f"{type(model).__name__} has no parameters") from None
-
-
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -39,7 +39,6 @@ next to what the host saves. :meth:`DiffoRACallback.load_checkpoint` restores th
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Optional
@@ -48,9 +47,20 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..select.quota import Selection
 from ..errors import ConfigError, DataError, SearchStateError
+from ..method.parallel import model_device, move_optimizer_state
+from ..method.schedule import check_warmup, gate_warmup
 from ..method.search import DAMSearch
+from ..select.choose import choose_modules
+from ..select.quota import Selection
+from ..store.trainer_state import (
+    STATE_FORMAT,
+    STATE_JSON,
+    STATE_TENSORS,
+    check_same_plan,
+    read_search_state,
+    write_search_state,
+)
 
 __all__ = [
     "GATE_SPLIT",
@@ -66,12 +76,10 @@ __all__ = [
 
 #: the name of the gate split among the host trainer's eval datasets
 GATE_SPLIT = "diffora_gate"
-#: DiffoRA's files in a checkpoint folder
-STATE_JSON = "diffora_search.json"
-STATE_TENSORS = "diffora_search.safetensors"
-STATE_FORMAT = "diffora.trainer/2"
 #: a gate snapshot goes into the history every this many weight steps (and at the last one)
 SNAPSHOT_EVERY = 10
+#: what to change when a search is too short for a gate step
+_HINT = "raise search_steps or lower DiffoRAConfig.gate_warmup_steps"
 #: model kwargs of a host forward that are not part of the batch (dropped from the second-order weight batch)
 _CALL_OPTIONS = ("num_items_in_batch", "fused_lm_head", "return_dict", "use_cache")
 
@@ -111,8 +119,8 @@ class DiffoRACallback(TrainerCallback):
     ) -> None:
         if search_steps is not None and (isinstance(search_steps, bool) or not isinstance(search_steps, int)):
             raise ConfigError(f"search_steps must be a whole number of optimiser steps, got {search_steps!r}")
-        if search_steps is not None and search_steps <= search.config.gate_warmup_steps:
-            raise ConfigError(_too_short(search_steps, search.config.gate_warmup_steps))
+        if search_steps is not None:
+            check_warmup(search_steps, gate_warmup(search_steps, search.config), hint=_HINT)
         if trainer.model is not search.model:
             raise ConfigError(
                 "the host trainer must train the search's gated model: build it with model=search.model (the "
@@ -127,6 +135,7 @@ class DiffoRACallback(TrainerCallback):
         self.search = search
         self.trainer = trainer
         self.search_steps = search_steps
+        self.warmup = gate_warmup(search_steps, search.config) if search_steps is not None else None
         self.gate_split = gate_split
         self.evaluate_gate_split = evaluate_gate_split
         self.checkpoint_info = dict(checkpoint_info or {})
@@ -155,8 +164,8 @@ class DiffoRACallback(TrainerCallback):
         search = self.search
         if self.search_steps is None:
             self.search_steps = int(state.max_steps)
-            if self.search_steps <= search.config.gate_warmup_steps:
-                raise ConfigError(_too_short(self.search_steps, search.config.gate_warmup_steps))
+            self.warmup = gate_warmup(self.search_steps, search.config)
+            check_warmup(self.search_steps, self.warmup, hint=_HINT)
         if state.max_steps != self.search_steps:
             raise ConfigError(
                 f"the host trainer runs {state.max_steps} optimiser steps but the search is {self.search_steps} steps "
@@ -173,9 +182,9 @@ class DiffoRACallback(TrainerCallback):
                 f"{search.weight_steps}: to resume, call callback.load_checkpoint(folder) before "
                 "trainer.train(resume_from_checkpoint=folder)"
             )
-        device = _device_of(search.model)
+        device = model_device(search.model)
         search.gates.to(device)
-        _move_optimizer_state(search.gate_optimizer, device)
+        move_optimizer_state(search.gate_optimizer, device)
         search.gates.beta.requires_grad_(False)  # weight steps compute no beta gradient; gate steps enable it
         self.gate_dataloader = host_gate_loader(self.trainer, self.gate_split, self.gate_dataset)
         self.gate_batches = [list(b) for b in self.gate_dataloader.batch_sampler]
@@ -194,7 +203,7 @@ class DiffoRACallback(TrainerCallback):
             )
         search.record_weight_step(math.nan)  # the host's loss for this step arrives with its next log
         self.pending_losses += 1
-        if step > search.config.gate_warmup_steps:
+        if step > self.warmup:
             self.gate_losses_since_log.append(self.run_gate_step())
         self.weight_batch = None
         if step % SNAPSHOT_EVERY == 0 or step == self.search_steps:
@@ -255,7 +264,7 @@ class DiffoRACallback(TrainerCallback):
         return self.search_steps is not None and self.search.weight_steps >= self.search_steps
 
     def finish(self, **discretize_kwargs: Any) -> Selection:
-        """Check that the search ran to the end and discretise it (``search.discretize(**discretize_kwargs)``).
+        """Check that the search ran to the end and discretise it (``choose_modules(search, **discretize_kwargs)``).
 
         Raises :class:`~diffora.errors.SearchStateError` when the host stopped before ``search_steps`` (a callback,
         an exhausted data set) or no gate step ran: the DAM is then not discretised, so no model is exported.
@@ -292,7 +301,7 @@ class DiffoRACallback(TrainerCallback):
         rows = self.gate_batches[self.gate_order[1][position]]
         loader = self.gate_dataloader
         batch = loader.collate_fn([loader.dataset[i] for i in rows])
-        device = _device_of(self.search.model)
+        device = model_device(self.search.model)
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def run_gate_step(self) -> float:
@@ -328,7 +337,7 @@ def finish_search(search: DAMSearch, **discretize_kwargs: Any) -> Selection:
         # only when a checkpoint was taken between two host logs (e.g. save_strategy="best"): keep dam.json valid
         losses[:] = [None if isinstance(v, float) and math.isnan(v) else v for v in losses]
     search.gates.beta.requires_grad_(True)
-    return search.discretize(**discretize_kwargs)
+    return choose_modules(search, **discretize_kwargs)
 
 
 def host_gate_loader(trainer: Any, name: str, dataset: Any) -> Any:
@@ -352,104 +361,3 @@ def host_gate_loader(trainer: Any, name: str, dataset: Any) -> Any:
 def checkpoint_folder(args: Any, state: TrainerState) -> str:
     """The folder the host ``Trainer`` writes its checkpoint of ``state.global_step`` into."""
     return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-
-
-def write_search_state(folder: str, info: dict, state: Optional[dict]) -> None:
-    """Write ``info`` (JSON) and the tensors of ``state`` (a ``DAMSearch.state_dict()``) into ``folder``."""
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    info = {"format": STATE_FORMAT, **info}
-    if state is not None:
-        tensors: dict[str, torch.Tensor] = {}
-        info["state"] = pack(state, tensors)
-        save_file(tensors, os.path.join(folder, STATE_TENSORS))
-    write_json(os.path.join(folder, STATE_JSON), info)
-
-
-def read_search_state(folder: str) -> tuple[dict, Optional[dict]]:
-    """``(info, DAMSearch state dict or None)`` from a checkpoint folder; :class:`SearchStateError` without one."""
-    path = os.path.join(str(folder), STATE_JSON)
-    if not os.path.isfile(path):
-        raise SearchStateError(
-            f"checkpoint '{folder}' holds no DiffoRA search state ({STATE_JSON}); it was not written by a DiffoRA "
-            "search or fine-tuning phase, so the gates and the gate optimiser cannot be restored"
-        )
-    with open(path, encoding="utf-8") as handle:
-        saved = json.load(handle)
-    if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
-        raise SearchStateError(f"{path} is not a DiffoRA trainer search state (expected format '{STATE_FORMAT}')")
-    state = None
-    if "state" in saved:
-        from safetensors.torch import load_file
-
-        state = unpack(saved["state"], load_file(os.path.join(str(folder), STATE_TENSORS)))
-    return saved, state
-
-
-def check_same_plan(saved: dict, mine: dict, folder: str) -> None:
-    """Refuse to resume a checkpoint written by a run with other search settings or data."""
-    for key, value in mine.items():
-        if value is not None and key in saved and saved[key] != value:
-            raise ConfigError(
-                f"checkpoint '{folder}' was written by a run with {key}={saved[key]}, this run has {key}={value}; "
-                "resume with the same data, search_steps, max_steps and DiffoRAConfig"
-            )
-
-
-def write_json(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(tmp, path)
-
-
-def pack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """A JSON-able copy of ``obj`` with every tensor moved into ``tensors`` (for safetensors) and referenced by key;
-    dict keys keep their type (optimiser states are keyed by int)."""
-    if isinstance(obj, torch.Tensor):
-        key = f"t{len(tensors)}"
-        tensors[key] = obj.detach().to("cpu").contiguous().clone()
-        return {"__tensor__": key}
-    if isinstance(obj, dict):
-        return {"__items__": [[k, pack(v, tensors)] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [pack(v, tensors) for v in obj]}
-    if isinstance(obj, list):
-        return [pack(v, tensors) for v in obj]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot store a {type(obj).__name__} in the search state")
-
-
-def unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__items__" in obj:
-            return {k: unpack(v, tensors) for k, v in obj["__items__"]}
-        if "__tuple__" in obj:
-            return tuple(unpack(v, tensors) for v in obj["__tuple__"])
-    if isinstance(obj, list):
-        return [unpack(v, tensors) for v in obj]
-    return obj
-
-
-def _too_short(steps: int, warmup: int) -> str:
-    return (
-        f"the search would end at step {steps}, not after gate_warmup_steps ({warmup}), so no gate step would run "
-        "and the DAM would learn nothing; raise search_steps or lower DiffoRAConfig.gate_warmup_steps"
-    )
-
-
-def _device_of(model: Any) -> torch.device:
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
-
-
-def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    for per_param in optimizer.state.values():
-        for key, value in per_param.items():
-            if isinstance(value, torch.Tensor) and key != "step":
-                per_param[key] = value.to(device)

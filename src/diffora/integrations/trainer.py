@@ -42,11 +42,16 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..method.config import DiffoRAConfig
-from ..select.quota import Selection
-from ..errors import ConfigError, DataError, ModelError, SearchStateError
-from ..method.search import DAMSearch, LossFn, prepare_search
 from ..data.splits import split_for_search
+from ..errors import ConfigError, DataError, ModelError, SearchStateError
+from ..method.config import DiffoRAConfig
+from ..method.export import export_search
+from ..method.parallel import world_size
+from ..method.schedule import check_warmup, gate_warmup, min_search_length, search_length
+from ..method.search import DAMSearch, LossFn, prepare_search
+from ..select.quota import Selection
+from ..store.io import atomic_write_json
+from ..store.record import search_record
 from .auto_config import has_adapters
 from .callback import (
     GATE_SPLIT,
@@ -57,7 +62,6 @@ from .callback import (
     checkpoint_folder,
     finish_search,
     read_search_state,
-    write_json,
     write_search_state,
 )
 
@@ -73,8 +77,9 @@ __all__ = [
     "train_with_diffora",
 ]
 
-#: :class:`DiffoRATrainer`'s sub-folders of ``args.output_dir`` for the two phases' checkpoints
+#: the sub-folders of an output root for the two phases' checkpoints (:meth:`DiffoRAPhase.output_dir`)
 SEARCH_DIR, TRAIN_DIR = "diffora-search", "diffora-train"
+_PHASE_DIRS = {"search": SEARCH_DIR, "train": TRAIN_DIR}
 #: the key of a single (non-dict) user eval set among the search phase's eval datasets
 EVAL_KEY = "eval"
 
@@ -104,9 +109,9 @@ class DiffoRAPhase:
     search: DAMSearch
 
     def output_dir(self, root: Union[str, os.PathLike]) -> str:
-        """``root/search`` or ``root/train``: a separate checkpoint folder per phase (their step counters both start
-        at 0, so sharing one folder would mix their checkpoints)."""
-        return os.path.join(str(root), self.name)
+        """``root/diffora-search`` or ``root/diffora-train``: a separate checkpoint folder per phase (their step
+        counters both start at 0, so sharing one folder would mix their checkpoints)."""
+        return os.path.join(str(root), _PHASE_DIRS[self.name])
 
 
 @dataclass
@@ -140,7 +145,7 @@ class DiffoRARun:
         self.trainer.save_model(str(out))
         if self.trainer.args.should_save:
             out.mkdir(parents=True, exist_ok=True)
-            write_json(str(out / "dam.json"), self.record)
+            atomic_write_json(out / "dam.json", self.record, indent=1)
             plot_dam(self.record, out / "dam.png", title=f"DiffoRA / {self.search.model_class}")
         return out
 
@@ -189,12 +194,8 @@ def train_with_diffora(
         raise ModelError("train_with_diffora needs the base model without adapters; it adds the LoRA layers itself")
     if isinstance(search_steps, bool) or not isinstance(search_steps, int):
         raise ConfigError(f"search_steps must be a whole number of optimiser steps, got {search_steps!r}")
-    if search_steps <= config.gate_warmup_steps:
-        raise ConfigError(
-            f"the search would end at step {search_steps}, not after gate_warmup_steps ({config.gate_warmup_steps}), "
-            "so no gate step would run and the DAM would learn nothing; raise search_steps (or max_steps) or lower "
-            "DiffoRAConfig.gate_warmup_steps"
-        )
+    check_warmup(search_steps, gate_warmup(search_steps, config),
+                 hint="raise search_steps (or max_steps) or lower DiffoRAConfig.gate_warmup_steps")
     if max_steps is not None and max_steps <= search_steps:
         raise ConfigError(
             f"search_steps ({search_steps}) must be smaller than the total number of training steps ({max_steps}), so "
@@ -240,19 +241,19 @@ def train_with_diffora(
     if saved is not None and saved["phase"] == "train":
         record = saved["record"]
     else:
-        record = search.record(
-            selection,
+        record = search_record(
+            search, selection,
             model=_model_name(search.model.get_base_model()),
             search_steps=search_steps,
             max_steps=max_steps,
             weight_split_rows=plan["weight_rows"],
             gate_split_rows=plan["gate_rows"],
-            world_size=_world_size(),
+            world_size=world_size(),
             host_trainer=type(search_trainer).__name__ if search_trainer is not None else None,
             source="diffora.integrations.train_with_diffora",
         )
     final_state = search.state_dict()  # the search as it ended: every fine-tuning checkpoint carries it
-    exported = search.export(selection)
+    exported = export_search(search, selection)
 
     phase = DiffoRAPhase("train", max_steps - search_steps if max_steps is not None else -1, train_dataset,
                          eval_dataset, search)
@@ -409,13 +410,10 @@ class DiffoRATrainer:
     def make_phase_trainer(self, model: Any, phase: DiffoRAPhase) -> Any:
         """The factory :func:`train_with_diffora` calls: ``trainer_cls`` on a copy of ``args`` for ``phase``."""
         self.search = phase.search
-        changes: dict[str, Any] = {"max_steps": phase.max_steps}
+        changes: dict[str, Any] = {"max_steps": phase.max_steps, "output_dir": phase.output_dir(self.args.output_dir)}
         if phase.name == "search":
-            changes.update(output_dir=os.path.join(self.args.output_dir, SEARCH_DIR),
-                           lr_scheduler_type="constant_with_warmup", lr_scheduler_kwargs={},
+            changes.update(lr_scheduler_type="constant_with_warmup", lr_scheduler_kwargs={},
                            load_best_model_at_end=False)
-        else:
-            changes.update(output_dir=os.path.join(self.args.output_dir, TRAIN_DIR))
         trainer = self.trainer_cls(
             model=model, args=dataclasses.replace(self.args, **changes), data_collator=self.data_collator,
             train_dataset=phase.train_dataset, eval_dataset=phase.eval_dataset, callbacks=list(self.callbacks),
@@ -447,7 +445,8 @@ class DiffoRATrainer:
         if isinstance(given, float):
             return math.ceil(given * total)
         weight_rows = rows - max(1, int(round(config.gate_fraction * rows))) if self.gate_dataset is None else rows
-        return min(max(_updates_per_epoch(self.args, weight_rows), config.gate_warmup_steps + 20), total // 2)
+        return search_length(_updates_per_epoch(self.args, weight_rows), minimum=min_search_length(20, config),
+                             cap=total // 2)
 
 
 class _FineTuneCheckpoints(TrainerCallback):
@@ -546,9 +545,3 @@ def _same_checkpoint_folder(a: Any, b: Any) -> bool:
 def _model_name(model: Any) -> Optional[str]:
     name = getattr(getattr(model, "config", None), "name_or_path", None)
     return str(name) if name else None
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -142,6 +142,13 @@ class DAMGrid:
         )
 
 
+def uses_conv1d(model: nn.Module, module_names: Iterable[str]) -> bool:
+    """Whether any of the named modules stores its weight transposed (GPT-2's ``Conv1D``): PEFT's LoRA then needs
+    ``fan_in_fan_out=True``."""
+    return any(isinstance(model.get_submodule(n), LINEAR_TYPES) and not isinstance(model.get_submodule(n), nn.Linear)
+               for n in module_names)
+
+
 def _lora_cost(module: nn.Module) -> int:
     """in_features + out_features of a linear map (Conv1D stores its weight as ``(in, out)``)."""
     if isinstance(module, nn.Linear):

@@ -18,16 +18,19 @@ The result has no diffora code in it: ``save_pretrained`` writes plain ``adapter
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .candidates import DAMGrid
-from ..select.quota import Selection
 from ..errors import SearchStateError
+from ..select.quota import Selection
 from ..select.ranks import rank_pattern_for, transfer_lora_weights
+from .candidates import DAMGrid, detect_task_heads, uses_conv1d
+
+if TYPE_CHECKING:  # annotations only: the search is an earlier stage, imported by callers
+    from .search import DAMSearch
 
 _TASK_TYPES = {
     "ForSequenceClassification": "SEQ_CLS",
@@ -119,9 +122,7 @@ def build_exported_model(
     A module whose exported rank differs from the search's (``config.rank_pattern``) gets an equivalent branch
     (:func:`diffora.select.ranks.transfer_lora_weights`; ``search_scaling`` = the search's ``alpha / r``)."""
     lora, head_states = shared
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        exported = get_peft_model(plain_model, config, adapter_name=adapter_name)
+    exported = seeded_peft_model(plain_model, config, seed, adapter_name=adapter_name)
     with torch.no_grad():
         new_base = exported.get_base_model()
         for head, (trained, original) in head_states.items():
@@ -138,6 +139,56 @@ def build_exported_model(
                 new_a.copy_(a)
                 new_b.copy_(b)
     return exported
+
+
+def export_search(search: "DAMSearch", selection: Selection, weight_sharing: Optional[bool] = None,
+                  ranks: Optional[dict[str, int]] = None) -> PeftModel:
+    """A stock ``peft.PeftModel`` with LoRA on the kept modules only.
+
+    ``ranks`` (from :func:`diffora.select.ranks.concentrate_ranks`) gives kept modules their own rank, exported as a
+    ``rank_pattern``; the searched weights go into the first ``r`` directions. The search is consumed: its model
+    becomes the exported model's base.
+    """
+    search.check_live()
+    config = search.config
+    sharing = config.weight_sharing if weight_sharing is None else weight_sharing
+    with torch.no_grad():
+        gates = search.gates.values().detach()
+    shared = collect_shared_weights(search.model.get_base_model(), selection, search.grid, gates, search.heads,
+                                    search.adapter_name)
+    search.hooks.remove()
+    plain_model = search.model.unload()  # removes every LoRA layer; heads are plain modules again
+    search.exported = True
+    lora_config = lora_config_for(
+        selection, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
+        modules_to_save=search.heads, task_type=infer_task_type(search.model_class),
+        fan_in_fan_out=search.fan_in_fan_out, ranks=ranks,
+    )
+    return build_exported_model(plain_model, lora_config, shared, adapter_name=search.adapter_name,
+                                weight_sharing=sharing, seed=config.seed + 1,
+                                search_scaling=config.alpha / config.rank)
+
+
+def fresh_lora(model: nn.Module, modules: Sequence[str], *, rank: int, alpha: float, dropout: float, seed: int,
+               heads: Optional[list[str]] = None, ranks: Optional[dict[str, int]] = None) -> PeftModel:
+    """LoRA with PEFT's own init on ``modules`` of ``model`` (modified in place), as the export without weight
+    sharing builds it: the init is drawn from ``seed + 1`` without disturbing the caller's RNG stream; ``heads``
+    default to the detected task heads."""
+    config = lora_config_for(
+        list(modules), rank=rank, alpha=alpha, dropout=dropout, ranks=ranks,
+        modules_to_save=heads if heads is not None else detect_task_heads(model),
+        task_type=infer_task_type(type(model).__name__), fan_in_fan_out=uses_conv1d(model, modules),
+    )
+    return seeded_peft_model(model, config, seed + 1)
+
+
+def seeded_peft_model(model: nn.Module, config: LoraConfig, init_seed: int, *,
+                      adapter_name: str = "default") -> PeftModel:
+    """``get_peft_model`` with PEFT's random init drawn from ``init_seed``, leaving the caller's RNG stream where
+    it was (so the same seed gives the same adapter whatever ran before)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -6,12 +6,16 @@ Every candidate ``(l, m)`` gets a LoRA branch multiplied by a continuous gate
 
     h = W_0 x + g_{l,m}(\beta) \cdot \tfrac{\alpha}{r} B_{l,m} A_{l,m} x,
     \qquad
+    g^{\text{sigmoid2}}_{l,m} = 2\,\sigma(\beta_{l,m} / T),
+    \qquad
     g^{\text{sigmoid}}_{l,m} = \sigma(\beta_{l,m} / T),
     \qquad
     g^{\text{softmax}}_{l,m} = M_l \cdot \operatorname{softmax}_m(\beta_{l,:} / T)
 
-(``M_l`` = number of candidates in row ``l``, so the softmax gates average 1 and the relaxed model starts as
-plain LoRA). Plain LoRA is ``g ≡ 1``; the base model is ``g ≡ 0``.
+(``M_l`` = number of candidates in row ``l``, so the softmax gates average 1). Plain LoRA is ``g ≡ 1``; the base
+model is ``g ≡ 0``. ``sigmoid2`` (the default) and ``softmax`` start at ``g = 1`` (``beta = 0``), so the search model
+at step 0 *is* LoRA on every candidate and its weight steps train each branch at full strength; ``sigmoid`` starts
+at ``g = 0.5`` (half strength), as the first versions did.
 
 Where the gate is applied: ``B`` is linear, so :math:`g \cdot B u = B (g u)` with :math:`u = A\,\mathrm{dropout}(x)`
 (rank ``r``). PEFT computes ``lora_B(lora_A(dropout(x))) * scaling``; a forward *pre*-hook on each candidate's
@@ -41,6 +45,23 @@ import torch
 from torch import nn
 
 from .candidates import DAMGrid, iter_cells
+from .config import DiffoRAConfig
+
+#: the largest value each independent gate form reaches (its range is ``(0, scale)``)
+_SIGMOID_SCALES = {"sigmoid": 1.0, "sigmoid2": 2.0}
+
+
+def new_gate_optimizer(gates: "DAMGates", config: DiffoRAConfig) -> torch.optim.Optimizer:
+    """DARTS' architecture optimiser (Adam, beta1 = 0.5) over the betas.
+
+    ``gate_decay="decoupled"`` (default) is AdamW's decay, ``beta <- beta (1 - lr wd)``, independent of the
+    gradient's size; ``"coupled"`` adds ``wd * beta`` to the gradient (Adam's ``weight_decay``, DARTS' choice): the
+    gate gradients are as small as 1e-7, so a coupled L2 of 1e-3 decides where beta settles."""
+    if config.gate_decay == "coupled":
+        return torch.optim.Adam(gates.parameters(), lr=config.gate_lr, betas=(0.5, 0.999),
+                                weight_decay=config.gate_weight_decay)
+    return torch.optim.AdamW(gates.parameters(), lr=config.gate_lr, betas=(0.5, 0.999),
+                             weight_decay=config.gate_weight_decay)
 
 
 class DAMGates(nn.Module):
@@ -49,7 +70,7 @@ class DAMGates(nn.Module):
     Move it with ``.to(device)`` like any module; :class:`~diffora.method.search.DAMSearch` puts it on the model's device.
     """
 
-    def __init__(self, grid: DAMGrid, form: str = "sigmoid", init: float = 0.0, temperature: float = 1.0) -> None:
+    def __init__(self, grid: DAMGrid, form: str = "sigmoid2", init: float = 0.0, temperature: float = 1.0) -> None:
         super().__init__()
         rows, cols = grid.shape
         self.form = form
@@ -69,8 +90,10 @@ class DAMGates(nn.Module):
 
     def _relax(self, beta: torch.Tensor) -> torch.Tensor:
         logits = beta / self.temperature
-        if self.form == "sigmoid":
+        if self.form in _SIGMOID_SCALES:
             gates = torch.sigmoid(logits)
+            if self.form != "sigmoid":
+                gates = gates * _SIGMOID_SCALES[self.form]
         elif self.form == "softmax":
             masked = logits.masked_fill(~self.valid, float("-inf"))
             per_row = self.valid.sum(dim=1, keepdim=True).clamp(min=1).to(logits.dtype)
@@ -101,9 +124,18 @@ class DAMGates(nn.Module):
             self._forced_token += 1
 
     def zero_one_loss(self) -> torch.Tensor:
-        """FairDARTS' zero-one loss ``-mean((g - 0.5)^2)`` over valid entries: low when gates are near 0 or 1."""
+        """FairDARTS' zero-one loss ``-mean((g - c)^2)`` over valid entries, ``c`` the middle of the gate's range
+        (0.5; 1 for ``sigmoid2``): low when gates are near either end."""
         gates = self.values()[self.valid]
-        return -((gates - 0.5) ** 2).mean()
+        return -((gates - 0.5 * _SIGMOID_SCALES.get(self.form, 1.0)) ** 2).mean()
+
+    def slope_denominator(self, gates: torch.Tensor) -> Optional[torch.Tensor]:
+        """``1 - g/s`` of the independent sigmoid forms ``g = s sigma(beta/T)`` (``None`` for softmax, whose entries
+        are coupled): ``dg/dbeta = g (1 - g/s) / T``, so ``-g dL/dg = -dL/dbeta * T / (1 - g/s)``."""
+        scale = _SIGMOID_SCALES.get(self.form)
+        if scale is None:
+            return None
+        return (1.0 - (gates / scale if scale != 1.0 else gates)).clamp_min(1e-6)
 
     # ------------------------------------------------------------------ per-pass cache
     def _cache_key(self) -> tuple:

@@ -1,23 +1,35 @@
-"""Step 4 of the pipeline: discretise the relaxed DAM into a keep/drop mask.
+"""The ONE keep rule every selection strategy spends its ranking through.
 
-Three granularities (``rho`` = keep ratio, ``L`` layers, ``M`` module types):
+Four granularities (``rho`` = keep ratio, ``L`` layers, ``M`` module types):
 
 * ``layer``  — the top ``ceil(rho * M_l)`` entries of each row (every layer keeps some adaptation);
+* ``type``   — within-type ranking: the top ``ceil(rho * L_m)`` entries of each column, so every module type keeps
+  the same fraction of its layers and the ranking only decides *which layers* of a type adapt;
 * ``global`` — the top ``ceil(rho * N)`` entries of the whole grid (``N`` candidates);
 * ``budget`` — entries in order of their score while the LoRA parameters spent stay within
   ``rho * (all candidates' LoRA parameters)`` (modules differ in size: an FFN matrix costs ~2.5x an attention one).
 
-Ties are broken deterministically: equal scores keep the earlier layer, then the earlier column.
+:class:`Quota` states the rule incrementally ("may this cell still be added?"), so a ranking (:func:`select_modules`),
+a greedy set search (the NTK strategy) and random draws all obey exactly the same counts and budget.
+Ties of a ranking are broken deterministically: equal scores keep the earlier layer, then the earlier column.
+
+This module imports neither torch nor transformers until a rule is applied: the config validates against
+:data:`GRANULARITIES`, and the CLI reads the config before it loads any model library.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
-from ..method.candidates import DAMGrid, ceil_count, iter_cells
-from ..method.config import GRANULARITIES
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..method.candidates import DAMGrid
+
+GRANULARITIES = ("layer", "global", "budget", "type")
+
+Cell = tuple[int, int]
 
 
 @dataclass
@@ -58,8 +70,87 @@ class Selection:
         }
 
 
-def _ranked(cells: list[tuple[int, int, str]], scores: Sequence[Sequence[float]]) -> list[tuple[int, int, str]]:
-    return sorted(cells, key=lambda c: (-float(scores[c[0]][c[1]]), c[0], c[1]))
+class Quota:
+    """How many cells a selection may keep, per row, per column, overall or by LoRA parameters, filled one cell at
+    a time. Validates ``keep_ratio``, ``granularity`` and the budget once, with the messages users see."""
+
+    def __init__(self, grid: DAMGrid, keep_ratio: float, granularity: str = "layer", rank: int = 8,
+                 budget_params: Optional[int] = None) -> None:
+        if not 0.0 < keep_ratio <= 1.0:
+            raise ConfigError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+        if granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        from ..method.candidates import ceil_count, iter_cells
+
+        self.grid, self.keep_ratio, self.granularity = grid, keep_ratio, granularity
+        self.cells = list(iter_cells(grid))
+        if not self.cells:
+            raise ConfigError("the DAM grid has no candidate modules to select from")
+        self.cost = {(i, j): rank * grid.param_costs[i][j] for i, j, _ in self.cells}
+        self.total = sum(self.cost.values())
+        self.kept: set[Cell] = set()
+        self.spent = 0
+        # what is left per group: rows (layer), columns (type) or one group (global); budget counts parameters
+        self._group = {"layer": lambda c: c[0], "type": lambda c: c[1]}.get(granularity, lambda c: 0)
+        self._left: dict[int, int] = {}
+        if granularity != "budget":
+            sizes: dict[int, int] = {}
+            for i, j, _ in self.cells:
+                sizes[self._group((i, j))] = sizes.get(self._group((i, j)), 0) + 1
+            self._left = {g: ceil_count(keep_ratio, n) for g, n in sizes.items()}
+            self.budget = None
+        else:
+            self.budget = budget_params if budget_params is not None else keep_ratio * self.total
+            smallest = min(self.cost.values())
+            if self.budget < smallest:
+                raise ConfigError(
+                    f"the parameter budget {int(self.budget):,} is smaller than the smallest candidate module "
+                    f"({smallest:,} LoRA parameters at rank {rank}); raise the keep ratio/budget or lower the rank"
+                )
+
+    def can_add(self, cell: Cell) -> bool:
+        """Whether ``cell`` (a candidate not kept yet) still fits the rule."""
+        if cell in self.kept or cell not in self.cost:
+            return False
+        if self.budget is not None:
+            return self.spent + self.cost[cell] <= self.budget
+        return self._left[self._group(cell)] > 0
+
+    def add(self, cell: Cell) -> None:
+        if not self.can_add(cell):
+            raise ConfigError(f"cell {cell} does not fit the {self.granularity} quota")
+        self.kept.add(cell)
+        self.spent += self.cost[cell]
+        if self.budget is None:
+            self._left[self._group(cell)] -= 1
+
+    def fill(self, order: Iterable[Cell]) -> "Quota":
+        """Add the cells of ``order`` that still fit, in that order."""
+        for cell in order:
+            if self.can_add(cell):
+                self.add(cell)
+        return self
+
+    def selection(self) -> Selection:
+        rows, cols = self.grid.shape
+        return Selection(
+            mask=[[(i, j) in self.kept for j in range(cols)] for i in range(rows)],
+            modules=[name for i, j, name in self.cells if (i, j) in self.kept],
+            keep_ratio=self.keep_ratio,
+            granularity=self.granularity,
+            lora_params=sum(self.cost[c] for c in self.kept),
+            total_lora_params=self.total,
+        )
+
+
+def ranked_cells(grid: DAMGrid, scores: Sequence[Sequence[float]]) -> list[Cell]:
+    """The candidate cells, best score first; ties keep the earlier layer, then the earlier column."""
+    from ..method.candidates import iter_cells
+
+    rows, cols = grid.shape
+    if len(scores) != rows or any(len(r) != cols for r in scores):
+        raise ConfigError(f"scores must be a {rows}x{cols} grid to match the DAM")
+    return [(i, j) for i, j, _ in sorted(iter_cells(grid), key=lambda c: (-float(scores[c[0]][c[1]]), c[0], c[1]))]
 
 
 def select_modules(
@@ -74,56 +165,27 @@ def select_modules(
 
     Args:
         grid: the candidate grid.
-        scores: ``layers × types`` scores (the gate values); higher = more useful.
+        scores: ``layers × types`` scores (e.g. the gate values); higher = more useful.
         keep_ratio: rho in (0, 1].
-        granularity: ``"layer"``, ``"global"`` or ``"budget"``.
+        granularity: ``"layer"``, ``"type"``, ``"global"`` or ``"budget"``.
         rank: LoRA rank, to count parameters.
         budget_params: for ``"budget"``, an explicit LoRA-parameter budget instead of ``rho`` of the total.
     """
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ConfigError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
-    if granularity not in GRANULARITIES:
-        raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    rows, cols = grid.shape
-    if len(scores) != rows or any(len(r) != cols for r in scores):
-        raise ConfigError(f"scores must be a {rows}x{cols} grid to match the DAM")
-    cells = list(iter_cells(grid))
-    if not cells:
-        raise ConfigError("the DAM grid has no candidate modules to select from")
-    cost = {(i, j): rank * grid.param_costs[i][j] for i, j, _ in cells}
-    total = sum(cost.values())
-    kept: set[tuple[int, int]] = set()
+    quota = Quota(grid, keep_ratio, granularity, rank, budget_params)
+    return quota.fill(ranked_cells(grid, scores)).selection()
 
-    if granularity == "layer":
-        for row in range(rows):
-            row_cells = [c for c in cells if c[0] == row]
-            if row_cells:
-                k = ceil_count(keep_ratio, len(row_cells))
-                kept.update((i, j) for i, j, _ in _ranked(row_cells, scores)[:k])
-    elif granularity == "global":
-        k = ceil_count(keep_ratio, len(cells))
-        kept.update((i, j) for i, j, _ in _ranked(cells, scores)[:k])
-    else:
-        budget = budget_params if budget_params is not None else keep_ratio * total
-        smallest = min(cost.values())
-        if budget < smallest:
-            raise ConfigError(
-                f"the parameter budget {int(budget):,} is smaller than the smallest candidate module "
-                f"({smallest:,} LoRA parameters at rank {rank}); raise the keep ratio/budget or lower the rank"
-            )
-        spent = 0
-        for i, j, _ in _ranked(cells, scores):
-            if spent + cost[i, j] <= budget:
-                kept.add((i, j))
-                spent += cost[i, j]
 
-    mask = [[(i, j) in kept for j in range(cols)] for i in range(rows)]
-    modules = [name for i, j, name in cells if (i, j) in kept]
-    return Selection(
-        mask=mask,
-        modules=modules,
-        keep_ratio=keep_ratio,
-        granularity=granularity,
-        lora_params=sum(cost[c] for c in kept),
-        total_lora_params=total,
-    )
+def random_sets(grid: DAMGrid, keep_ratio: float, granularity: str, rank: int, budget_params: Optional[int],
+                n_sets: int, seed: int) -> list[list[int]]:
+    """Indices (into the row-major cells) of ``n_sets`` random module sets drawn under the same rule: each is a
+    random order of the cells poured into a fresh :class:`Quota`. A private generator: the global RNG is untouched."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    sets = []
+    for _ in range(n_sets):
+        quota = Quota(grid, keep_ratio, granularity, rank, budget_params)
+        order = torch.randperm(len(quota.cells), generator=gen).tolist()
+        quota.fill((quota.cells[k][0], quota.cells[k][1]) for k in order)
+        sets.append([k for k, (i, j, _) in enumerate(quota.cells) if (i, j) in quota.kept])
+    return sets

@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..errors import ConfigError
 from ..method.candidates import DAMGrid, iter_cells
 from .quota import Selection
-from ..errors import ConfigError
 
 MODES = ("uniform", "proportional")
 
@@ -36,11 +36,6 @@ def _cost(grid: DAMGrid, name: str) -> int:
     except KeyError:
         raise ConfigError(f"'{name}' is not a DAM candidate") from None
     return int(grid.param_costs[i][j])
-
-
-def lora_params_for_ranks(grid: DAMGrid, ranks: dict[str, int]) -> int:
-    """LoRA parameters of branches with these ranks: ``Σ r_m (d_in_m + d_out_m)``."""
-    return sum(int(r) * _cost(grid, name) for name, r in ranks.items())
 
 
 def concentrate_ranks(

@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..errors import DiffoRAError
-from .io import atomic_write_bytes, torch_load_safe
 from ..runtime import capture_rng_state, restore_rng_state
+from .io import atomic_write_bytes, torch_load_safe
 
 FORMAT = "diffora.checkpoint/1"
 

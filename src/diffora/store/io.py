@@ -278,3 +278,42 @@ def torch_load_safe(path: PathLike) -> Any:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         first = first.split(". ")[0].rstrip(".")  # torch appends paragraphs of advice to the first sentence
         raise DiffoRAError(f"'{source}' is not a readable torch file ({first}); re-create it or pass another file") from exc
+
+
+#: the weight files of a saved PEFT adapter, in the order PEFT looks for them
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_adapter_weights(folder: PathLike) -> Path:
+    """The weights file of the PEFT adapter in ``folder``, opened and checked before PEFT loads it.
+
+    safetensors checks its header against the file size, so a truncated or corrupt file is found here and reported
+    as a one-line :class:`DiffoRAError` naming it (PEFT's loader would raise a bare ``SafetensorError``); a pickle
+    ``.bin`` file goes through :func:`torch_load_safe`. A folder without either file is refused too.
+    """
+    source = Path(folder)
+    for name in ADAPTER_WEIGHTS:
+        path = source / name
+        if path.is_file():
+            if name.endswith(".safetensors"):
+                load_safetensors(path)  # reads every tensor: a file cut inside the data fails here, not in PEFT
+            else:
+                torch_load_safe(path)
+            return path
+    raise DiffoRAError(f"adapter folder '{source}' has no {ADAPTER_WEIGHTS[0]}; pass the adapter folder a run wrote "
+                       "(OUT/adapter), with its weights")
+
+
+def load_error_detail(exc: BaseException, limit: int = 240) -> str:
+    """The line of a loading error that says what is wrong, whitespace-collapsed and cut to ``limit`` characters.
+
+    torch's ``load_state_dict`` error starts with "Error(s) in loading state_dict for X:" and names the mismatched
+    tensor and both shapes only on a later line, so that line is preferred; a ``KeyError`` names the missing key.
+    """
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    shaped = [line for line in lines if "size mismatch" in line or "shape" in line]
+    if isinstance(exc, KeyError):
+        text = f"no entry {exc}"
+    else:
+        text = (shaped or lines or [type(exc).__name__])[0]
+    return text.replace("torch.Size(", "(")[:limit]

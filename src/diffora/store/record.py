@@ -9,13 +9,46 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from ..method.candidates import DAMGrid
+from .. import __version__
 from ..errors import DataError
+from ..method.candidates import DAMGrid
+from ..method.diagnostics import search_diagnostics
+from ..method.search import DAMSearch
+from ..select.quota import Selection
 
-#: the ``format`` field of a record; :meth:`diffora.method.search.DAMSearch.record` writes it
+#: the ``format`` field of a record; :func:`search_record` writes it
 RECORD_FORMAT = "diffora.dam/1"
+
+
+def search_record(search: DAMSearch, selection: Optional[Selection] = None, **extra: Any) -> dict:
+    """The search record (``dam.json``, format :data:`RECORD_FORMAT`); ``extra`` fields are added as given.
+
+    ``diagnostics`` says whether the search learned (:func:`diffora.method.diagnostics.search_diagnostics`)."""
+    history = search.history
+    record: dict[str, Any] = {
+        "format": RECORD_FORMAT,
+        "diffora_version": __version__,
+        "model_class": search.model_class,
+        "grid": search.grid.to_dict(),
+        "betas": [[float(v) for v in row] for row in search.gates.beta.detach()],
+        "gates": search.gate_values(),
+        "config": search.config.to_dict(),
+        "heads": search.heads,
+        "weight_steps": search.weight_steps,
+        "gate_steps": search.gate_steps,
+        "diagnostics": search_diagnostics(search),
+        "history": {
+            "weight_loss": history.weight_losses,
+            "gate_loss": history.gate_losses,
+            "gate_snapshots": [{"step": s, "gates": g} for s, g in history.gate_snapshots],
+        },
+    }
+    if selection is not None:
+        record["selection"] = selection.to_dict()
+    record.update(extra)
+    return record
 
 
 def load_record(path: str | Path) -> dict:

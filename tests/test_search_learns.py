@@ -1,0 +1,106 @@
+"""A search that can learn (#20 item 1): identity gates at step 0, no coupled decay on beta, a warm-up that scales
+with the search, and the diagnostics that say whether the gates separated the modules."""
+
+import logging
+
+import pytest
+import torch
+from conftest import random_batch, randomize_lora_b, tiny_model
+
+from diffora import DiffoRAConfig, prepare_search
+from diffora.errors import ConfigError
+from diffora.method.diagnostics import flat_limit, gate_spread, jaccard, search_diagnostics
+from diffora.method.schedule import check_warmup, gate_warmup, min_search_length, search_length
+from diffora.store.record import search_record
+
+
+@pytest.mark.parametrize("arch, kind", [("bert", "seq_cls"), ("llama", "causal")])
+def test_search_model_at_step_0_is_lora_on_every_candidate(arch, kind):
+    search = prepare_search(tiny_model(arch, kind), DiffoRAConfig(rank=4))
+    randomize_lora_b(search.model)  # B = 0 would make any gate look like the identity
+    batch = random_batch(kind=kind)
+    search.model.eval()
+    with torch.no_grad():
+        gated = search.model(**batch).logits
+        search.hooks.remove()  # the same model and LoRA init, without gates: LoRA on every candidate
+        plain = search.model(**batch).logits
+    assert torch.equal(gated, plain)
+
+
+def test_the_old_sigmoid_form_starts_at_half_strength():
+    search = prepare_search(tiny_model("bert"), DiffoRAConfig(rank=4, gate="sigmoid"))
+    assert torch.all(search.gates.values()[search.gates.valid] == 0.5)
+
+
+def test_zero_gradient_leaves_beta_at_zero_by_default():
+    search = prepare_search(tiny_model("bert"), DiffoRAConfig(rank=4))
+    beta = search.gates.beta
+    for _ in range(5):
+        beta.grad = torch.zeros_like(beta)
+        search.gate_optimizer.step()
+    assert torch.count_nonzero(beta) == 0
+    # the DARTS setting, kept for old runs: coupled L2 moves a beta that has no gradient
+    coupled = prepare_search(tiny_model("bert"), DiffoRAConfig(rank=4, gate_decay="coupled", gate_weight_decay=1e-3,
+                                                              gate_init=1.0))
+    coupled.gates.beta.grad = torch.zeros_like(coupled.gates.beta)
+    coupled.gate_optimizer.step()
+    assert torch.all(coupled.gates.beta < 1.0)
+
+
+def test_taylor_score_matches_minus_g_dl_dg_for_the_identity_form():
+    search = prepare_search(tiny_model("bert"), DiffoRAConfig(rank=4, gate_warmup_steps=0))
+    randomize_lora_b(search.model)
+    with torch.no_grad():
+        search.gates.beta.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    batch = random_batch()
+    search.model.eval()
+    gates = search.gates.values().detach().requires_grad_(True)
+    with search.gates.forced(gates):
+        (dl_dg,) = torch.autograd.grad(search.loss_fn(search.model, batch), [gates], allow_unused=True)
+    expected = (-gates.detach() * dl_dg).masked_fill(~search.gates.valid, 0.0)
+    (dl_dbeta,) = torch.autograd.grad(search.loss_fn(search.model, batch), [search.gates.beta])
+    search._add_taylor(dl_dbeta)
+    torch.testing.assert_close(search.taylor_sum, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_warmup_is_a_fraction_and_small_data_runs_under_the_defaults():
+    config = DiffoRAConfig()
+    assert config.gate_warmup_steps is None
+    assert [gate_warmup(n, config) for n in (1, 2, 9, 10, 100)] == [0, 0, 0, 1, 10]
+    assert all(min_search_length(20, config) - gate_warmup(min_search_length(20, config), config) >= 20 for _ in [0])
+    assert search_length(14, epochs=1.0) == 14 and search_length(14, epochs=0.0) == 0
+    assert search_length(3, epochs=1.0, minimum=10, cap=8) == 8 and search_length(3, steps=5) == 5
+    search = prepare_search(tiny_model("bert"), DiffoRAConfig(rank=4))
+    search.fit([random_batch(seed=1)], [random_batch(seed=2)], steps=2, progress=False)  # 2 steps: 1 gate step
+    assert search.gate_steps >= 1
+
+
+def test_an_explicit_warmup_longer_than_the_search_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="no gate step would run"):
+        check_warmup(14, gate_warmup(14, DiffoRAConfig(gate_warmup_steps=20)))
+    with pytest.raises(ConfigError, match="gate_warmup_fraction"):
+        DiffoRAConfig(gate_warmup_fraction=1.0)
+
+
+def test_diagnostics_flag_gates_that_did_not_move_and_not_gates_that_separated(caplog):
+    # B barely leaves 0, so the gate gradients stay far below Adam's eps and the betas hardly move
+    search = prepare_search(tiny_model("bert"), DiffoRAConfig(rank=4, weight_lr=1e-10))
+    with caplog.at_level(logging.WARNING, logger="diffora.method.search"):
+        search.fit([random_batch(seed=1)], [random_batch(seed=2)], steps=6, progress=False)
+    flat = search_diagnostics(search)
+    assert flat["gates_flat"] and "close to arbitrary" in flat["warning"]
+    assert any("close to arbitrary" in r.getMessage() for r in caplog.records)
+    with torch.no_grad():  # betas well beyond what gate-step noise reaches
+        search.gates.beta.copy_(torch.linspace(-1.0, 1.0, search.gates.beta.numel()).view_as(search.gates.beta))
+    separated = search_diagnostics(search)
+    assert not separated["gates_flat"] and separated["warning"] is None
+    assert separated["beta_range"] > flat_limit(search.config.gate_lr, search.gate_steps)
+    record = search_record(search)
+    assert record["diagnostics"]["gates_flat"] is False and record["diagnostics"]["gate_range"] > 0
+
+
+def test_gate_spread_and_jaccard():
+    spread = gate_spread(torch.tensor([[1.0, 3.0], [2.0, 9.0]]), torch.tensor([[True, True], [True, False]]))
+    assert spread["gate_min"] == 1.0 and spread["gate_max"] == 3.0 and spread["gate_range"] == 2.0
+    assert jaccard([[True, False], [True, True]], [[True, True], [False, True]]) == pytest.approx(2 / 4)
+    assert jaccard([[False]], [[False]]) == 1.0
