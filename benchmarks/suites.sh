@@ -66,6 +66,15 @@ CANDIDATE_METHODS="diffora diffora[gate_fraction=0.5] diffora[gate_lr=0.2] diffo
   random-ws"
 CANDIDATES="$BASE --seeds 0 1 2 --eval-points 1 $HELDOUT_ROWS --methods $CANDIDATE_METHODS"
 
+# issue 20: does the search now learn, and what does it add? Held-out rows of train (never the dev set), the search at
+# its defaults (identity gates, no gate decay, warm-up 10% of a one-epoch search), against the old search
+# (sigmoid(0) = 0.5 gates, DARTS' coupled decay, movement ranking) and the controls at DiffoRA's parameter count:
+# the no-search type prior, budget-matched random sets, lora-matched; lora-all-cm at equal compute.
+LEARN_METHODS=${LEARN_METHODS:-diffora diffora[gate=sigmoid,gate_decay=coupled,gate_weight_decay=0.001,selection_score=movement]
+  type-prior random[matched=true] lora-matched lora-all-cm}
+LEARN="$BASE --seeds ${LEARN_SEEDS:-0 1 2} --eval-points 1 --max-train-samples 2000 --holdout-rows 872 --eval-on-holdout
+  --methods $LEARN_METHODS"
+
 suite() {
   case "$1" in
     # 3,668 training pairs (230 steps), the full dev set (408); search 46 iterations, 14 of them warm-up
@@ -117,13 +126,17 @@ suite() {
             diffora[lr=1e-3] lora-all[lr=1e-3] diffora[lr=2e-3] lora-all[lr=2e-3] adalora --output-dir $OUT/tweets_lr" ;;
     sst2_lora_lr) echo "$DIFFORA compare $HOLDOUT $COMMON --seeds 0 --eval-points 1 --methods lora-all[lr=2e-3]
             lora-all[lr=5e-3] lora-all[lr=1e-2] --output-dir $OUT/sst2_lora_lr" ;;
+    learn_tweets) echo "$DIFFORA compare --task tweets $LEARN --output-dir $OUT/learn_tweets" ;;
+    learn_sst2) echo "$DIFFORA compare --task sst2 --data-dir $GLUE/SST-2 $LEARN --output-dir $OUT/learn_sst2" ;;
+    learn_bbc) echo "$DIFFORA compare --task bbc-news $LEARN --output-dir $OUT/learn_bbc" ;;
+    learn_mrpc) echo "$DIFFORA compare --task mrpc --data-dir $GLUE/MRPC $LEARN --output-dir $OUT/learn_mrpc" ;;
     *) local names; names=$(printf '%s, ' "${SUITES[@]}")
        echo "unknown suite '$1'; choose ${names%, } or all" >&2
        return 2 ;;
   esac
 }
 
-SUITES=(mrpc tweets sst2 fair_sst2 fair_tweets fair_mrpc fair_cola fair_bbc fairlr_sst2 fairlr_tweets fairlr_mrpc fairlr_bbc fairlr_cola fair3_sst2 fair3_tweets fair3_mrpc fair3_bbc fair3_cola tweets_candidates mrpc_candidates smollm2 sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr tweets_lr)
+SUITES=(mrpc tweets sst2 fair_sst2 fair_tweets fair_mrpc fair_cola fair_bbc fairlr_sst2 fairlr_tweets fairlr_mrpc fairlr_bbc fairlr_cola fair3_sst2 fair3_tweets fair3_mrpc fair3_bbc fair3_cola tweets_candidates mrpc_candidates smollm2 sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr tweets_lr learn_tweets learn_sst2 learn_bbc learn_mrpc)
 print=0
 if [[ "${1:-}" == "--print" ]]; then print=1; shift; fi
 names=("$@")

@@ -33,8 +33,8 @@ selection = diffora.choose_modules(search)                    # top half of each
 print("kept:", selection.num_kept, "modules,", selection.lora_params, "LoRA parameters")
 for name in selection.modules[:4]:
     print("  ", name)
-record = search.record(selection)
-peft_model = search.export(selection)                      # a stock peft.PeftModel, search weights carried over
+record = diffora.search_record(search, selection)          # what dam.json holds, with the diagnostics
+peft_model = diffora.export_search(search, selection)      # a stock peft.PeftModel, search weights carried over
 print(type(peft_model).__name__, "trainable:", sum(p.numel() for p in peft_model.parameters() if p.requires_grad))
 out = tempfile.mkdtemp()
 peft_model.save_pretrained(out)                            # adapter_config.json + adapter_model.safetensors

@@ -31,6 +31,7 @@ STAGES = (
     "diffora.method",  # the search and its helpers
     "diffora.select",  # what a finished search keeps, and the ranks
     "diffora.method.export",
+    "diffora.method.handoff",  # search -> fine-tune: the carried optimiser state and schedule
     "diffora.store",
     "diffora.train",
     "diffora.evaluation",

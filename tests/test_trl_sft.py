@@ -190,3 +190,68 @@ def test_sft_trainer_on_real_smollm2(tmp_path):
     out = run.save(tmp_path / "final")
     assert (out / "dam.json").is_file() and (out / "adapter_model.safetensors").is_file()
     print(f"SmolLM2 SFT search+fine-tune: {time.perf_counter() - start:.1f}s")
+
+
+# ------------------------------------------------------------------------------------- one train(), in place
+def tokenized(tokenizer, n: int, seed: int):
+    rows = prompt_completion(n, seed)
+    return datasets.Dataset.from_list(
+        [{"input_ids": tokenizer(r["prompt"] + r["completion"])["input_ids"]} for r in rows])
+
+
+def inplace_run(folder: Path, out: Path, resume: str | None = None, with_trainer: bool = False):
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+
+    from diffora.integrations import DiffoRACallback
+    from diffora.method.candidates import adapter_layers
+
+    class Recorder(TrainerCallback):
+        def __init__(self) -> None:
+            self.logs: list[dict] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs or {}))
+
+    model, tokenizer = load(folder)
+    recorder = Recorder()
+    callback = DiffoRACallback(CONFIG, gate_dataset=tokenized(tokenizer, 16, seed=9), search_steps=SEARCH)
+    args = sft_config(str(out), TOTAL, bf16=False, gradient_checkpointing=False, save_strategy="steps", save_steps=2)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True, task_type="CAUSAL_LM")
+    # the recorder sits before the DiffoRA callback, like the report_to integrations the Trainer adds first
+    callbacks = [recorder] if with_trainer else [recorder, callback]
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=tokenized(tokenizer, 32, seed=0),
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    if with_trainer:
+        callback.trainer = trainer
+        trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=resume)
+    kept = set(adapter_layers(trainer.model.get_base_model()))
+    return trainer, callback, recorder, kept
+
+
+def test_sft_trainer_peft_config_and_callback_in_one_train_call(tiny_llama_dir, tmp_path):
+    trainer, callback, recorder, kept = inplace_run(tiny_llama_dir, tmp_path / "run", with_trainer=True)
+    assert trainer.state.global_step == TOTAL  # one step counter through search and fine-tuning
+    assert callback.finished and kept == set(callback.lora_config.target_modules)
+    assert 0 < len(kept) < len(callback.search.grid.module_names())
+    gate_logs = [log for log in recorder.logs if "diffora/gate_loss" in log]
+    assert gate_logs and all("diffora/gate_min" in log for log in gate_logs)  # reached a callback that runs first
+    assert sum("loss" in log for log in recorder.logs) == TOTAL  # one log stream: a loss entry per step, one end
+    assert sum("train_runtime" in log for log in recorder.logs) == 1
+    trainer.save_model(str(tmp_path / "adapter"))
+    from peft import PeftConfig
+
+    assert set(PeftConfig.from_pretrained(str(tmp_path / "adapter")).target_modules) == kept
+
+
+def test_in_place_search_resumes_exactly_mid_search(tiny_llama_dir, tmp_path):
+    full, _, recorder, kept = inplace_run(tiny_llama_dir, tmp_path / "full")
+    # without trainer=, the metrics join the host's log entry (log_history; callbacks after this one)
+    assert any("diffora/gate_loss" in log and "loss" in log for log in full.state.log_history)
+    resumed, _, _, kept_resumed = inplace_run(tiny_llama_dir, tmp_path / "full", resume=str(tmp_path / "full" /
+                                                                                          "checkpoint-2"))
+    assert kept_resumed == kept
+    a = {k: v for k, v in full.model.state_dict().items() if "lora_" in k}
+    b = {k: v for k, v in resumed.model.state_dict().items() if "lora_" in k}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

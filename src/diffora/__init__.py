@@ -21,8 +21,9 @@ _EXPORTS = {
     "choose_modules": "select.choose",
     "ConfigError": "errors", "DataError": "errors", "DiffoRAError": "errors", "ModelError": "errors",
     "SearchStateError": "errors", "TrainingError": "errors", "infer_task_type": "method.export",
-    "lora_config_for": "method.export", "DAMGates": "method.gates", "load_record": "store.record", "plot_dam": "store.record",
-    "DAMSearch": "method.search", "prepare_search": "method.search",
+    "lora_config_for": "method.export", "export_search": "method.export", "DAMGates": "method.gates",
+    "load_record": "store.record", "plot_dam": "store.record", "search_record": "store.record",
+    "DAMSearch": "method.search", "prepare_search": "method.search", "narrow_lora": "integrations.narrow",
 }
 
 
@@ -54,11 +55,14 @@ __all__ = [
     "TrainingError",
     "choose_modules",
     "detect_task_heads",
+    "export_search",
     "find_candidates",
     "infer_task_type",
     "load_record",
     "lora_config_for",
+    "narrow_lora",
     "plot_dam",
     "prepare_search",
+    "search_record",
     "select_modules",
 ]

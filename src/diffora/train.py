@@ -3,6 +3,9 @@
 An ordinary PEFT training loop — the point of DiffoRA is *which* modules are trained, not how: AdamW, linear
 warm-up then linear decay, weight decay, gradient clipping, evaluation every N steps, and the best evaluation
 checkpoint restored at the end. Data parallelism (``accelerate launch`` / ``torchrun``) comes from accelerate.
+
+With the 'continue' hand-off (:mod:`diffora.method.handoff`) the loop starts at the search's step ``S`` of the same
+``T``-step schedule, with the AdamW state the search left: :func:`continue_finetune`.
 """
 
 from __future__ import annotations
@@ -16,10 +19,17 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
-from .errors import TrainingError
+from .errors import SearchStateError, TrainingError
 from .method.config import FinetuneOptions
+from .method.export import export_search
+from .method.handoff import (
+    OptimizerState,
+    carry_optimizer_state,
+    finetune_total_steps,
+    linear_schedule,
+    load_optimizer_state,
+)
 from .store.checkpoint import Checkpointer, ResumableLoader
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -34,6 +44,9 @@ class FinetuneResult:
     best_step: int
     curve: list[dict[str, Any]]
     losses: list[float]
+    #: the schedule step this fine-tune started at (the search's steps under the 'continue' hand-off); ``steps``
+    #: counts the steps taken here, so ``start_step + steps`` is the schedule's total
+    start_step: int = 0
 
 
 def finetune(
@@ -50,12 +63,19 @@ def finetune(
     checkpointer: Optional[Checkpointer] = None,
     resume: bool = False,
     checkpoint_extra: Optional[dict[str, Any]] = None,
+    start_step: int = 0,
+    optimizer_state: Optional[OptimizerState] = None,
 ) -> FinetuneResult:
     """Train ``model``'s trainable parameters on ``train_loader``; evaluate with ``evaluate(model)``.
 
     ``accelerator`` (an ``accelerate.Accelerator``) wraps model, optimiser and loader for data parallelism; without
     one the loop runs in this process. With a ``checkpointer`` the loop saves its full state every N steps (and on
     SIGINT/SIGTERM); ``resume=True`` continues from the saved state bit-identically (single process).
+
+    ``start_step`` > 0 continues a schedule that earlier optimiser steps (the search's, 'continue' hand-off) began:
+    the schedule still spans the ``T`` steps ``options`` give, starts at ``start_step``, and ``T - start_step`` steps
+    run. ``optimizer_state`` (parameter name -> AdamW state, :func:`diffora.method.handoff.carry_optimizer_state`)
+    is loaded before the first step; a resumed run takes both from its checkpoint instead.
     """
     from accelerate import Accelerator
 
@@ -66,16 +86,18 @@ def finetune(
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     if len(train_loader) == 0:
         raise TrainingError("the training data is empty")
+    if optimizer_state:
+        load_optimizer_state(optimizer, model, optimizer_state)
     distributed = accelerator.num_processes > 1
     accumulation = options.gradient_accumulation_steps
+    total = finetune_total_steps(len(train_loader), options, accelerator.num_processes)
+    if not 0 <= start_step < total:
+        raise TrainingError(f"the fine-tune would start at step {start_step} of its {total}: nothing would be left "
+                            "to train; shorten the search or raise --epochs")
+    scheduler = linear_schedule(optimizer, total, options.warmup_ratio, start=start_step)
     if distributed:
-        batches = math.ceil(len(train_loader) / accelerator.num_processes)
-        total = max(1, math.ceil(options.epochs * batches / accumulation))
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(options.warmup_ratio * total), total)
         wrapped, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     else:
-        total = max(1, math.ceil(options.epochs * len(train_loader) / accumulation))
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(options.warmup_ratio * total), total)
         wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         loader = ResumableLoader(train_loader)
     per_epoch = len(loader) / accumulation  # optimiser steps per pass over the data
@@ -84,7 +106,7 @@ def finetune(
     unwrapped = accelerator.unwrap_model(wrapped)
     trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
 
-    s = _LoopState()
+    s = _LoopState(step=start_step)
     if resume and checkpointer is not None:
         saved = checkpointer.load("finetune")
         if saved is not None:
@@ -92,7 +114,8 @@ def finetune(
             Checkpointer.restore_rng(saved)
 
     def save() -> None:
-        checkpointer.save("finetune", {**s.to_state(trainable, optimizer, scheduler, loader), **(checkpoint_extra or {})})
+        state = s.to_state(trainable, optimizer, scheduler, loader)
+        checkpointer.save("finetune", {**state, **(checkpoint_extra or {})})
 
     start = time.perf_counter() - s.seconds
     bar = tqdm(total=total, initial=s.step, desc=desc, dynamic_ncols=True,
@@ -101,8 +124,9 @@ def finetune(
     micro, step_loss = 0, 0.0
     guard = checkpointer.catching_signals() if checkpointer is not None else contextlib.nullcontext()
     with guard:
-        if checkpointer is not None and s.step == 0 and not distributed:
-            save()  # the starting point (e.g. weights inherited from the search)
+        if checkpointer is not None and s.step == start_step and not distributed:
+            # the starting point (weights and, under the 'continue' hand-off, the AdamW state from the search)
+            save()
         while s.step < total:
             for batch in loader:
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -161,14 +185,33 @@ def finetune(
             for name, p in trainable.items():
                 p.copy_(s.best_state[name])
     return FinetuneResult(
-        steps=s.step,
+        steps=s.step - start_step,
         seconds=seconds,
         final_metrics=s.final_metrics,
         best_metrics=s.best_metrics or s.final_metrics,
         best_step=s.best_step or s.step,
         curve=s.curve,
         losses=s.losses,
+        start_step=start_step,
     )
+
+
+def continue_finetune(search: Any, selection: Any, train_loader: Any, evaluate: Optional[EvalFn],
+                      options: FinetuneOptions, **kwargs: Any) -> tuple[nn.Module, FinetuneResult]:
+    """The 'continue' hand-off's second phase: export the kept modules of ``search`` with weight sharing (consuming
+    it) and fine-tune them from the search's step and AdamW state for the rest of the ``T`` steps that ``options``
+    and ``train_loader`` give. The search must have run under :func:`diffora.method.handoff.attach_schedule` with
+    the same ``T`` (and :func:`~diffora.method.handoff.continue_config`). ``kwargs`` go to :func:`finetune`.
+
+    Returns ``(peft_model, result)``."""
+    if search.weight_steps > 0 and search.weight_scheduler is None:
+        raise SearchStateError("the search ran without the fine-tune's schedule: call "
+                               "diffora.method.handoff.attach_schedule(search, total, warmup_ratio) before fit")
+    carried = carry_optimizer_state(search, selection)
+    start = search.weight_steps
+    model = export_search(search, selection, weight_sharing=True)
+    return model, finetune(model, train_loader, evaluate, options, start_step=start, optimizer_state=carried,
+                           **kwargs)
 
 
 @dataclass
@@ -200,7 +243,8 @@ class _LoopState:
         }
 
     @classmethod
-    def restore(cls, saved: dict, trainable: dict, optimizer: Any, scheduler: Any, loader: ResumableLoader) -> "_LoopState":
+    def restore(cls, saved: dict, trainable: dict, optimizer: Any, scheduler: Any,
+                loader: ResumableLoader) -> "_LoopState":
         if set(saved["weights"]) != set(trainable):
             raise TrainingError("the fine-tuning checkpoint belongs to another model or module selection")
         with torch.no_grad():

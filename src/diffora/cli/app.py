@@ -247,7 +247,14 @@ def _config_path(path: str, base: Path, name: str, value: str) -> str:
     ``overwrite`` it could otherwise replace any folder the user can write. Command-line flags are not restricted."""
     if name in INPUT_PATHS:
         expanded = os.path.expanduser(value)
-        return expanded if os.path.isabs(expanded) else str(base / expanded)
+        if os.path.isabs(expanded):
+            return expanded
+        if name in ("train_file", "eval_file") and not (base / expanded).exists():
+            from ..data.readers import is_hub_dataset_id  # torch-free
+
+            if is_hub_dataset_id(value):  # a hub dataset id stays as written, like a hub model id
+                return value
+        return str(base / expanded)
     if name == "model":  # a local folder next to the config, else a hub id or short name as given
         return str(base / value) if not os.path.isabs(value) and (base / value).exists() else value
     if name in OUTPUT_PATHS:

@@ -17,6 +17,13 @@ from ..errors import ConfigError, DataError, ModelError, ResourceError, Training
 from ..evaluation.metrics import higher_is_better, majority_baseline
 from ..evaluation.predict import evaluate_model
 from ..method.export import count_trainable, export_search, fresh_lora
+from ..method.handoff import (
+    attach_schedule,
+    carry_optimizer_state,
+    continue_config,
+    finetune_total_steps,
+    search_steps_within,
+)
 from ..method.schedule import check_warmup, gate_warmup, search_length
 from ..method.search import prepare_search
 from ..runtime import peak_gpu_mib, peak_rss_mib, seed_everything
@@ -154,9 +161,17 @@ def _check_same_options(saved: dict, opts: Options) -> None:
         )
 
 
-def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None) -> tuple[Any, Any, dict, float]:
-    """Search + discretise + export; returns (peft_model, selection, record, seconds)."""
+def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None, *,
+            total: Optional[int] = None) -> tuple[Any, Any, dict, float, Optional[dict]]:
+    """Search + discretise + export; returns (peft_model, selection, record, seconds, carried optimiser state).
+
+    ``total`` (the 'continue' hand-off): the search is the first part of a ``total``-step fine-tune, under its LR
+    schedule and hyperparameters (:mod:`diffora.method.handoff`); the kept parameters' AdamW state is returned for
+    the fine-tune to continue with (None otherwise)."""
     config = opts.search_config()
+    continuing = total is not None
+    if continuing:
+        config = continue_config(config, opts.finetune_options())
     start = time.perf_counter()
     weight_idx, gate_idx = split_for_search(len(prep.train_items), config.gate_fraction, opts.seed)
     weight_loader, gate_loader = prep.loader(weight_idx, 0), prep.loader(gate_idx, 1)
@@ -172,6 +187,8 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
     # 0 only when both lengths are 0, which Options allows for the ntk selection alone (it needs no search)
     steps = search_length(len(weight_loader), epochs=opts.search_epochs, steps=opts.search_steps,
                           accumulation=accumulation)
+    if continuing:
+        steps = search_steps_within(steps, total)
     if steps > 0:
         check_warmup(steps, gate_warmup(steps, config), error=DataError,
                      hint="add data, raise --search-epochs/--search-steps or lower --gate-warmup-steps")
@@ -191,6 +208,8 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
                     raise
                 raise DataError(f"{ckpt.path('search')} does not fit this diffora version or this run "
                                 f"({load_error_detail(exc)}); start over with --overwrite") from None
+    if continuing:  # after a restore: the LR is recomputed at the restored step, so checkpoints need not hold it
+        attach_schedule(search, total, opts.warmup_ratio)
 
     def checkpoint(s: Any, _step: int) -> None:
         if resumable and ckpt.due(s.weight_steps):
@@ -207,8 +226,10 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
                            progress=not opts.quiet and prep.accelerator.is_main_process, callback=checkpoint,
                            accumulation_steps=accumulation)
     except TrainingError as exc:  # the loss diverged: say which options steer the search, and what was kept
-        kept = f"; the last good checkpoint is {ckpt.path('search')}" if resumable and ckpt.path("search").exists() else ""
-        raise TrainingError(f"{exc} (search options: --search-lr, --gate-lr){kept}") from None
+        saved_search = resumable and ckpt.path("search").exists()
+        kept = f"; the last good checkpoint is {ckpt.path('search')}" if saved_search else ""
+        lr_flag = "--lr" if continuing else "--search-lr"
+        raise TrainingError(f"{exc} (search options: {lr_flag}, --gate-lr){kept}") from None
     agree = _ranks_agree(search.gates.beta.detach())
     kernels = _module_kernels(prep, opts, search, gate_idx) if opts.ntk_examples else None
     selection = choose_modules(search, kernels)
@@ -218,6 +239,9 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
         extra["ntk"] = diagnostic(search, kernels, selection, seed=opts.seed)
     if ranks is not None:
         extra["ranks"] = ranks
+    if continuing:
+        extra["handoff"] = {"mode": "continue", "search_steps": steps, "finetune_steps": total - steps,
+                            "total_steps": total}
     seconds = previous_seconds + time.perf_counter() - start
     record = search_record(
         search, selection,
@@ -231,10 +255,11 @@ def _search(prep: _Prepared, opts: Options, ckpt: Optional[Checkpointer] = None)
         ranks_agree=agree,
         **extra,
     )
+    carried = carry_optimizer_state(search, selection) if continuing else None  # before the export consumes it
     peft_model = export_search(search, selection, ranks=ranks)
     if resumable:
         atomic_write_json(ckpt.folder / "dam.json", {**record, "search_seconds": seconds})
-    return peft_model, selection, record, seconds
+    return peft_model, selection, record, seconds, carried
 
 
 def _module_kernels(prep: _Prepared, opts: Options, search: Any, gate_idx: list[int]) -> Any:
@@ -266,7 +291,8 @@ def _ranks_agree(beta: torch.Tensor) -> bool:
     return True
 
 
-def _finetune(prep: _Prepared, opts: Options, peft_model: Any, ckpt: Optional[Checkpointer] = None):
+def _finetune(prep: _Prepared, opts: Options, peft_model: Any, ckpt: Optional[Checkpointer] = None, *,
+              start_step: int = 0, optimizer_state: Optional[dict] = None):
     main = prep.data.main_metric
     return finetune(
         peft_model,
@@ -280,11 +306,16 @@ def _finetune(prep: _Prepared, opts: Options, peft_model: Any, ckpt: Optional[Ch
         checkpointer=ckpt if ckpt is not None and ckpt.enabled else None,
         resume=opts.resume,
         checkpoint_extra={"options": vars(opts)},
+        start_step=start_step,
+        optimizer_state=optimizer_state,
     )
 
 
 def _metrics(prep: _Prepared, opts: Options, peft_model: Any, result: Any, *, kept: list[str],
-             candidates: Optional[int], search_seconds: float, started: float) -> dict:
+             candidates: Optional[int], search_seconds: float, started: float, search_steps: int = 0) -> dict:
+    """The metrics.json of a run. ``search_steps`` (the search's weight steps) and ``finetune_steps`` add up to
+    ``total_steps``, the run's weight optimiser steps: under the 'continue' hand-off those of a LoRA-all fine-tune."""
+    finetune_steps = result.steps if result is not None else 0
     final = prep.evaluate(peft_model)
     lora = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n)
     return json_safe({
@@ -303,7 +334,9 @@ def _metrics(prep: _Prepared, opts: Options, peft_model: Any, result: Any, *, ke
         "search_seconds": search_seconds,
         "finetune_seconds": result.seconds if result is not None else 0.0,
         "total_seconds": time.perf_counter() - started,
-        "finetune_steps": result.steps if result is not None else 0,
+        "finetune_steps": finetune_steps,
+        "search_steps": search_steps,
+        "total_steps": search_steps + finetune_steps,
         "best_step": result.best_step if result is not None else None,
         "learning_curve": result.curve if result is not None else [],
         "peak_rss_mib": peak_rss_mib(),
@@ -328,42 +361,62 @@ def run_job(opts: Options) -> dict:
             import shutil
 
             shutil.rmtree(ckpt.folder)  # stale resume state of an earlier run must not leak into this one
+        # 'continue' hand-off: the search is the first part of the T-step fine-tune LoRA-all would run on
+        # _finetune's loader
+        total = (finetune_total_steps(len(prep.loader(None, 2, shard=False)), opts.finetune_options(),
+                                      accelerator.num_processes) if opts.handoff == "continue" else None)
+        carried = None
         if opts.resume and ckpt.path("finetune").exists():
             saved = load_record(ckpt.folder / "dam.json")
             try:
                 search_seconds = float(saved.pop("search_seconds"))
                 record, modules = saved, saved["selection"]["modules"]
+                # the fine-tune checkpoint holds the carried AdamW state and schedule; only its start is needed
+                start = int(saved["handoff"]["search_steps"]) if total is not None else 0
             except (KeyError, TypeError, ValueError) as exc:
                 raise DataError(f"{ckpt.folder / 'dam.json'} does not fit this diffora version or this run "
                                 f"({load_error_detail(exc)}); start over with --overwrite") from None
             _check_same_options(ckpt.load("finetune").get("options", vars(opts)), opts)
             peft_model = _model_from_record(prep, opts, modules, saved.get("heads"), saved.get("ranks"))
         else:
-            peft_model, selection, record, search_seconds = _search(prep, opts, ckpt)
+            peft_model, selection, record, search_seconds, carried = _search(prep, opts, ckpt, total=total)
             modules = selection.modules
-        result = _finetune(prep, opts, peft_model, ckpt)
+            start = record["handoff"]["search_steps"] if total is not None else 0
+        result = _finetune(prep, opts, peft_model, ckpt, start_step=start, optimizer_state=carried)
         n_candidates = sum(1 for row in record["grid"]["names"] for n in row if n)
         metrics = _metrics(prep, opts, peft_model, result, kept=modules, candidates=n_candidates,
-                           search_seconds=search_seconds, started=started)
+                           search_seconds=search_seconds, started=started,
+                           search_steps=int(record.get("weight_steps", 0)))
         if accelerator.is_main_process:
             write_outputs(out, adapter_model=peft_model, record=record, metrics=metrics,
                           title=f"{prep.data.name} / {Path(opts.model).name}")
         accelerator.wait_for_everyone()
         _say(opts, accelerator, summary(metrics, out))
+        if record.get("diagnostics"):
+            _say(opts, accelerator, _learned(record["diagnostics"]))
         return metrics
+
+
+def _learned(diagnostics: dict) -> str:
+    """One line on whether the search learned: the gate range, the two halves' agreement, and any warning."""
+    text = f"  search: gates {diagnostics['gate_min']:.3f}..{diagnostics['gate_max']:.3f}"
+    if diagnostics.get("agreement") is not None:
+        text += (f"; two halves of the gate data agree {diagnostics['agreement']:.2f} on the kept set "
+                 "(1 = same set, 0 = random)")
+    if diagnostics.get("warning"):
+        text += f"\n  warning: {diagnostics['warning']}"
+    return text
 
 
 def search_job(opts: Options) -> dict:
     """Search and discretise only; write OUT/{dam.json,dam.png,search_adapter/}."""
     started = time.perf_counter()
-    if opts.resume:
-        raise ConfigError("--resume is supported by 'diffora run'; rerun this command without it")
     out = check_output_dir(opts.output_dir, opts.overwrite)
     seed_everything(opts.seed)
     accelerator = build_accelerator(opts)
     with _guarded(opts, out, accelerator):
         prep = _Prepared(opts, accelerator)
-        peft_model, selection, record, search_seconds = _search(prep, opts)
+        peft_model, selection, record, search_seconds, _ = _search(prep, opts)
         metrics = json_safe({"task": prep.data.name, "search_seconds": search_seconds,
                              "total_seconds": time.perf_counter() - started, "kept_modules": selection.num_kept,
                              "kept_module_names": selection.modules, "lora_params": selection.lora_params,
@@ -380,6 +433,8 @@ def search_job(opts: Options) -> dict:
                                     f"all candidates {ntk['lambda_min_all']:.3e}")
         _say(opts, accelerator, f"kept {selection.num_kept} modules; search record in {out / 'dam.json'}, "
                                 f"heatmap {out / 'dam.png'}; fine-tune with: diffora train --dam {out / 'dam.json'} ...")
+        if record.get("diagnostics"):
+            _say(opts, accelerator, _learned(record["diagnostics"]))
         return metrics
 
 
@@ -390,8 +445,6 @@ def train_job(opts: Options, dam: Optional[str] = None, modules: Optional[list[s
     if (dam is None) == (modules is None):
         raise DataError("diffora train needs exactly one of --dam (a dam.json from diffora search) or --modules")
     started = time.perf_counter()
-    if opts.resume:
-        raise ConfigError("--resume is supported by 'diffora run'; rerun this command without it")
     out = check_output_dir(opts.output_dir, opts.overwrite)
     record = load_record(dam) if dam is not None else None
     if record is not None:

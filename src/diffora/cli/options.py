@@ -50,9 +50,11 @@ class DataOptions:
     data_dir: Optional[str] = field(
         default=None, metadata={"help": "Folder with GLUE-format train.tsv/dev.tsv (offline GLUE)."},
     )
-    train_file: Optional[str] = field(default=None, metadata={"help": "Training data (CSV, TSV, JSON or JSONL)."})
+    train_file: Optional[str] = field(default=None, metadata={
+        "help": "Training data: CSV, TSV, JSON, JSONL or Parquet, or a hub dataset id user/name[:split] (online)."})
     eval_file: Optional[str] = field(
-        default=None, metadata={"help": "Evaluation data; default: the task's dev split, or 10% of --train-file."},
+        default=None, metadata={"help": "Evaluation data (the same formats as --train-file); default: the task's dev "
+                                   "split, or 10% of --train-file."},
     )
     text_column: Optional[str] = field(
         default=None, metadata={"help": "Text column of --train-file/--eval-file (default 'text')."},
@@ -301,7 +303,8 @@ EVAL = (_of(DataOptions) - {"train_file", "max_train_samples"}) | _of(ModelOptio
 COMMAND_OPTIONS: dict[str, frozenset[str]] = {
     "run": ALL,
     # search_job: the search and its length; of the fine-tuning options only the accumulation the search shares
-    "search": (ALL - FINETUNE - RESUMING) | {"gradient_accumulation_steps"},
+    # (and no --handoff: there is no fine-tune to hand the search over to)
+    "search": (ALL - FINETUNE - RESUMING - {"handoff"}) | {"gradient_accumulation_steps"},
     # train_job: no gate, selection or search-length options
     "train": (ALL - SEARCH - RESUMING) | LORA_SHAPE | {"seed"},
     "eval": EVAL,

@@ -34,9 +34,11 @@ from ..method.export import export_search, infer_task_type, lora_config_for
 from ..method.parallel import model_device, to_device
 from ..method.schedule import check_warmup, gate_warmup, min_search_length, search_length
 from ..method.search import LossFn, default_loss, prepare_search
-from ..select.choose import choose_modules
+from ..select.choose import allocate_ranks, choose_modules, search_kernels
 from ..select.quota import Selection
+from ..select.strategies import get_strategy
 from ..store.record import search_record
+from .narrow import NTK_EXAMPLES, check_options
 
 __all__ = ["AutoLoraResult", "DEFAULT_MAX_SEARCH_STEPS", "auto_lora_config", "has_adapters", "split_indices"]
 
@@ -138,6 +140,7 @@ def auto_lora_config(
             "auto_lora_config needs the base model without adapters (it got a PEFT model); pass the model you would "
             "hand to get_peft_model"
         )
+    check_options(config)  # an impossible option combination fails before the search, not after it
     if batch_size <= 0:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     if search_steps is not None and (isinstance(search_steps, bool) or int(search_steps) != search_steps):
@@ -175,7 +178,11 @@ def auto_lora_config(
         weight_loader = _loader(train_dataset, weight_idx, batch_size, collate, config.seed)
         gate_loader = _loader(train_dataset, gate_idx, batch_size, collate, config.seed + 1)
         search.fit(weight_loader, gate_loader, steps, progress=progress)
-        selection = choose_modules(search)
+        kernels = None
+        if get_strategy(config.selection_score).needs_kernels:
+            kernels = search_kernels(search, weight_loader, NTK_EXAMPLES)
+        selection = choose_modules(search, kernels)
+        ranks = allocate_ranks(search, selection, kernels)  # the CLI's rank_pattern, through the API too
         seconds = time.perf_counter() - start
         record = search_record(
             search, selection,
@@ -194,10 +201,11 @@ def auto_lora_config(
             modules_to_save=search.heads,
             task_type=infer_task_type(search.model_class),
             fan_in_fan_out=search.fan_in_fan_out,
+            ranks=ranks,
         )
         state_dict = None
         if return_weights:
-            exported = export_search(search, selection, weight_sharing=True)
+            exported = export_search(search, selection, weight_sharing=True, ranks=ranks)
             state_dict = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(exported).items()}
             del exported
     del search, work

@@ -87,6 +87,18 @@ _CALL_OPTIONS = ("num_items_in_batch", "fused_lm_head", "return_dict", "use_cach
 class DiffoRACallback(TrainerCallback):
     """Runs the DAM search's gate steps and bookkeeping inside a host ``Trainer``'s ``train()``.
 
+    One ``train()`` call, in place (:class:`InPlaceSearch`)::
+
+        SFTTrainer(model, peft_config=LoraConfig(...), callbacks=[
+            DiffoRACallback(DiffoRAConfig(keep_ratio=0.5), gate_dataset=gate_rows, search_steps=100)])
+
+    searches during the first ``search_steps`` host steps and narrows the host's PeftModel to the kept modules;
+    ``gate_rows`` are held out of the training data and formatted like the host's train rows (its collator batches
+    them). Pass ``trainer=`` (``trainer.add_callback(DiffoRACallback(config, trainer, ...))``) so the gate metrics
+    go out through ``trainer.log`` to every ``report_to`` logger; without it they join the host's next log entry.
+
+    Two phases, on a search you prepared (below): the host trains ``search.model``; export after ``finish()``.
+
     Args:
         search: the search (:func:`diffora.prepare_search`); the host trainer must train ``search.model``.
         trainer: the host trainer (any ``transformers.Trainer`` subclass), built with ``model=search.model``,
@@ -106,6 +118,12 @@ class DiffoRACallback(TrainerCallback):
             ``on_train_begin``.
         gate_batches: this process's batches of the gate split (lists of row indices into the loader's dataset).
     """
+
+    def __new__(cls, search: Any = None, *args: Any, **kwargs: Any) -> "DiffoRACallback":
+        # DiffoRACallback(config, gate_dataset=..., search_steps=...) is the one-train() in-place search
+        if cls is DiffoRACallback and not isinstance(search, DAMSearch):
+            return super().__new__(InPlaceSearch)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -361,3 +379,185 @@ def host_gate_loader(trainer: Any, name: str, dataset: Any) -> Any:
 def checkpoint_folder(args: Any, state: TrainerState) -> str:
     """The folder the host ``Trainer`` writes its checkpoint of ``state.global_step`` into."""
     return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
+# ------------------------------------------------------------------------------------------------- in place
+class InPlaceSearch(DiffoRACallback):
+    """The search in the first ``search_steps`` steps of the user's own ``trainer.train()``, then narrowing in place.
+
+    Built by ``DiffoRACallback(config=..., gate_dataset=..., search_steps=...)`` (no search): see
+    :class:`DiffoRACallback`. The host trains its own ``PeftModel`` (``peft_config=`` or ``get_peft_model``); at its
+    first step the search attaches to that model (:meth:`DAMSearch` on a PeftModel: the candidates are the
+    adapter's modules), after each host step past the warm-up one gate step runs on the next gate batch, and after
+    step ``search_steps`` the model is narrowed in place to the kept modules (:func:`narrow_model`); the host's
+    optimiser, scheduler, step counter and log stream simply continue. Dropped branches get no more gradients, so
+    the host's optimiser skips them.
+    """
+
+    def __init__(self, config: Any = None, trainer: Any = None, *, gate_dataset: Any = None,
+                 search_steps: Any = None) -> None:
+        from ..method.config import DiffoRAConfig
+        from .narrow import check_options
+
+        config = config if config is not None else DiffoRAConfig()
+        if not isinstance(config, DiffoRAConfig):
+            raise ConfigError(f"DiffoRACallback takes a DAMSearch or a DiffoRAConfig, got {type(config).__name__}")
+        if gate_dataset is None:
+            raise ConfigError("DiffoRACallback(config, gate_dataset=..., search_steps=...) needs the gate split: rows "
+                              "held out of the training data, formatted like the host's train rows")
+        check_options(config, kernels_available=False)
+        if config.rank_allocation != "none":
+            raise ConfigError("rank_allocation changes LoRA shapes, which the host's optimiser cannot follow in the "
+                              "middle of train(): narrow first with diffora.narrow_lora, then build the trainer")
+        if isinstance(search_steps, bool) or not isinstance(search_steps, int):
+            raise ConfigError(f"search_steps must be a whole number of optimiser steps, got {search_steps!r}")
+        check_warmup(search_steps, gate_warmup(search_steps, config), hint=_HINT)
+        try:
+            n = len(gate_dataset)
+        except TypeError:
+            raise DataError("gate_dataset must be a sized data set (rows formatted like the host's train rows)") \
+                from None
+        if n == 0:
+            raise DataError("gate_dataset is empty")
+        self.config, self.gate_dataset, self.search_steps = config, gate_dataset, search_steps
+        self.warmup = gate_warmup(search_steps, config)
+        self.trainer = trainer
+        self.search: Optional[DAMSearch] = None
+        self.selection: Optional[Selection] = None
+        self.lora_config: Any = None
+        self.collate: Any = None
+        self.batch_size = 1
+        self.gate_losses_since_log: list[float] = []
+        self.pending: dict[str, float] = {}
+
+    @property
+    def finished(self) -> bool:
+        return self.selection is not None
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, model: Any = None,
+                       train_dataloader: Any = None, **kwargs: Any):
+        from peft import PeftModel
+
+        from ..method.search import prepare_search
+
+        if not isinstance(model, PeftModel):
+            raise ConfigError("DiffoRACallback searches the host's PeftModel: build the trainer with "
+                              "peft_config=LoraConfig(...) or on get_peft_model(model, ...)")
+        if state.max_steps < self.search_steps:
+            raise ConfigError(f"the host trainer runs {state.max_steps} steps, fewer than the {self.search_steps} "
+                              "search steps")
+        self.collate = getattr(train_dataloader, "collate_fn", None) or (lambda rows: rows)
+        self.batch_size = max(1, int(args.per_device_train_batch_size))
+        if self.search is None:
+            self.search = prepare_search(model, self.config)  # the host's optimiser steps the LoRA weights
+        if state.global_step > 0:
+            self._resume(checkpoint_folder(args, state), state.global_step)
+        if self.search is not None and not self.search.exported:
+            self.search.gates.beta.requires_grad_(False)
+        return control
+
+    def _resume(self, folder: str, step: int) -> None:
+        saved, tensors = read_search_state(folder)
+        if saved.get("phase") != "in-place":
+            raise SearchStateError(f"'{folder}' holds no in-place DiffoRA state to resume from")
+        check_same_plan(saved, {"search_steps": self.search_steps}, folder)
+        search = self.search
+        if saved.get("selection") is None:
+            search.load_state_dict(tensors)
+            self.gate_losses_since_log = [float(v) for v in saved.get("gate_losses_since_log", [])]
+            return
+        from .narrow import narrow_model
+
+        # the host reloaded the narrowed adapter's weights (gates already folded): narrow the structure only
+        selection = Selection.from_dict(saved["selection"])
+        with search.gates.forced(1.0):
+            narrowed = narrow_model(search, selection)
+        self.selection, self.lora_config = selection, narrowed.lora_config
+
+    def gate_batch(self, gate_step: int) -> dict:
+        n = len(self.gate_dataset)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + gate_step // n))
+        per_pass = max(1, n // self.batch_size)
+        start = (gate_step % per_pass) * self.batch_size
+        rows = [self.gate_dataset[int(i)] for i in order[start:start + self.batch_size]]
+        return to_model_device(self.collate(rows), self.search.model)
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        search, step = self.search, state.global_step
+        if search is None or self.finished:
+            return control
+        search.record_weight_step(math.nan)
+        if step > self.warmup:
+            beta = search.gates.beta
+            beta.requires_grad_(True)
+            try:
+                self.gate_losses_since_log.append(search.gate_step(self.gate_batch(search.gate_steps)))
+            finally:
+                beta.requires_grad_(False)
+        if step % SNAPSHOT_EVERY == 0 or step == self.search_steps:
+            search.snapshot()
+        if step >= self.search_steps:
+            control.should_log = True  # the last gate metrics go out with the host's log of this step
+        self._collect()
+        if step >= self.search_steps:
+            self._narrow()
+        return control
+
+    def _collect(self) -> None:
+        if not self.gate_losses_since_log:
+            return
+        gates = self.search.gates.values().detach()[self.search.gates.valid]
+        self.pending = {"diffora/gate_loss": sum(self.gate_losses_since_log) / len(self.gate_losses_since_log),
+                        "diffora/gate_min": float(gates.min()), "diffora/gate_max": float(gates.max())}
+
+    def on_log(self, args: Any, state: TrainerState, control: TrainerControl, logs: Optional[dict] = None,
+               **kwargs: Any):
+        """Gate metrics through the host: ``trainer.log`` right after the host's own log (so every ``report_to``
+        logger sees them) when the trainer is known, else merged into the host's log entry (callbacks after this
+        one and ``state.log_history`` see them)."""
+        if not self.pending or logs is None or "loss" not in logs:
+            return control
+        metrics, self.pending = self.pending, {}
+        self.gate_losses_since_log.clear()
+        if self.trainer is not None:
+            self.trainer.log(metrics)
+            return self.trainer.control
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+        return control
+
+    def on_epoch_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        return control
+
+    def on_train_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        return control
+
+    def finish(self, **discretize_kwargs: Any) -> Selection:
+        """The kept modules (the model was narrowed at step ``search_steps``)."""
+        if self.selection is None:
+            raise SearchStateError(f"training stopped before the DAM search finished at step {self.search_steps}; "
+                                   "the model was not narrowed")
+        return self.selection
+
+    def _narrow(self) -> None:
+        from .narrow import narrow_model
+
+        self.selection = finish_search(self.search)
+        self.lora_config = narrow_model(self.search, self.selection).lora_config
+
+    def on_save(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if args.should_save and self.search is not None:
+            info = {"phase": "in-place", "search_steps": self.search_steps, "global_step": state.global_step,
+                    "gate_losses_since_log": list(self.gate_losses_since_log),
+                    "selection": self.selection.to_dict() if self.selection is not None else None}
+            write_search_state(checkpoint_folder(args, state), info,
+                               None if self.finished else self.search.state_dict())
+        return control
+
+
+def to_model_device(batch: Any, model: Any) -> Any:
+    device = model_device(model)
+    if isinstance(batch, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch

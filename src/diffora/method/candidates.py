@@ -354,3 +354,47 @@ def iter_cells(grid: DAMGrid) -> Iterable[tuple[int, int, str]]:
         for j, name in enumerate(row):
             if name is not None:
                 yield i, j, name
+
+
+def adapter_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
+    """Full names (inside ``model``, e.g. ``peft_model.get_base_model()``) of the LoRA layers that carry
+    ``adapter_name``, in module order."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and adapter_name in module.lora_A}
+
+
+def find_adapter_candidates(model: nn.Module, adapter_name: str = "default") -> DAMGrid:
+    """The DAM grid of a model that already carries a LoRA adapter (``peft_model.get_base_model()``): the
+    candidates are exactly the modules the user's ``LoraConfig`` put the adapter on, arranged as blocks x types.
+
+    Raises:
+        ModelError: no module carries the adapter, or one lies outside the repeated blocks (it could not be gated).
+    """
+    layers = adapter_layers(model, adapter_name)
+    if not layers:
+        raise ModelError(f"no module of {type(model).__name__} carries a LoRA adapter named '{adapter_name}'")
+    blocks = _blocks(model)
+    block_names = [b for b, _ in blocks]
+    owner_of: dict[str, tuple[int, str]] = {}
+    for full in layers:
+        owner = next((i for i, b in enumerate(block_names) if full.startswith(b + ".")), None)
+        if owner is None:
+            raise ModelError(
+                f"LoRA module '{full}' lies outside the repeated transformer blocks, so it has no DAM cell; "
+                "leave it out of the LoraConfig (exclude_modules) or train it with modules_to_save"
+            )
+        owner_of[full] = (owner, full[len(block_names[owner]) + 1:])
+    types = list(dict.fromkeys(rel for _, rel in owner_of.values()))
+    preset = next((p for p in PRESETS if set(p.types) == set(types)), None)
+    family, labels = "custom", None
+    if preset is not None:
+        types, labels, family = list(preset.types), list(preset.labels), preset.family
+    rows = sorted({owner for owner, _ in owner_of.values()})
+    cell = {(owner, rel): full for full, (owner, rel) in owner_of.items()}
+    names: list[list[Optional[str]]] = []
+    costs: list[list[int]] = []
+    for i in rows:
+        names.append([cell.get((i, rel)) for rel in types])
+        costs.append([_lora_cost(layers[n].get_base_layer()) if n is not None else 0 for n in names[-1]])
+    return DAMGrid(layers=[block_names[i] for i in rows], types=types, labels=labels or _short_labels(types),
+                   names=names, param_costs=costs, family=family)

@@ -27,6 +27,7 @@ GATE_FORMS = ("sigmoid2", "sigmoid", "softmax")
 GATE_DECAYS = ("decoupled", "coupled")
 SEARCH_ORDERS = ("first", "second")
 RANK_ALLOCATIONS = ("none", "uniform", "proportional")
+HANDOFFS = ("restart", "continue")
 
 
 def __getattr__(name: str) -> Any:
@@ -340,6 +341,16 @@ class DiffoRAConfig:
             "False re-initialises both (PEFT's LoRA init, the head as before the search)."
         },
     )
+    handoff: str = field(
+        default="restart",
+        metadata={
+            "help": "How fine-tuning follows the search (ours): 'restart' = a separate fine-tune with its own LR "
+            "schedule and a fresh AdamW; 'continue' = the search is the first phase of fine-tuning: its weight steps "
+            "use the fine-tune's LR schedule, weight decay and clipping (--lr, not --search-lr), the kept modules "
+            "then continue with their AdamW state, and search + fine-tune take exactly the optimiser steps of a "
+            "LoRA-all fine-tune (needs weight_sharing and no rank_allocation)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Random seed (gate split, LoRA init, data order)."})
 
     def __post_init__(self) -> None:
@@ -393,6 +404,13 @@ class DiffoRAConfig:
                               ("ntk_normalization", NTK_NORMALIZATIONS)):
             value = getattr(self, name)
             need(isinstance(value, str) and value in allowed, f"{n(name)} must be one of {allowed}, got {value!r}")
+        need(isinstance(self.handoff, str) and self.handoff in HANDOFFS,
+             f"{n('handoff')} must be one of {HANDOFFS}, got {self.handoff!r}")
+        if self.handoff == "continue":  # the kept branches carry the search's weights and AdamW moments as they are
+            need(self.weight_sharing, f"{n('handoff')} continue needs {n('weight_sharing')}: the kept modules continue "
+                 "from the search's weights")
+            need(self.rank_allocation == "none", f"{n('handoff')} continue needs {n('rank_allocation')} none: a "
+                 "module whose rank changes has no optimiser state to continue with")
         need(
             not (self.target_types and self.target_modules),
             f"pass either {n('target_types')} or {n('target_modules')}, not both",

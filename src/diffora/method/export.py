@@ -59,8 +59,10 @@ def lora_config_for(
     """The plain ``LoraConfig`` a PEFT user would write by hand for this selection.
 
     ``ranks`` (budget concentration) gives modules their own rank: a ``rank_pattern`` with one exact key per
-    module, and an ``alpha_pattern`` that keeps every branch's scale ``alpha / r`` (so a wider branch starts as the
-    searched one and its extra directions learn at the same scale)."""
+    module and no ``alpha_pattern``. Every method keeps one alpha, so a module of rank ``r_m`` is scaled
+    ``alpha / r_m`` (PEFT's convention, and lora-matched's and EVA's): a wider branch does not also take larger
+    steps, which would confound its extra rank with a higher learning rate. Weight sharing still carries the
+    searched function over (:func:`diffora.select.ranks.transfer_lora_weights` rescales B)."""
     modules = list(selection.modules if isinstance(selection, Selection) else selection)
     if not modules:
         raise SearchStateError("the selection keeps no module; raise keep_ratio")
@@ -70,8 +72,7 @@ def lora_config_for(
         if unknown:
             raise SearchStateError(f"ranks are given for modules that are not kept: {unknown[:3]}")
         rank_pattern = rank_pattern_for(ranks, rank)
-        patterns = {"rank_pattern": rank_pattern,
-                    "alpha_pattern": {key: alpha * r / rank for key, r in rank_pattern.items()}}
+        patterns = {"rank_pattern": rank_pattern}
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,

@@ -20,6 +20,7 @@ LoRA's ``B`` starts at zero, so ``∂L/∂g`` (hence ``∂L/∂β``) is exactly 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -33,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, SearchStateError, TrainingError
-from .candidates import DAMGrid, detect_task_heads, find_candidates, uses_conv1d
+from .candidates import DAMGrid, detect_task_heads, find_adapter_candidates, find_candidates, uses_conv1d
 from .config import DiffoRAConfig
 from .diagnostics import search_diagnostics
 from .gates import DAMGates, GateHooks, new_gate_optimizer
@@ -118,10 +119,39 @@ class DAMSearch:
         device = model_device(model)
         # checked before PEFT touches the model, so a refused search leaves it as it was
         check_mixed_precision(mixed_precision, device)
-        self.config = config
         self.adapter_name = adapter_name
         self.loss_fn: LossFn = loss_fn or default_loss
         self.mixed_precision = mixed_precision
+        #: the search runs on the caller's own PeftModel (its LoraConfig decides the candidates), see attach
+        self.attached = isinstance(model, PeftModel)
+        if self.attached:
+            self._attach(model, config)
+        else:
+            self._inject(model, config)
+        self.gates = DAMGates(self.grid, config.gate, config.gate_init, config.temperature).to(
+            model_device(self.model))
+        self.hooks = GateHooks(self.model, self.grid, self.gates, adapter_name)
+        self.weight_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.weight_optimizer = torch.optim.AdamW(
+            self.weight_params, lr=config.weight_lr, weight_decay=config.weight_decay
+        )
+        self.gate_optimizer = new_gate_optimizer(self.gates, config)
+        # one scaler per step kind, as their losses differ
+        self.weight_scaler = new_scaler(mixed_precision, device)
+        self.gate_scaler = new_scaler(mixed_precision, device)
+        self.weight_steps = 0
+        self.gate_steps = 0
+        # 'taylor' score: the sum over gate steps of -g * dL_gate/dg per entry, and how many steps it holds
+        self.taylor_sum = torch.zeros_like(self.gates.beta, dtype=torch.float32)
+        self.taylor_steps = 0
+        # -dL_gate/dbeta summed over even and odd gate steps (disjoint gate batches): the kept-set stability check
+        self.gate_pull = torch.zeros((2, *self.gates.beta.shape), dtype=torch.float32, device=self.gates.beta.device)
+        self.history = SearchHistory()
+        self.exported = False
+
+    def _inject(self, model: nn.Module, config: DiffoRAConfig) -> None:
+        """LoRA of ``config``'s rank on every candidate of a plain model."""
+        self.config = config
         self.model_class = type(model).__name__
         self.grid: DAMGrid = find_candidates(model, config.target_types, config.target_modules)
         self.heads: list[str] = (
@@ -139,25 +169,36 @@ class DAMSearch:
         # Seed LoRA's random A init without disturbing the caller's global RNG stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.model: PeftModel = get_peft_model(model, lora_config, adapter_name=adapter_name)
-        self.gates = DAMGates(self.grid, config.gate, config.gate_init, config.temperature).to(
-            model_device(self.model))
-        self.hooks = GateHooks(self.model, self.grid, self.gates, adapter_name)
-        self.weight_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.weight_optimizer = torch.optim.AdamW(
-            self.weight_params, lr=config.weight_lr, weight_decay=config.weight_decay
-        )
-        self.gate_optimizer = new_gate_optimizer(self.gates, config)
-        # one scaler per step kind, as their losses differ
-        self.weight_scaler = new_scaler(mixed_precision, device)
-        self.gate_scaler = new_scaler(mixed_precision, device)
-        self.weight_steps = 0
-        self.gate_steps = 0
-        # 'taylor' score: the sum over gate steps of -g * dL_gate/dg per entry, and how many steps it holds
-        self.taylor_sum = torch.zeros_like(self.gates.beta, dtype=torch.float32)
-        self.taylor_steps = 0
-        self.history = SearchHistory()
-        self.exported = False
+            self.model: PeftModel = get_peft_model(model, lora_config, adapter_name=self.adapter_name)
+
+    def _attach(self, model: PeftModel, config: DiffoRAConfig) -> None:
+        """Search on the caller's PeftModel as it is: the candidates are the modules its adapter sits on, and its
+        LoraConfig's r / alpha / dropout (and rsLoRA, DoRA, init) are the search's. Nothing is copied."""
+        if self.adapter_name not in model.peft_config:
+            raise ConfigError(f"the PeftModel has no adapter named '{self.adapter_name}' "
+                              f"(it has {', '.join(model.peft_config)})")
+        lora = model.peft_config[self.adapter_name]
+        if not isinstance(lora, LoraConfig):
+            raise ConfigError(f"adapter '{self.adapter_name}' is a {type(lora).__name__}; DiffoRA searches LoRA")
+        if lora.rank_pattern or lora.alpha_pattern:
+            raise ConfigError("the LoraConfig has a rank_pattern/alpha_pattern: DiffoRA needs one rank r for all "
+                              "candidates to compare them")
+        if config.target_types is not None or config.target_modules is not None:
+            raise ConfigError("with a PeftModel the LoraConfig's target_modules decide the candidates: leave "
+                              "DiffoRAConfig.target_types / target_modules unset")
+        self.config = dataclasses.replace(config, rank=int(lora.r), alpha=float(lora.lora_alpha),
+                                          dropout=float(lora.lora_dropout))
+        self.model = model
+        base = model.get_base_model()
+        self.model_class = type(base).__name__
+        self.grid = find_adapter_candidates(base, self.adapter_name)
+        self.heads = list(lora.modules_to_save or [])
+        self.fan_in_fan_out = bool(lora.fan_in_fan_out)
+
+    #: an LR scheduler of ``weight_optimizer``, stepped after every weight step (None: a constant LR). The
+    #: 'continue' hand-off sets the fine-tune's schedule here (:func:`diffora.method.handoff.attach_schedule`), so
+    #: the search's weight steps are the fine-tune's first steps; saving its state is the caller's, like the loaders'.
+    weight_scheduler: Optional[Any] = None
 
     # ------------------------------------------------------------------ steps
     def weight_step(self, batch: StepBatch) -> float:
@@ -202,6 +243,8 @@ class DAMSearch:
             scaler.update()
         else:
             self.weight_optimizer.step()
+        if self.weight_scheduler is not None:
+            self.weight_scheduler.step()
         self.weight_steps += 1
         self.history.weight_losses.append(value)
         return value
@@ -254,17 +297,25 @@ class DAMSearch:
             sync_gradients([beta], "gate", self.gate_steps, code, value)
         if scaler is not None:
             scaler.unscale_(self.gate_optimizer)
-            self._add_taylor(beta.grad)  # unscaled, before the step moves the betas
+            self._accumulate(beta.grad)  # unscaled, before the step moves the betas
             scaler.step(self.gate_optimizer)  # skipped when the scaled gate gradient overflowed
             scaler.update()
         else:
             if not bool(torch.isfinite(beta.grad).all()):
                 raise TrainingError(gradient_message("gate", self.gate_steps))
-            self._add_taylor(beta.grad)
+            self._accumulate(beta.grad)
             self.gate_optimizer.step()
         self.gate_steps += 1
         self.history.gate_losses.append(value)
         return value
+
+    def _accumulate(self, grad: Optional[torch.Tensor]) -> None:
+        """Add a gate step's (unscaled, synced) beta gradient to the per-half pulls and the 'taylor' sums."""
+        if grad is None or not bool(torch.isfinite(grad).all()):
+            return
+        with torch.no_grad():
+            self.gate_pull[self.gate_steps % 2] -= torch.sign(grad.detach().float()).to(self.gate_pull.device)
+        self._add_taylor(grad)
 
     def _add_taylor(self, grad: Optional[torch.Tensor]) -> None:
         """Accumulate -g * dL/dg from the (unscaled, synced) beta gradient, at the current betas (call it before the
@@ -333,6 +384,12 @@ class DAMSearch:
         check_warmup(steps, warmup, error=SearchStateError, hint="raise steps or lower gate_warmup_steps")
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ConfigError(f"accumulation_steps must be a positive integer, got {accumulation_steps!r}")
+        if torch.is_autocast_enabled(model_device(self.model).type):
+            # autocast caches its casts of the LoRA weights until the outermost context exits, so every step of a
+            # search inside one context would read the weights as they were at its first forward (B stays 0)
+            raise ConfigError("the search was started inside torch.autocast, whose cast cache would hide every "
+                              "weight update from the later steps; start it outside autocast and pass "
+                              "mixed_precision='bf16' (or load the model in bfloat16) instead")
         weights, gates = _cycle(weight_data), _cycle(gate_data)
 
         def draw(batches: Iterator[Batch]) -> StepBatch:

@@ -27,6 +27,7 @@ def search_state(search: "DAMSearch") -> dict[str, Any]:
         "gate_steps": search.gate_steps,
         "taylor_sum": search.taylor_sum.detach().clone(),
         "taylor_steps": search.taylor_steps,
+        "gate_pull": search.gate_pull.detach().clone(),
         "history": {
             "weight_losses": list(search.history.weight_losses),
             "gate_losses": list(search.history.gate_losses),
@@ -62,6 +63,9 @@ def load_search_state(search: "DAMSearch", state: dict[str, Any]) -> None:
     search.taylor_sum = (taylor.to(search.taylor_sum.device, torch.float32).clone() if taylor is not None
                          else torch.zeros_like(search.taylor_sum))
     search.taylor_steps = int(state.get("taylor_steps", 0))
+    pull = state.get("gate_pull")  # absent in older states: the stability check then reads zeros (and says so)
+    search.gate_pull = (pull.to(search.gate_pull.device, torch.float32).clone() if pull is not None
+                        else torch.zeros_like(search.gate_pull))
     history = state.get("history", {})
     search.history = type(search.history)(
         list(history.get("weight_losses", [])),

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from ..method.parallel import model_device
 from ..errors import ConfigError, DataError, ModelError, TrainingError
 from .strategies import NTK_KERNELS
 from .strategies.ntk import ModuleKernels
@@ -70,7 +71,7 @@ def module_kernels(
         loss_fn = default_loss
     params = _lora_params(peft_model, modules, adapter_name)
     flat = [p for pair in params for p in pair]
-    device = _input_device(peft_model, flat[0].device)
+    device = model_device(peft_model)
 
     modes = {m: m.training for m in peft_model.modules()}
     needs_grad = [p.requires_grad for p in flat]
@@ -136,14 +137,6 @@ def _lora_params(model: nn.Module, modules: Sequence[str], adapter: str) -> list
             raise ModelError(f"module '{name}' has no LoRA adapter '{adapter}'")
         out.append((lora_a[adapter].weight, lora_b[adapter].weight))
     return out
-
-
-def _input_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    """Where the inputs go: the input embeddings' device (the first device of a model split across several)."""
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return fallback
 
 
 def _examples(batches: Iterable[Batch]) -> Iterator[Batch]:

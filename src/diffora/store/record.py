@@ -17,6 +17,7 @@ from ..method.candidates import DAMGrid
 from ..method.diagnostics import search_diagnostics
 from ..method.search import DAMSearch
 from ..select.quota import Selection
+from ..select.stability import half_agreement
 
 #: the ``format`` field of a record; :func:`search_record` writes it
 RECORD_FORMAT = "diffora.dam/1"
@@ -38,7 +39,7 @@ def search_record(search: DAMSearch, selection: Optional[Selection] = None, **ex
         "heads": search.heads,
         "weight_steps": search.weight_steps,
         "gate_steps": search.gate_steps,
-        "diagnostics": search_diagnostics(search),
+        "diagnostics": _diagnostics(search, selection),
         "history": {
             "weight_loss": history.weight_losses,
             "gate_loss": history.gate_losses,
@@ -49,6 +50,15 @@ def search_record(search: DAMSearch, selection: Optional[Selection] = None, **ex
         record["selection"] = selection.to_dict()
     record.update(extra)
     return record
+
+
+def _diagnostics(search: DAMSearch, selection: Optional[Selection]) -> dict[str, Any]:
+    """Gate spread and flat flag, plus the two-halves stability of the kept set; ``warning`` is the first problem."""
+    found = search_diagnostics(search)
+    if selection is not None:
+        found.update(half_agreement(search, selection.keep_ratio, selection.granularity))
+    found["warning"] = found.get("warning") or found.get("stability_warning")
+    return found
 
 
 def load_record(path: str | Path) -> dict:
