@@ -48,7 +48,7 @@ def test_every_run_records_the_ntk_diagnostic(data, tiny_bert_dir, tmp_path):
     # adding modules only adds PSD kernels: all candidates bound every subset from above
     assert 0 < ntk["lambda_min_selected"] <= ntk["lambda_min_all"]
     assert max(ntk["lambda_min_random"]) <= ntk["lambda_min_all"] * (1 + 1e-9)
-    assert record["config"]["selection_score"] == "movement"
+    assert record["config"]["selection_score"] == "gate"  # the default ranking; the diagnostic comes with any
 
 
 def test_ntk_selection_without_a_search(data, tiny_bert_dir, tmp_path):

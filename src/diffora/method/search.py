@@ -20,7 +20,6 @@ LoRA's ``B`` starts at zero, so ``∂L/∂g`` (hence ``∂L/∂β``) is exactly 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import itertools
 import logging
@@ -29,12 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, SearchStateError, TrainingError
-from .candidates import DAMGrid, detect_task_heads, find_adapter_candidates, find_candidates, uses_conv1d
 from .config import DiffoRAConfig
 from .diagnostics import search_diagnostics
 from .gates import DAMGates, GateHooks, new_gate_optimizer
@@ -51,6 +49,7 @@ from .precision import autocast, check_mixed_precision, new_scaler
 from .schedule import check_warmup, gate_warmup
 from .second_order import unrolled_gate_gradient
 from .state import load_search_state, search_state
+from .wrap import attach_lora, inject_lora
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +121,11 @@ class DAMSearch:
         self.adapter_name = adapter_name
         self.loss_fn: LossFn = loss_fn or default_loss
         self.mixed_precision = mixed_precision
-        #: the search runs on the caller's own PeftModel (its LoraConfig decides the candidates), see attach
+        #: the search runs on the caller's own PeftModel (its LoraConfig decides the candidates), see attach_lora
         self.attached = isinstance(model, PeftModel)
-        if self.attached:
-            self._attach(model, config)
-        else:
-            self._inject(model, config)
+        wrapped = (attach_lora if self.attached else inject_lora)(model, config, adapter_name)
+        self.model, self.config, self.grid = wrapped.model, wrapped.config, wrapped.grid
+        self.model_class, self.heads, self.fan_in_fan_out = wrapped.model_class, wrapped.heads, wrapped.fan_in_fan_out
         self.gates = DAMGates(self.grid, config.gate, config.gate_init, config.temperature).to(
             model_device(self.model))
         self.hooks = GateHooks(self.model, self.grid, self.gates, adapter_name)
@@ -148,52 +146,6 @@ class DAMSearch:
         self.gate_pull = torch.zeros((2, *self.gates.beta.shape), dtype=torch.float32, device=self.gates.beta.device)
         self.history = SearchHistory()
         self.exported = False
-
-    def _inject(self, model: nn.Module, config: DiffoRAConfig) -> None:
-        """LoRA of ``config``'s rank on every candidate of a plain model."""
-        self.config = config
-        self.model_class = type(model).__name__
-        self.grid: DAMGrid = find_candidates(model, config.target_types, config.target_modules)
-        self.heads: list[str] = (
-            list(config.modules_to_save) if config.modules_to_save is not None else detect_task_heads(model)
-        )
-        self.fan_in_fan_out = uses_conv1d(model, self.grid.module_names())
-        lora_config = LoraConfig(
-            r=config.rank,
-            lora_alpha=config.alpha,
-            lora_dropout=config.dropout,
-            target_modules=self.grid.module_names(),
-            modules_to_save=self.heads or None,
-            fan_in_fan_out=self.fan_in_fan_out,
-        )
-        # Seed LoRA's random A init without disturbing the caller's global RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.model: PeftModel = get_peft_model(model, lora_config, adapter_name=self.adapter_name)
-
-    def _attach(self, model: PeftModel, config: DiffoRAConfig) -> None:
-        """Search on the caller's PeftModel as it is: the candidates are the modules its adapter sits on, and its
-        LoraConfig's r / alpha / dropout (and rsLoRA, DoRA, init) are the search's. Nothing is copied."""
-        if self.adapter_name not in model.peft_config:
-            raise ConfigError(f"the PeftModel has no adapter named '{self.adapter_name}' "
-                              f"(it has {', '.join(model.peft_config)})")
-        lora = model.peft_config[self.adapter_name]
-        if not isinstance(lora, LoraConfig):
-            raise ConfigError(f"adapter '{self.adapter_name}' is a {type(lora).__name__}; DiffoRA searches LoRA")
-        if lora.rank_pattern or lora.alpha_pattern:
-            raise ConfigError("the LoraConfig has a rank_pattern/alpha_pattern: DiffoRA needs one rank r for all "
-                              "candidates to compare them")
-        if config.target_types is not None or config.target_modules is not None:
-            raise ConfigError("with a PeftModel the LoraConfig's target_modules decide the candidates: leave "
-                              "DiffoRAConfig.target_types / target_modules unset")
-        self.config = dataclasses.replace(config, rank=int(lora.r), alpha=float(lora.lora_alpha),
-                                          dropout=float(lora.lora_dropout))
-        self.model = model
-        base = model.get_base_model()
-        self.model_class = type(base).__name__
-        self.grid = find_adapter_candidates(base, self.adapter_name)
-        self.heads = list(lora.modules_to_save or [])
-        self.fan_in_fan_out = bool(lora.fan_in_fan_out)
 
     #: an LR scheduler of ``weight_optimizer``, stepped after every weight step (None: a constant LR). The
     #: 'continue' hand-off sets the fine-tune's schedule here (:func:`diffora.method.handoff.attach_schedule`), so
