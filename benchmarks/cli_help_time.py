@@ -30,8 +30,10 @@ def main() -> None:
     args = parser.parse_args()
     for argv in COMMANDS:
         times = wall_times(argv, args.runs)
-        print(f"diffora {' '.join(argv):<12} median {statistics.median(times):.2f} s "
-              f"(min {min(times):.2f}, max {max(times):.2f}, {args.runs} runs)")
+        print(
+            f"diffora {' '.join(argv):<12} median {statistics.median(times):.2f} s "
+            f"(min {min(times):.2f}, max {max(times):.2f}, {args.runs} runs)"
+        )
 
 
 if __name__ == "__main__":

@@ -59,17 +59,28 @@ class SavedBytes:
 
 def build(args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                                   num_attention_heads=4, num_key_value_heads=4, intermediate_size=args.hidden * 3,
-                                   max_position_embeddings=args.seq)
+    cfg = transformers.LlamaConfig(
+        vocab_size=1000,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=args.hidden * 3,
+        max_position_embeddings=args.seq,
+    )
     model = transformers.AutoModelForCausalLM.from_config(cfg)
-    return get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear",
-                                            use_rslora=True, task_type="CAUSAL_LM"))
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", use_rslora=True, task_type="CAUSAL_LM"
+        ),
+    )
 
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return storage_bytes(v for state in optimizer.state.values() for v in state.values()
-                         if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return storage_bytes(
+        v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
 
 
 def main() -> None:
@@ -100,26 +111,36 @@ def main() -> None:
     # the search, attached in place to the same kind of user PeftModel
     model = build(args).train()
     search = prepare_search(model, DiffoRAConfig(gate_warmup_steps=0, seed=0))
-    search_param_bytes = storage_bytes(list(model.parameters()) + list(model.buffers())
-                                       + list(search.gates.parameters()))
+    search_param_bytes = storage_bytes(
+        list(model.parameters()) + list(model.buffers()) + list(search.gates.parameters())
+    )
     with SavedBytes() as weight_saved:
         search.weight_step(batch)
     with SavedBytes() as gate_saved:
         search.gate_step(batch)
     acts = max(weight_saved.total(), gate_saved.total())
-    state = (storage_bytes(p.grad for p in search.weight_params if p.grad is not None)
-             + optimizer_bytes(search.weight_optimizer) + optimizer_bytes(search.gate_optimizer)
-             + search.gates.beta.numel() * search.gates.beta.element_size())
+    state = (
+        storage_bytes(p.grad for p in search.weight_params if p.grad is not None)
+        + optimizer_bytes(search.weight_optimizer)
+        + optimizer_bytes(search.gate_optimizer)
+        + search.gates.beta.numel() * search.gates.beta.element_size()
+    )
     peak = search_param_bytes + state + acts
     mib = 1 / 2**20
     print(f"model: {args.layers} layers x hidden {args.hidden}, seq {args.seq}, batch {args.batch}, r={args.rank}")
     print(f"{'':24}{'params':>10}{'train state':>13}{'activations':>13}{'peak':>10}  (MiB)")
-    print(f"{'LoRA-all step':24}{param_bytes * mib:10.1f}{base_state * mib:13.1f}{base_acts * mib:13.1f}"
-          f"{baseline * mib:10.1f}")
-    print(f"{'narrow_lora search step':24}{search_param_bytes * mib:10.1f}{state * mib:13.1f}{acts * mib:13.1f}"
-          f"{peak * mib:10.1f}")
-    print(f"ratio search / LoRA-all = {peak / baseline:.3f} (bound 1.1); model copies: "
-          f"{search_param_bytes / param_bytes - 1:.3f}x extra parameter bytes")
+    print(
+        f"{'LoRA-all step':24}{param_bytes * mib:10.1f}{base_state * mib:13.1f}{base_acts * mib:13.1f}"
+        f"{baseline * mib:10.1f}"
+    )
+    print(
+        f"{'narrow_lora search step':24}{search_param_bytes * mib:10.1f}{state * mib:13.1f}{acts * mib:13.1f}"
+        f"{peak * mib:10.1f}"
+    )
+    print(
+        f"ratio search / LoRA-all = {peak / baseline:.3f} (bound 1.1); model copies: "
+        f"{search_param_bytes / param_bytes - 1:.3f}x extra parameter bytes"
+    )
 
 
 if __name__ == "__main__":

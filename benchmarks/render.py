@@ -36,14 +36,29 @@ from diffora.evaluation.metrics import higher_is_better  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 TASK_ORDER = ["mrpc", "tweets", "sst2"]
 METHOD_ORDER = [
-    "diffora_rho0.25", "diffora_rho0.5", "diffora_rho0.75", "random_rho0.25", "random_rho0.5", "random_ws", "lora_all_r8",
-    "lora_all_matched", "lora_qv_r8", "adalora", "full_ft",
+    "diffora_rho0.25",
+    "diffora_rho0.5",
+    "diffora_rho0.75",
+    "random_rho0.25",
+    "random_rho0.5",
+    "random_ws",
+    "lora_all_r8",
+    "lora_all_matched",
+    "lora_qv_r8",
+    "adalora",
+    "full_ft",
 ]
 LABELS = {
-    "diffora_rho0.25": "DiffoRA ρ=0.25", "diffora_rho0.5": "**DiffoRA ρ=0.5** (default)",
-    "diffora_rho0.75": "DiffoRA ρ=0.75", "random_rho0.25": "random ρ=0.25", "random_rho0.5": "random ρ=0.5",
-    "lora_all_r8": "LoRA all, r=8", "lora_all_matched": "LoRA all, budget-matched r", "lora_qv_r8": "LoRA q,v, r=8",
-    "adalora": "AdaLoRA (final rank budget = ρ 0.5)", "full_ft": "full fine-tuning",
+    "diffora_rho0.25": "DiffoRA ρ=0.25",
+    "diffora_rho0.5": "**DiffoRA ρ=0.5** (default)",
+    "diffora_rho0.75": "DiffoRA ρ=0.75",
+    "random_rho0.25": "random ρ=0.25",
+    "random_rho0.5": "random ρ=0.5",
+    "lora_all_r8": "LoRA all, r=8",
+    "lora_all_matched": "LoRA all, budget-matched r",
+    "lora_qv_r8": "LoRA q,v, r=8",
+    "adalora": "AdaLoRA (final rank budget = ρ 0.5)",
+    "full_ft": "full fine-tuning",
     "random_ws": "random ρ=0.5, warm start (search's weights)",
 }
 TARGET_FRACTION = 0.98
@@ -56,8 +71,9 @@ def load_results(folder: Path, include_quick: bool) -> list[dict]:
     out = []
     old = [p for p in sorted(folder.glob("*.json")) if not (folder / p.stem / "results.json").exists()]
     # the fair suites and the SmolLM2 suite (issue 14) render in their own sections, not as issue-4 main suites
-    for path in old + sorted(p for p in folder.glob("*/results.json")
-                             if not p.parent.name.startswith(("fair", "smollm2"))):
+    for path in old + sorted(
+        p for p in folder.glob("*/results.json") if not p.parent.name.startswith(("fair", "smollm2"))
+    ):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -74,12 +90,23 @@ def load_results(folder: Path, include_quick: bool) -> list[dict]:
 
 
 #: compare method families -> the harness's method names (the ablation suite names DiffoRA variants by what they change)
-_OLD_NAMES = {"random-ws": "random_ws", "lora-matched": "lora_all_matched", "adalora": "adalora", "full": "full_ft",
-              "eva": "eva"}
-_ABLATION_NAMES = {("granularity", "global"): "global", ("granularity", "budget"): "budget",
-                   ("weight_sharing", False): "re-init", ("selection_score", "gate"): "score=gate",
-                   ("selection_score", "movement"): "score=movement", ("selection_score", "signed"): "score=signed",
-                   ("gate", "softmax"): "softmax", ("order", "second"): "second_order"}
+_OLD_NAMES = {
+    "random-ws": "random_ws",
+    "lora-matched": "lora_all_matched",
+    "adalora": "adalora",
+    "full": "full_ft",
+    "eva": "eva",
+}
+_ABLATION_NAMES = {
+    ("granularity", "global"): "global",
+    ("granularity", "budget"): "budget",
+    ("weight_sharing", False): "re-init",
+    ("selection_score", "gate"): "score=gate",
+    ("selection_score", "movement"): "score=movement",
+    ("selection_score", "signed"): "score=signed",
+    ("gate", "softmax"): "softmax",
+    ("order", "second"): "second_order",
+}
 
 
 def harness_name(method: dict, options: dict, ablations: bool) -> str:
@@ -90,8 +117,13 @@ def harness_name(method: dict, options: dict, ablations: bool) -> str:
     rho = over.get("keep_ratio", options["keep_ratio"])
     if family == "diffora" and ablations:
         over.pop("keep_ratio", None)
-        parts = [_ABLATION_NAMES.get((k, v), f"zero_one_{v}" if k == "zero_one_weight" else
-                                     f"{k}_{v:g}" if isinstance(v, float) else f"{k}_{v}") for k, v in over.items()]
+        parts = [
+            _ABLATION_NAMES.get(
+                (k, v),
+                f"zero_one_{v}" if k == "zero_one_weight" else f"{k}_{v:g}" if isinstance(v, float) else f"{k}_{v}",
+            )
+            for k, v in over.items()
+        ]
         name = f"diffora[{','.join(parts) or 'default'}]"
     elif family == "diffora" and set(over) <= {"keep_ratio"}:
         name = f"diffora_rho{rho}"
@@ -120,36 +152,76 @@ def from_compare(res: dict, path: Path) -> dict:
         if rec.get("family") == "lora-matched" and rec.get("matched_ranks"):
             run["rank"] = "/".join(map(str, rec["matched_ranks"]))
         runs.append(run)
-    searches = [dict(rec, variant=rec.get("label", "default")) for jid, rec in sorted(res["jobs"].items())
-                if rec.get("kind") == "search" and "error" not in rec and jid in _searches_of(res)]
+    searches = [
+        dict(rec, variant=rec.get("label", "default"))
+        for jid, rec in sorted(res["jobs"].items())
+        if rec.get("kind") == "search" and "error" not in rec and jid in _searches_of(res)
+    ]
     default = next((x for x in searches if x["variant"] == "default"), searches[0] if searches else None)
-    errors = [{"method": names.get(r.get("key", {}).get("label"), r.get("id")), "seed": r.get("key", {}).get("seed"),
-               "error": r["error"]} for jid, r in res["jobs"].items() if "error" in r and jid in res.get("plan", [])]
+    errors = [
+        {
+            "method": names.get(r.get("key", {}).get("label"), r.get("id")),
+            "seed": r.get("key", {}).get("seed"),
+            "error": r["error"],
+        }
+        for jid, r in res["jobs"].items()
+        if "error" in r and jid in res.get("plan", [])
+    ]
     machine = dict(res["machine"])
     machine["load_average_at_start"] = machine.get("load_average_at_start") or [float("nan")] * 3
     return {
-        "format": "diffora.benchmark/1", "task": data["task"], "suite": "ablations" if ablations else "main",
-        "quick": False, "name": path.parent.name, "command": res["command"], "started": res["started"],
-        "wall_seconds": res.get("wall_seconds", 0.0), "machine": machine, "versions": res["versions"],
-        "budget": {"task": data["task"], "train_rows": opts.get("max_train_samples"),
-                   "eval_rows": opts.get("max_eval_samples"), "epochs": opts["epochs"],
-                   "max_length": opts["max_length"], "batch_size": opts["batch_size"],
-                   "eval_batch_size": opts["eval_batch_size"], "eval_points": settings["eval_points"],
-                   "lr": opts["lr"], "full_lr": settings["full_lr"], "adalora_lr": settings["adalora_lr"],
-                   "warmup_ratio": opts["warmup_ratio"], "rank": opts["rank"], "alpha": opts["alpha"],
-                   "model": opts["model"], "holdout_rows": data.get("holdout_rows"),
-                   "search_steps": opts["search_steps"], "gate_warmup_steps": opts["gate_warmup_steps"]},
+        "format": "diffora.benchmark/1",
+        "task": data["task"],
+        "suite": "ablations" if ablations else "main",
+        "quick": False,
+        "name": path.parent.name,
+        "command": res["command"],
+        "started": res["started"],
+        "wall_seconds": res.get("wall_seconds", 0.0),
+        "machine": machine,
+        "versions": res["versions"],
+        "budget": {
+            "task": data["task"],
+            "train_rows": opts.get("max_train_samples"),
+            "eval_rows": opts.get("max_eval_samples"),
+            "epochs": opts["epochs"],
+            "max_length": opts["max_length"],
+            "batch_size": opts["batch_size"],
+            "eval_batch_size": opts["eval_batch_size"],
+            "eval_points": settings["eval_points"],
+            "lr": opts["lr"],
+            "full_lr": settings["full_lr"],
+            "adalora_lr": settings["adalora_lr"],
+            "warmup_ratio": opts["warmup_ratio"],
+            "rank": opts["rank"],
+            "alpha": opts["alpha"],
+            "model": opts["model"],
+            "holdout_rows": data.get("holdout_rows"),
+            "search_steps": opts["search_steps"],
+            "gate_warmup_steps": opts["gate_warmup_steps"],
+        },
         "seeds": settings["seeds"],
-        "data": {"train_rows": data["train_rows"], "eval_rows": data["eval_rows"], "kind": data["kind"],
-                 "metrics": data["metrics"], "main_metric": data["main_metric"],
-                 "eval_set": "held-out split of train" if ablations else "dev/test",
-                 "majority_baseline": data.get("majority_baseline") or {},
-                 "finetune_steps": data["finetune_steps"],
-                 "search_steps": default["steps"] if default else None,
-                 "search_warmup_steps": default["config"]["gate_warmup_steps"] if default else None},
-        "timing": res.get("timing"), "searches": searches, "runs": runs, "errors": errors,
-        "skipped": [{"method": names.get(j.rsplit("@seed", 1)[0], j), "seed": int(j.rsplit("@seed", 1)[1])}
-                    for j in res.get("skipped", []) if "@seed" in j and not j.startswith(("search", "tune:"))],
+        "data": {
+            "train_rows": data["train_rows"],
+            "eval_rows": data["eval_rows"],
+            "kind": data["kind"],
+            "metrics": data["metrics"],
+            "main_metric": data["main_metric"],
+            "eval_set": "held-out split of train" if ablations else "dev/test",
+            "majority_baseline": data.get("majority_baseline") or {},
+            "finetune_steps": data["finetune_steps"],
+            "search_steps": default["steps"] if default else None,
+            "search_warmup_steps": default["config"]["gate_warmup_steps"] if default else None,
+        },
+        "timing": res.get("timing"),
+        "searches": searches,
+        "runs": runs,
+        "errors": errors,
+        "skipped": [
+            {"method": names.get(j.rsplit("@seed", 1)[0], j), "seed": int(j.rsplit("@seed", 1)[1])}
+            for j in res.get("skipped", [])
+            if "@seed" in j and not j.startswith(("search", "tune:"))
+        ],
     }
 
 
@@ -264,8 +336,11 @@ def paired(report: dict, a: str, b: str) -> Optional[dict]:
     if a not in groups or b not in groups:
         return None
     m = main_metric(report)
-    return shared.paired_stats({r["seed"]: r["final"][m] for r in groups[a]},
-                               {r["seed"]: r["final"][m] for r in groups[b]}, higher_is_better=m != "perplexity")
+    return shared.paired_stats(
+        {r["seed"]: r["final"][m] for r in groups[a]},
+        {r["seed"]: r["final"][m] for r in groups[b]},
+        higher_is_better=m != "perplexity",
+    )
 
 
 def jaccard(a: list[str], b: list[str]) -> float:
@@ -282,10 +357,18 @@ def selection_stability(report: dict, method: str) -> Optional[float]:
 
 # ----------------------------------------------------------------------------------------------- plots
 COLORS = {
-    "diffora_rho0.25": "#08519c", "diffora_rho0.5": "#3182bd", "diffora_rho0.75": "#9ecae1",
-    "random_rho0.25": "#a50f15", "random_rho0.5": "#fb6a4a", "lora_all_r8": "#000000",
-    "lora_all_matched": "#737373", "lora_qv_r8": "#31a354", "adalora": "#756bb1", "full_ft": "#e6550d",
-    "random_ws": "#8c510a", "eva": "#d95f0e",
+    "diffora_rho0.25": "#08519c",
+    "diffora_rho0.5": "#3182bd",
+    "diffora_rho0.75": "#9ecae1",
+    "random_rho0.25": "#a50f15",
+    "random_rho0.5": "#fb6a4a",
+    "lora_all_r8": "#000000",
+    "lora_all_matched": "#737373",
+    "lora_qv_r8": "#31a354",
+    "adalora": "#756bb1",
+    "full_ft": "#e6550d",
+    "random_ws": "#8c510a",
+    "eva": "#d95f0e",
 }
 
 
@@ -295,17 +378,31 @@ def _ordered_groups(report: dict) -> dict[str, list[dict]]:
 
 
 def plot_params(reports: list[dict], path: Path) -> Path:
-    panels = [{"title": r["task"], "groups": _ordered_groups(r), "metric": main_metric(r),
-               "baseline": r["data"]["majority_baseline"].get(main_metric(r)),
-               "ylabel": f"dev {main_metric(r)} (mean ± std over seeds)"} for r in reports]
+    panels = [
+        {
+            "title": r["task"],
+            "groups": _ordered_groups(r),
+            "metric": main_metric(r),
+            "baseline": r["data"]["majority_baseline"].get(main_metric(r)),
+            "ylabel": f"dev {main_metric(r)} (mean ± std over seeds)",
+        }
+        for r in reports
+    ]
     return shared.plot_score_vs_params(panels, path, colors=COLORS)
 
 
 def plot_curves(report: dict, path: Path) -> Path:
     m = main_metric(report)
-    return shared.plot_curves(_ordered_groups(report), m, path, title=f"{report['task']}: learning curves",
-                              baseline=report["data"]["majority_baseline"].get(m), target=target_value(report),
-                              target_label=f"target = {TARGET_FRACTION:.0%} of LoRA-all final", colors=COLORS)
+    return shared.plot_curves(
+        _ordered_groups(report),
+        m,
+        path,
+        title=f"{report['task']}: learning curves",
+        baseline=report["data"]["majority_baseline"].get(m),
+        target=target_value(report),
+        target_label=f"target = {TARGET_FRACTION:.0%} of LoRA-all final",
+        colors=COLORS,
+    )
 
 
 def plot_heatmap(report: dict, path: Path) -> Optional[Path]:
@@ -315,8 +412,12 @@ def plot_heatmap(report: dict, path: Path) -> Optional[Path]:
     if not searches:
         return None
     s = searches[0]
-    return plot_dam(s["record"], path, title=f"{report['task']}: learned DAM, seed {s['seed']} "
-                                              f"({s['steps']} search iterations, {s['gate_steps']} gate steps)")
+    return plot_dam(
+        s["record"],
+        path,
+        title=f"{report['task']}: learned DAM, seed {s['seed']} "
+        f"({s['steps']} search iterations, {s['gate_steps']} gate steps)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- markdown
@@ -325,9 +426,11 @@ def rel(path: Path, out: Path) -> str:
 
 
 def budget_table(reports: list[dict]) -> list[str]:
-    lines = ["| task | train rows | eval rows (set) | epochs | fine-tune steps | max len | batch | LR (LoRA / full / AdaLoRA) | "
-             "search iterations (warm-up) | seeds | majority baseline |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | train rows | eval rows (set) | epochs | fine-tune steps | max len | batch | LR (LoRA / full / AdaLoRA) | "  # noqa: E501
+        "search iterations (warm-up) | seeds | majority baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in reports:
         b, d = r["budget"], r["data"]
         m = main_metric(r)
@@ -335,8 +438,9 @@ def budget_table(reports: list[dict]) -> list[str]:
         lines.append(
             f"| {r['task']}{' (ablations)' if r['suite'] == 'ablations' else ''} | {d['train_rows']:,} | "
             f"{d['eval_rows']:,} ({d['eval_set']}) | {b['epochs']:g} | {d['finetune_steps']} | {b['max_length']} | "
-            f"{b['batch_size']} | {b['lr']:g} / {b['full_lr']:g} / {ada} | {d['search_steps']} ({d['search_warmup_steps']}) | "
-            f"{', '.join(map(str, r['seeds']))} | {m} {fmt(d['majority_baseline'].get(m))} |")
+            f"{b['batch_size']} | {b['lr']:g} / {b['full_lr']:g} / {ada} | {d['search_steps']} ({d['search_warmup_steps']}) | "  # noqa: E501
+            f"{', '.join(map(str, r['seeds']))} | {m} {fmt(d['majority_baseline'].get(m))} |"
+        )
     return lines
 
 
@@ -346,8 +450,10 @@ def results_table(report: dict) -> list[str]:
     target = target_value(report)
     ref = groups.get(f"lora_all_r{report['budget']['rank']}")
     ref_params = mean([r["trainable_params"] for r in ref]) if ref else None
-    head = (f"| method | kept modules | rank | trainable params | % of LoRA-all | {m} |{' ' + m2 + ' |' if m2 else ''} "
-            f"steps to target | search s | fine-tune s | (search+ft) / LoRA-all ft | peak RSS MiB |")
+    head = (
+        f"| method | kept modules | rank | trainable params | % of LoRA-all | {m} |{' ' + m2 + ' |' if m2 else ''} "
+        f"steps to target | search s | fine-tune s | (search+ft) / LoRA-all ft | peak RSS MiB |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for method in ordered(groups):
         runs = groups[method]
@@ -361,36 +467,49 @@ def results_table(report: dict) -> list[str]:
         med, reached, n = steps_summary(runs, m, target)
         search = median([r.get("search_seconds") for r in runs]) if runs[0].get("search_seconds") else None
         lines.append(
-            f"| {LABELS.get(method, method)} | {fmt(kept, 1) if kept is not None else 'all'} | {rank} | {human(params)} | "
+            f"| {LABELS.get(method, method)} | {fmt(kept, 1) if kept is not None else 'all'} | {rank} | {human(params)} | "  # noqa: E501
             f"{fmt(100 * params / ref_params, 1) if ref_params else '—'} | {pm([r['final'][m] for r in runs])} | "
             + (f"{pm([r['final'].get(m2) for r in runs])} | " if m2 else "")
             + f"{fmt_steps(med, reached, n)} | {fmt(search, 0) if search is not None else '—'} | "
             f"{fmt(median([r['finetune_seconds'] for r in runs]), 0)} | {fmt(wall_ratio(report, runs), 2)} | "
-            f"{fmt(max(r['peak_rss_mib'] for r in runs), 0)} |")
+            f"{fmt(max(r['peak_rss_mib'] for r in runs), 0)} |"
+        )
     return lines
 
 
 def paired_table(report: dict, rhos=(0.25, 0.5)) -> list[str]:
-    lines = ["| comparison (same seeds) | per-seed differences | mean diff | std of diff | wins | "
-             "mean A − mean B | max(seed std A, seed std B) | A > B by more than the seed std? |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| comparison (same seeds) | per-seed differences | mean diff | std of diff | wins | "
+        "mean A − mean B | max(seed std A, seed std B) | A > B by more than the seed std? |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     comps = [(f"diffora_rho{r}", f"random_rho{r}") for r in rhos]
-    comps += [("diffora_rho0.5", "random_ws"), ("diffora_rho0.5", "adalora"), ("diffora_rho0.5", "lora_all_matched"), ("diffora_rho0.5", "lora_all_r8"),
-              ("diffora_rho0.25", "lora_qv_r8")]
+    comps += [
+        ("diffora_rho0.5", "random_ws"),
+        ("diffora_rho0.5", "adalora"),
+        ("diffora_rho0.5", "lora_all_matched"),
+        ("diffora_rho0.5", "lora_all_r8"),
+        ("diffora_rho0.25", "lora_qv_r8"),
+    ]
     for a, b in comps:
         p = paired(report, a, b)
         if p is None:
             continue
-        lines.append(f"| {a} vs {b} | {', '.join(f'{d:+.3f}' for d in p['diffs'])} | {p['mean_diff']:+.3f} | "
-                     f"{fmt(p['std_diff'])} | {p['wins']}/{len(p['diffs'])} | {p['margin']:+.3f} | {fmt(p['max_std'])} | "
-                     f"{('yes' if p['holds'] else 'no') if p['testable'] else 'not testable (1 seed)'} |")
+        lines.append(
+            f"| {a} vs {b} | {', '.join(f'{d:+.3f}' for d in p['diffs'])} | {p['mean_diff']:+.3f} | "
+            f"{fmt(p['std_diff'])} | {p['wins']}/{len(p['diffs'])} | {p['margin']:+.3f} | {fmt(p['max_std'])} | "
+            f"{('yes' if p['holds'] else 'no') if p['testable'] else 'not testable (1 seed)'} |"
+        )
     return lines
 
 
 def timing_lines(reports: list[dict]) -> list[str]:
-    lines = ["| task | PEFT LoRA step s | plain fwd+bwd s | DiffoRA weight step s | DiffoRA gate step s | "
-             "search iteration s | final (ρ=0.5) step s | search it. / LoRA step | search it. / (LoRA step + gate step) | "
-             "search it. / (LoRA step + fwd+bwd) | final step / LoRA step |", "|" + "---|" * 11]
+    lines = [
+        "| task | PEFT LoRA step s | plain fwd+bwd s | DiffoRA weight step s | DiffoRA gate step s | "
+        "search iteration s | final (ρ=0.5) step s | search it. / LoRA step | search it. / (LoRA step + gate step) | "
+        "search it. / (LoRA step + fwd+bwd) | final step / LoRA step |",
+        "|" + "---|" * 11,
+    ]
     for r in reports:
         t = r.get("timing")
         if not t or "error" in t:
@@ -399,8 +518,9 @@ def timing_lines(reports: list[dict]) -> list[str]:
         lines.append(
             f"| {r['task']} | {med['lora_step']:.3f} | {med['fwd_bwd']:.3f} | {med['weight_step']:.3f} | "
             f"{med['gate_step']:.3f} | {med['search_iteration']:.3f} | {med['final_step']:.3f} | "
-            f"{ra['search_iteration_over_lora_step']:.2f} | {ra['search_iteration_over_lora_step_plus_gate_step']:.2f} | "
-            f"{ra['search_iteration_over_lora_step_plus_fwd_bwd']:.2f} | {ra['final_step_over_lora_step']:.2f} |")
+            f"{ra['search_iteration_over_lora_step']:.2f} | {ra['search_iteration_over_lora_step_plus_gate_step']:.2f} | "  # noqa: E501
+            f"{ra['search_iteration_over_lora_step_plus_fwd_bwd']:.2f} | {ra['final_step_over_lora_step']:.2f} |"
+        )
     return lines
 
 
@@ -425,16 +545,24 @@ def targets(reports: list[dict]) -> list[str]:
         for rho in (0.25, 0.5):
             d = g.get(f"diffora_rho{rho}")
             if d:
-                rows.append((r["task"], rho, mean([x["final"][m] for x in d]) - mean([x["final"][m] for x in ref]),
-                             mean([x["trainable_params"] for x in d]) / mean([x["trainable_params"] for x in ref])))
+                rows.append(
+                    (
+                        r["task"],
+                        rho,
+                        mean([x["final"][m] for x in d]) - mean([x["final"][m] for x in ref]),
+                        mean([x["trainable_params"] for x in d]) / mean([x["trainable_params"] for x in ref]),
+                    )
+                )
     for rho in (0.5, 0.25):
         sel = [x for x in rows if x[1] == rho]
         if sel:
             gap, ratio = mean([x[2] for x in sel]), mean([x[3] for x in sel])
             per = "; ".join(f"{t} {g:+.3f} at {100 * q:.0f}%" for t, _, g, q in sel)
-            lines.append(f"1. *DiffoRA ≥ LoRA-all at ≤ 60% of its trainable parameters (mean over tasks)*, ρ={rho}: "
-                         f"mean score gap {gap:+.3f} at {100 * ratio:.0f}% of the parameters ({per}) → "
-                         f"{verdict(gap >= 0 and ratio <= 0.6)}.")
+            lines.append(
+                f"1. *DiffoRA ≥ LoRA-all at ≤ 60% of its trainable parameters (mean over tasks)*, ρ={rho}: "
+                f"mean score gap {gap:+.3f} at {100 * ratio:.0f}% of the parameters ({per}) → "
+                f"{verdict(gap >= 0 and ratio <= 0.6)}."
+            )
     # 2. DiffoRA > random at the same rho by more than the seed std; the warm-start control (not in the issue) after it
     for rho, control in ((0.5, "random_rho0.5"), (0.25, "random_rho0.25"), (0.5, "random_ws")):
         parts, oks = [], []
@@ -442,19 +570,31 @@ def targets(reports: list[dict]) -> list[str]:
             p = paired(r, f"diffora_rho{rho}", control)
             if p:
                 n = len(p["diffs"])
-                parts.append(f"{r['task']} {p['margin']:+.3f} vs std {fmt(p['max_std'])} (wins {p['wins']}/{n} paired seeds)")
+                parts.append(
+                    f"{r['task']} {p['margin']:+.3f} vs std {fmt(p['max_std'])} (wins {p['wins']}/{n} paired seeds)"
+                )
                 if p["testable"]:
                     oks.append(p["holds"])
         if parts:
-            v = ("**not testable** (fewer than 2 paired seeds)" if not oks
-                 else f"**holds on {sum(oks)}/{len(oks)} testable task(s)** (the others have < 2 paired seeds)"
-                 if len(oks) < len(parts) else verdict(all(oks)) if all(oks) or not any(oks)
-                 else f"**holds on {sum(oks)}/{len(oks)} tasks**")
-            what = ("random selection" if control.startswith("random_rho") else
-                    "random selection with the same warm start (`random_ws`: random modules exported from the same "
-                    "search, with its weights; our control, not one of the issue's targets)")
-            lines.append(f"2. *DiffoRA > {what} at ρ={rho} by more than the seed std* (means and stds over the "
-                         f"seeds both ran): {'; '.join(parts)} → {v}.")
+            v = (
+                "**not testable** (fewer than 2 paired seeds)"
+                if not oks
+                else f"**holds on {sum(oks)}/{len(oks)} testable task(s)** (the others have < 2 paired seeds)"
+                if len(oks) < len(parts)
+                else verdict(all(oks))
+                if all(oks) or not any(oks)
+                else f"**holds on {sum(oks)}/{len(oks)} tasks**"
+            )
+            what = (
+                "random selection"
+                if control.startswith("random_rho")
+                else "random selection with the same warm start (`random_ws`: random modules exported from the same "
+                "search, with its weights; our control, not one of the issue's targets)"
+            )
+            lines.append(
+                f"2. *DiffoRA > {what} at ρ={rho} by more than the seed std* (means and stds over the "
+                f"seeds both ran): {'; '.join(parts)} → {v}."
+            )
     # 3. steps to target
     parts, oks = [], []
     for r in main:
@@ -468,23 +608,30 @@ def targets(reports: list[dict]) -> list[str]:
         oks.append(ok)
         parts.append(f"{r['task']}: DiffoRA {fmt_steps(*d)}, LoRA-all {fmt_steps(*l)}, random {fmt_steps(*rnd)}")
     if parts:
-        lines.append(f"3. *DiffoRA (ρ=0.5) reaches {TARGET_FRACTION:.0%} of LoRA-all's final score in fewer fine-tuning "
-                     f"steps than LoRA-all and random* (median steps, seeds that reached it; DiffoRA's steps do not count "
-                     f"its search iterations): {'; '.join(parts)} → "
-                     f"{verdict(all(oks)) if all(oks) or not any(oks) else f'**holds on {sum(oks)}/{len(oks)} tasks**'}.")
+        lines.append(
+            f"3. *DiffoRA (ρ=0.5) reaches {TARGET_FRACTION:.0%} of LoRA-all's final score in fewer fine-tuning "
+            f"steps than LoRA-all and random* (median steps, seeds that reached it; DiffoRA's steps do not count "
+            f"its search iterations): {'; '.join(parts)} → "
+            f"{verdict(all(oks)) if all(oks) or not any(oks) else f'**holds on {sum(oks)}/{len(oks)} tasks**'}."
+        )
     # 4. AdaLoRA
     parts, oks = [], []
     for r in main:
         p = paired(r, "diffora_rho0.5", "adalora")
         if p:
             oks.append(p["margin"] >= 0)
-            parts.append(f"{r['task']} {p['margin']:+.3f} (seed std {fmt(p['max_std'])}, {len(p['diffs'])} paired seeds)")
+            parts.append(
+                f"{r['task']} {p['margin']:+.3f} (seed std {fmt(p['max_std'])}, {len(p['diffs'])} paired seeds)"
+            )
     if not parts:
-        lines.append("4. *DiffoRA ≥ AdaLoRA at a matched final budget*: AdaLoRA did not run in these results → "
-                     "**not measured**.")
+        lines.append(
+            "4. *DiffoRA ≥ AdaLoRA at a matched final budget*: AdaLoRA did not run in these results → **not measured**."
+        )
     if parts:
-        lines.append(f"4. *DiffoRA ≥ AdaLoRA at a matched final budget*: {'; '.join(parts)} → "
-                     f"{verdict(all(oks)) if all(oks) or not any(oks) else f'**holds on {sum(oks)}/{len(oks)} tasks**'}.")
+        lines.append(
+            f"4. *DiffoRA ≥ AdaLoRA at a matched final budget*: {'; '.join(parts)} → "
+            f"{verdict(all(oks)) if all(oks) or not any(oks) else f'**holds on {sum(oks)}/{len(oks)} tasks**'}."
+        )
     # 5. wall time
     parts, oks = [], []
     for r in main:
@@ -494,9 +641,11 @@ def targets(reports: list[dict]) -> list[str]:
             oks.append(w <= 1.3)
             parts.append(f"{r['task']} {w:.2f}×")
     if parts:
-        lines.append(f"5. *search + fine-tune wall ≤ 1.3× LoRA-all fine-tune wall* (median over seeds, evaluation time "
-                     f"excluded): {'; '.join(parts)} → "
-                     f"{verdict(all(oks)) if all(oks) or not any(oks) else f'**holds on {sum(oks)}/{len(oks)} tasks**'}.")
+        lines.append(
+            f"5. *search + fine-tune wall ≤ 1.3× LoRA-all fine-tune wall* (median over seeds, evaluation time "
+            f"excluded): {'; '.join(parts)} → "
+            f"{verdict(all(oks)) if all(oks) or not any(oks) else f'**holds on {sum(oks)}/{len(oks)} tasks**'}."
+        )
     # 6. search step
     parts, oks = [], []
     for r in main:
@@ -507,9 +656,11 @@ def targets(reports: list[dict]) -> list[str]:
             oks.append(a <= 1.1)
             parts.append(f"{r['task']} {a:.2f}× (against DiffoRA's own gate step: {b:.2f}×)")
     if parts:
-        lines.append(f"6. *search iteration ≤ 1.1× (PEFT LoRA step + gate step)*, the gate step's reference cost being a "
-                     f"plain forward+backward of the PEFT model: {'; '.join(parts)} → "
-                     f"{verdict(all(oks)) if all(oks) or not any(oks) else f'**holds on {sum(oks)}/{len(oks)} tasks**'}.")
+        lines.append(
+            f"6. *search iteration ≤ 1.1× (PEFT LoRA step + gate step)*, the gate step's reference cost being a "
+            f"plain forward+backward of the PEFT model: {'; '.join(parts)} → "
+            f"{verdict(all(oks)) if all(oks) or not any(oks) else f'**holds on {sum(oks)}/{len(oks)} tasks**'}."
+        )
     return lines
 
 
@@ -520,37 +671,58 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
     rho = next((r["rho"] for r in report["runs"] if r.get("rho")), None)
     lr_sweep = bool(groups) and all("[lr=" in k for k in groups)
     majority = (report["data"].get("majority_baseline") or {}).get(m)
-    kind = "Ablations" if base in groups else (
-        f"Learning-rate sweep ({', '.join(sorted({k.split('[')[0] for k in groups}))})" if lr_sweep else "Held-out runs")
-    lines = [f"### {kind} on {report['task']} (evaluated on {report['data']['eval_rows']} rows held out from *train*"
-             f"{f'; ρ={rho}' if rho else ''}; seeds "
-             f"{', '.join(map(str, report['seeds']))})", "",
-             "Commands: " + "; ".join(f"`{c}` ({st}, {w / 60:.0f} min)" for c, st, w, _ in report["commands"]) + ".", "",
-             *([f"Majority-class {m} on these rows: {fmt(majority)}; a run at that value learned nothing.", ""]
-               if majority is not None else []),
-             f"| variant | what changes | seeds | {m} (held-out train split) | paired diff vs default (same seeds) | "
-             f"trainable params | search s | kept-module overlap across seeds (Jaccard) |", "|---|---|---|---|---|---|---|---|"]
+    kind = (
+        "Ablations"
+        if base in groups
+        else (
+            f"Learning-rate sweep ({', '.join(sorted({k.split('[')[0] for k in groups}))})"
+            if lr_sweep
+            else "Held-out runs"
+        )
+    )
+    lines = [
+        f"### {kind} on {report['task']} (evaluated on {report['data']['eval_rows']} rows held out from *train*"
+        f"{f'; ρ={rho}' if rho else ''}; seeds "
+        f"{', '.join(map(str, report['seeds']))})",
+        "",
+        "Commands: " + "; ".join(f"`{c}` ({st}, {w / 60:.0f} min)" for c, st, w, _ in report["commands"]) + ".",
+        "",
+        *(
+            [f"Majority-class {m} on these rows: {fmt(majority)}; a run at that value learned nothing.", ""]
+            if majority is not None
+            else []
+        ),
+        f"| variant | what changes | seeds | {m} (held-out train split) | paired diff vs default (same seeds) | "
+        f"trainable params | search s | kept-module overlap across seeds (Jaccard) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     cfg = next((x["config"] for x in report.get("searches", []) if x["variant"] == "default"), {})
     ranking = {"gate": "gate value", "movement": "gate movement (absolute gate − initial)"}
     what = {
         "diffora[default]": f"the library defaults when run: {cfg.get('gate', 'sigmoid')} gates, "
-                            f"{cfg.get('order', 'first')} order, gate split {cfg.get('gate_fraction', 0.3):g}, "
-                            f"per-layer top-ρ, weight sharing, modules ranked by "
-                            f"{ranking[cfg.get('selection_score', 'gate')]}",
+        f"{cfg.get('order', 'first')} order, gate split {cfg.get('gate_fraction', 0.3):g}, "
+        f"per-layer top-ρ, weight sharing, modules ranked by "
+        f"{ranking[cfg.get('selection_score', 'gate')]}",
         "diffora[score=gate]": "rank modules by gate value instead of gate movement (same search as default)",
         "diffora[score=movement]": "rank modules by gate movement instead of gate value (same search as default)",
-        "diffora[softmax]": "per-layer softmax gates", "diffora[second_order]": "second-order (unrolled) gate gradient",
-        "diffora[gate_fraction_0.5]": "gate split 0.5 of train", "diffora[search_x0.5]": "search half as long",
-        "diffora[search_x2]": "search twice as long", "diffora[global]": "global top-ρ discretisation",
-        "diffora[budget]": "parameter-budget discretisation", "diffora[re-init]": "no weight sharing (fresh LoRA + head)",
+        "diffora[softmax]": "per-layer softmax gates",
+        "diffora[second_order]": "second-order (unrolled) gate gradient",
+        "diffora[gate_fraction_0.5]": "gate split 0.5 of train",
+        "diffora[search_x0.5]": "search half as long",
+        "diffora[search_x2]": "search twice as long",
+        "diffora[global]": "global top-ρ discretisation",
+        "diffora[budget]": "parameter-budget discretisation",
+        "diffora[re-init]": "no weight sharing (fresh LoRA + head)",
         "random_ws": "random modules, but inheriting the same search's weights",
-        "diffora[zero_one_1.0]": "FairDARTS zero-one loss weight 1.0", "diffora[gate_lr_0.2]": "gate LR 0.2 (default 0.05)",
+        "diffora[zero_one_1.0]": "FairDARTS zero-one loss weight 1.0",
+        "diffora[gate_lr_0.2]": "gate LR 0.2 (default 0.05)",
         "diffora[gate_fraction_0.5,gate_lr_0.2]": "gate split 0.5 and gate LR 0.2",
-        "random_rho0.25": "random modules, fresh LoRA", "lora_all_r8": "LoRA on all modules",
+        "random_rho0.25": "random modules, fresh LoRA",
+        "lora_all_r8": "LoRA on all modules",
     }
     for method in groups:
         if method.startswith("adalora[lr="):
-            what[method] = f"AdaLoRA (final rank budget = ρ 0.5) at LR {method[len('adalora[lr='):-1]}"
+            what[method] = f"AdaLoRA (final rank budget = ρ 0.5) at LR {method[len('adalora[lr=') : -1]}"
         elif method.startswith("diffora[default][lr="):
             what[method] = f"the defaults at LR {method.split('[lr=')[1][:-1]}"
         elif method.startswith("lora_all_r") and "[lr=" in method:
@@ -561,13 +733,19 @@ def ablation_section(report: dict, out: Path, img: Path) -> list[str]:
         diffs = [r["final"][m] - ref[r["seed"]] for r in runs if r["seed"] in ref]
         search = median([r.get("search_seconds") for r in runs]) if runs[0].get("search_seconds") else None
         stab = selection_stability(report, method)
-        lines.append(f"| {method} | {what.get(method, '')} | {','.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))} | "
-                     f"{pm([r['final'][m] for r in runs])} | "
-                     f"{(pm(diffs) if method != base else '—')} | {human(mean([r['trainable_params'] for r in runs]))} | "
-                     f"{fmt(search, 0) if search else '—'} | {fmt(stab, 2) if stab is not None else '—'} |")
+        lines.append(
+            f"| {method} | {what.get(method, '')} | {','.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))} | "  # noqa: E501
+            f"{pm([r['final'][m] for r in runs])} | "
+            f"{(pm(diffs) if method != base else '—')} | {human(mean([r['trainable_params'] for r in runs]))} | "
+            f"{fmt(search, 0) if search else '—'} | {fmt(stab, 2) if stab is not None else '—'} |"
+        )
     if report.get("skipped"):
-        lines += ["", "Not run (the `--max-minutes` budget ran out): " + ", ".join(
-            f"{j.get('method') or j.get('variant')} seed {j['seed']}" for j in report["skipped"]) + "."]
+        lines += [
+            "",
+            "Not run (the `--max-minutes` budget ran out): "
+            + ", ".join(f"{j.get('method') or j.get('variant')} seed {j['seed']}" for j in report["skipped"])
+            + ".",
+        ]
     return lines
 
 
@@ -592,18 +770,22 @@ def gate_diagnostics(report: dict) -> list[str]:
         variants.setdefault(s["variant"], []).append(s)
     if not variants:
         return []
-    lines = ["| search variant | gate spread (max − min), per seed | mean gate − initial, per seed | "
-             "within-layer ranking agreement across seeds (Pearson of row-centred gates, per pair) |",
-             "|---|---|---|---|"]
+    lines = [
+        "| search variant | gate spread (max − min), per seed | mean gate − initial, per seed | "
+        "within-layer ranking agreement across seeds (Pearson of row-centred gates, per pair) |",
+        "|---|---|---|---|",
+    ]
     for variant, searches in variants.items():
         searches = sorted(searches, key=lambda s: s["seed"])
         gates = [np.array(s["gates"], dtype=float) for s in searches]
         init = initial_gate(searches[0]["config"])
         centred = [g - g.mean(axis=1, keepdims=True) for g in gates]
         pairs = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in itertools.combinations(centred, 2)]
-        lines.append(f"| {variant} | {', '.join(f'{g.max() - g.min():.3f}' for g in gates)} | "
-                     f"{', '.join(f'{g.mean() - init:+.3f}' for g in gates)} | "
-                     f"{', '.join(f'{c:+.2f}' for c in pairs) if pairs else '—'} |")
+        lines.append(
+            f"| {variant} | {', '.join(f'{g.max() - g.min():.3f}' for g in gates)} | "
+            f"{', '.join(f'{g.mean() - init:+.3f}' for g in gates)} | "
+            f"{', '.join(f'{c:+.2f}' for c in pairs) if pairs else '—'} |"
+        )
     return lines
 
 
@@ -613,24 +795,31 @@ def premise_section(results: Path, out: Path) -> list[str]:
     runs = [r for r in runs if r.get("summary", {}).get("random_sets", 0) >= 3]
     if not runs:
         return []
-    L = ["## Does the NTK premise hold? λ_min(H(S)) against the fine-tuned score", "",
-         "`scripts/ntk_premise.py`: random module sets at one budget (ρ per layer), each a fresh PEFT LoRA (seeded); "
-         "λ_min of its LoRA kernel on 32 training rows at initialisation, then one fine-tune, scored on rows held out "
-         "from *train*. One training seed per set; the NTK-greedy set (`--selection-score ntk` without a search) is "
-         "one extra point.", "",
-         "| task | sets | train / held-out rows | Spearman λ_min vs score (p) | Kendall τ (p) | Spearman trace vs score (p) "
-         "| random sets' score | NTK-greedy score | NTK-greedy λ_min above |", "|---|---|---|---|---|---|---|---|---|"]
+    L = [
+        "## Does the NTK premise hold? λ_min(H(S)) against the fine-tuned score",
+        "",
+        "`scripts/ntk_premise.py`: random module sets at one budget (ρ per layer), each a fresh PEFT LoRA (seeded); "
+        "λ_min of its LoRA kernel on 32 training rows at initialisation, then one fine-tune, scored on rows held out "
+        "from *train*. One training seed per set; the NTK-greedy set (`--selection-score ntk` without a search) is "
+        "one extra point.",
+        "",
+        "| task | sets | train / held-out rows | Spearman λ_min vs score (p) | Kendall τ (p) | Spearman trace vs score (p) "  # noqa: E501
+        "| random sets' score | NTK-greedy score | NTK-greedy λ_min above |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         s, u = r["summary"], r["setup"]
         greedy = s.get("ntk_greedy_score")
         above = "—" if greedy is None else f"{s['ntk_greedy_lambda_min_rank']:.0%} of the random sets"
         task = u["task"] + (f" ({s['note']})" if s.get("note") else "")
-        L.append(f"| {task} | {s['random_sets']} | {u['train']} / {u['holdout']} | "
-                 f"{s['spearman_lambda_min_vs_score']:+.2f} ({s['spearman_p']:.3f}) | {s['kendall_tau']:+.2f} "
-                 f"({s['kendall_p']:.3f}) | {s['spearman_trace_vs_score']:+.2f} ({s['spearman_trace_p']:.3f}) | "
-                 f"{s['random_score_mean']:.4f} ± {s['random_score_std']:.4f} | "
-                 f"{'—' if greedy is None else f'{greedy:.4f}'} | "
-                 f"{above} |")
+        L.append(
+            f"| {task} | {s['random_sets']} | {u['train']} / {u['holdout']} | "
+            f"{s['spearman_lambda_min_vs_score']:+.2f} ({s['spearman_p']:.3f}) | {s['kendall_tau']:+.2f} "
+            f"({s['kendall_p']:.3f}) | {s['spearman_trace_vs_score']:+.2f} ({s['spearman_trace_p']:.3f}) | "
+            f"{s['random_score_mean']:.4f} ± {s['random_score_std']:.4f} | "
+            f"{'—' if greedy is None else f'{greedy:.4f}'} | "
+            f"{above} |"
+        )
     L.append("")
     for r in runs:
         png = results / f"premise_{r['setup']['task']}" / "premise.png"
@@ -643,7 +832,10 @@ def premise_section(results: Path, out: Path) -> list[str]:
 #: the fair suites' methods in table order, with what each row is
 FAIR_METHODS = [
     ("diffora", "DiffoRA (default: ρ 0.5, movement ranking, rank r on kept modules)"),
-    ("diffora[selection_score=ntk,rank_allocation=uniform]", "DiffoRA, NTK selection + LoRA-all's budget on kept modules"),
+    (
+        "diffora[selection_score=ntk,rank_allocation=uniform]",
+        "DiffoRA, NTK selection + LoRA-all's budget on kept modules",
+    ),
     ("diffora[rank_allocation=uniform]", "DiffoRA, LoRA-all's budget on kept modules"),
     ("lora-matched", "LoRA all modules, ranks matched to DiffoRA's parameters"),
     ("lora-all-cm", "LoRA all modules r=8, compute-matched (+ search passes as steps)"),
@@ -664,13 +856,19 @@ FAIR_PAIRS = [
     ("lora-all-cm", "lora-all", "what the extra steps give LoRA-all"),
 ]
 #: short names for the plot's rows
-FAIR_SHORT = {"diffora": "DiffoRA", "diffora[rank_allocation=uniform]": "DiffoRA, LoRA-all budget",
-              "diffora[selection_score=ntk,rank_allocation=uniform]": "DiffoRA NTK, LoRA-all budget",
-              "lora-matched": "LoRA matched params", "lora-all-cm": "LoRA-all, matched compute", "lora-all": "LoRA-all",
-              "adalora": "AdaLoRA", "eva": "EVA", "random-ws": "random + warm start"}
+FAIR_SHORT = {
+    "diffora": "DiffoRA",
+    "diffora[rank_allocation=uniform]": "DiffoRA, LoRA-all budget",
+    "diffora[selection_score=ntk,rank_allocation=uniform]": "DiffoRA NTK, LoRA-all budget",
+    "lora-matched": "LoRA matched params",
+    "lora-all-cm": "LoRA-all, matched compute",
+    "lora-all": "LoRA-all",
+    "adalora": "AdaLoRA",
+    "eva": "EVA",
+    "random-ws": "random + warm start",
+}
 FAIR_TASK_ORDER = ["sst2", "tweets", "mrpc", "bbc-news", "cola"]
-FAIR_PROTOCOLS = [("fair_", "1 epoch"), ("fairlr_", "1 epoch, every method at its own LR"),
-                  ("fair3_", "3 epochs")]
+FAIR_PROTOCOLS = [("fair_", "1 epoch"), ("fairlr_", "1 epoch, every method at its own LR"), ("fair3_", "3 epochs")]
 
 
 def load_fair(results: Path, prefix: str) -> list[dict]:
@@ -703,18 +901,23 @@ def fair_pairs(res: dict) -> dict[tuple[str, str], Optional[dict]]:
 
 def _search_passes_text(suites: list[dict]) -> str:
     """' (W weight + G gate steps here)' when every search of these suites made the same steps, else ''."""
-    searches = {(rec["steps"], rec["gate_steps"]) for r in suites for rec in r["jobs"].values()
-                if rec.get("kind") == "search" and "error" not in rec}
+    searches = {
+        (rec["steps"], rec["gate_steps"])
+        for r in suites
+        for rec in r["jobs"].values()
+        if rec.get("kind") == "search" and "error" not in rec
+    }
     if len(searches) != 1:
         return ""
-    (weight, gate), = searches
+    ((weight, gate),) = searches
     return f" ({weight} weight + {gate} gate steps here)"
 
 
 def _no_signal(res: dict) -> bool:
     m = res["data"]["main_metric"]
-    values = {round(r["final"][m], 6) for runs in shared.finished_runs(res).values() for r in runs
-              if m in r.get("final", {})}
+    values = {
+        round(r["final"][m], 6) for runs in shared.finished_runs(res).values() for r in runs if m in r.get("final", {})
+    }
     return len(values) == 1
 
 
@@ -722,6 +925,7 @@ def fair_goals(suites: list[dict], pairs: Optional[dict[str, dict]] = None) -> l
     """Issue 14's goals, judged from the JSON (scores in points = 100 × the main metric) on the tasks with signal:
     a task where every run scored the same adds zeros to every difference and is left out, and the goals say so.
     ``pairs``: :func:`fair_pairs` per task, when the caller has them."""
+
     def verdict(ok: bool) -> str:
         return "**holds**" if ok else "**missed**"
 
@@ -743,41 +947,57 @@ def fair_goals(suites: list[dict], pairs: Optional[dict[str, dict]] = None) -> l
                 per.append(f"{t} {_points(p['margin'])}")
         return got, per
 
-    for b, goal, need in (("lora-matched", "beats lora-matched by ≥ 1.0 point on the mean over tasks", 0.01),
-                          ("adalora", "≥ AdaLoRA (mean over tasks)", 0.0), ("eva", "≥ EVA (mean over tasks)", 0.0),
-                          ("lora-all-cm", "≥ compute-matched LoRA-all (mean over tasks)", 0.0)):
+    for b, goal, need in (
+        ("lora-matched", "beats lora-matched by ≥ 1.0 point on the mean over tasks", 0.01),
+        ("adalora", "≥ AdaLoRA (mean over tasks)", 0.0),
+        ("eva", "≥ EVA (mean over tasks)", 0.0),
+        ("lora-all-cm", "≥ compute-matched LoRA-all (mean over tasks)", 0.0),
+    ):
         got, per = margins("diffora", b)
         if not got:
             lines.append(f"- *DiffoRA {goal}*: {b} has no finished seed paired with DiffoRA → **not measured**.")
             continue
         part = f" on {len(got)} of {len(tasks)} tasks" if len(got) < len(tasks) else ""
-        lines.append(f"- *DiffoRA {goal}*: mean {_points(mean(got))} points{part} ({'; '.join(per)}) → "
-                     f"{verdict(mean(got) >= need)}.")
+        lines.append(
+            f"- *DiffoRA {goal}*: mean {_points(mean(got))} points{part} ({'; '.join(per)}) → "
+            f"{verdict(mean(got) >= need)}."
+        )
     parts, wins = [], 0
     for t in tasks:
         p = pairs[t][("diffora", "random-ws")]
         if p is not None:
             wins += bool(p["holds"])
-            parts.append(f"{t} {_points(p['margin'])} vs std {100 * p['max_std']:.2f}" if p["testable"]
-                         else f"{t} {_points(p['margin'])} (one seed)")
+            parts.append(
+                f"{t} {_points(p['margin'])} vs std {100 * p['max_std']:.2f}"
+                if p["testable"]
+                else f"{t} {_points(p['margin'])} (one seed)"
+            )
     if parts:
         need = min(3, len(tasks))
-        lines.append(f"- *DiffoRA beats random_ws by more than the seed std on ≥ 3 of 4 tasks*: {'; '.join(parts)} → "
-                     f"holds on {wins} of {len(parts)} → {verdict(wins >= need and len(tasks) >= 4)}"
-                     + (f" (only {len(tasks)} of 4 tasks have run)" if len(tasks) < 4 else "") + ".")
+        lines.append(
+            f"- *DiffoRA beats random_ws by more than the seed std on ≥ 3 of 4 tasks*: {'; '.join(parts)} → "
+            f"holds on {wins} of {len(parts)} → {verdict(wins >= need and len(tasks) >= 4)}"
+            + (f" (only {len(tasks)} of 4 tasks have run)" if len(tasks) < 4 else "")
+            + "."
+        )
     walls, per = [], []
     for r in suites:
         runs = shared.finished_runs(r)
         lora = {x["seed"]: x["finetune_seconds"] for x in runs.get("lora-all", [])}
-        ratios = [(x.get("search_seconds", 0.0) + x["finetune_seconds"]) / lora[x["seed"]]
-                  for x in runs.get("diffora", []) if lora.get(x["seed"])]
+        ratios = [
+            (x.get("search_seconds", 0.0) + x["finetune_seconds"]) / lora[x["seed"]]
+            for x in runs.get("diffora", [])
+            if lora.get(x["seed"])
+        ]
         if ratios:
             walls.append(median(ratios))
             per.append(f"{r['data']['task']} {median(ratios):.2f}×")
     if walls:
-        lines.append(f"- *search + fine-tune ≤ 1.3× a LoRA-all fine-tune (wall, median over seeds, evaluation "
-                     f"excluded)*: {'; '.join(per)} → {verdict(max(walls) <= 1.3)}. Two jobs share the 2 cores, so "
-                     "these seconds are noisy.")
+        lines.append(
+            f"- *search + fine-tune ≤ 1.3× a LoRA-all fine-tune (wall, median over seeds, evaluation "
+            f"excluded)*: {'; '.join(per)} → {verdict(max(walls) <= 1.3)}. Two jobs share the 2 cores, so "
+            "these seconds are noisy."
+        )
     return lines
 
 
@@ -797,8 +1017,16 @@ def plot_fair(suites: list[dict], path: Path, title: str, pairs: Optional[dict[s
                 continue
             y = i + (k - (len(suites) - 1) / 2) * 0.15
             err = 100 * p["std_diff"] if not math.isnan(p["std_diff"]) else None
-            ax.errorbar(100 * p["mean_diff"], y, xerr=err, fmt="o", ms=4, capsize=2, color=colors(k),
-                        label=tasks[k] if i == 0 else None)
+            ax.errorbar(
+                100 * p["mean_diff"],
+                y,
+                xerr=err,
+                fmt="o",
+                ms=4,
+                capsize=2,
+                color=colors(k),
+                label=tasks[k] if i == 0 else None,
+            )
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{FAIR_SHORT.get(a, a)} − {FAIR_SHORT.get(b, b)}" for a, b in rows], fontsize=9)
@@ -806,8 +1034,9 @@ def plot_fair(suites: list[dict], path: Path, title: str, pairs: Optional[dict[s
     ax.set_xlabel("A − B on the same seed, points (mean ± std over seeds); right of 0: A better")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=max(1, len(suites)),
-               frameon=False)  # below the axes, so it hides no point
+    fig.legend(
+        *ax.get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=max(1, len(suites)), frameon=False
+    )  # below the axes, so it hides no point
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     shared.save_figure(fig, path)
     plt.close(fig)
@@ -827,27 +1056,39 @@ def fair_section(results: Path, out: Path, img: Path, plots: bool = True) -> lis
         signal = [not _no_signal(r) for r in suites]  # the cross-task means leave out tasks without signal
         mean_head = "mean over tasks" if all(signal) else "mean over tasks with signal"
         pairs = {r["data"]["task"]: fair_pairs(r) for r in suites}
-        L += [f"## Fair comparison, {length} (issue #14)", "",
-              "Every method of a task in one `diffora compare` invocation (`bash benchmarks/suites.sh "
-              f"{prefix}<task>`): 2,000 training rows, {length.split(',')[0]}, the same seeds, data order, schedule "
-              "and loop; the "
-              "score is the last evaluation on the task's dev set (tweets: 1,000 rows of its test split), nothing "
-              "picked on it. Scores are **points** (100 × accuracy, or × Matthews correlation for CoLA), mean ± "
-              "sample std over seeds, *n* seeds in brackets. *Equal parameters*: `lora-matched` has DiffoRA's LoRA "
-              "parameters within 5%; the `rank_allocation=uniform` variants have LoRA-all's. *Equal compute*: "
-              "`lora-all-cm` trains one extra optimiser step per forward/backward pass of DiffoRA's search"
-              + _search_passes_text(suites) + ".", ""]
-        L += ["| task | train / eval rows | fine-tune steps | metric | seeds | started | wall | commit |",
-              "|---|---|---|---|---|---|---|---|"]
+        L += [
+            f"## Fair comparison, {length} (issue #14)",
+            "",
+            "Every method of a task in one `diffora compare` invocation (`bash benchmarks/suites.sh "
+            f"{prefix}<task>`): 2,000 training rows, {length.split(',')[0]}, the same seeds, data order, schedule "
+            "and loop; the "
+            "score is the last evaluation on the task's dev set (tweets: 1,000 rows of its test split), nothing "
+            "picked on it. Scores are **points** (100 × accuracy, or × Matthews correlation for CoLA), mean ± "
+            "sample std over seeds, *n* seeds in brackets. *Equal parameters*: `lora-matched` has DiffoRA's LoRA "
+            "parameters within 5%; the `rank_allocation=uniform` variants have LoRA-all's. *Equal compute*: "
+            "`lora-all-cm` trains one extra optimiser step per forward/backward pass of DiffoRA's search"
+            + _search_passes_text(suites)
+            + ".",
+            "",
+        ]
+        L += [
+            "| task | train / eval rows | fine-tune steps | metric | seeds | started | wall | commit |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r, groups in zip(suites, finished):
             d = r["data"]
             seeds = sorted({x["seed"] for runs in groups.values() for x in runs})
             commit = str(r.get("versions", {}).get("git_commit", "—"))[:7]
-            L.append(f"| {d['task']} | {d['train_rows']:,} / {d['eval_rows']:,} | {d['finetune_steps']} | "
-                     f"{d['main_metric']} | {', '.join(map(str, seeds))} | {r.get('started', '—')} | "
-                     f"{r.get('wall_seconds', 0) / 60:.0f} min | {commit} |")
-        L += ["", "| method | % of LoRA-all params | optimiser steps | "
-              + " | ".join(tasks) + f" | {mean_head} |", "|---" * (len(tasks) + 4) + "|"]
+            L.append(
+                f"| {d['task']} | {d['train_rows']:,} / {d['eval_rows']:,} | {d['finetune_steps']} | "
+                f"{d['main_metric']} | {', '.join(map(str, seeds))} | {r.get('started', '—')} | "
+                f"{r.get('wall_seconds', 0) / 60:.0f} min | {commit} |"
+            )
+        L += [
+            "",
+            "| method | % of LoRA-all params | optimiser steps | " + " | ".join(tasks) + f" | {mean_head} |",
+            "|---" * (len(tasks) + 4) + "|",
+        ]
         for label, what in FAIR_METHODS:
             cells, means, params, steps = [], [], [], []
             for r, groups, counts in zip(suites, finished, signal):
@@ -863,14 +1104,22 @@ def fair_section(results: Path, out: Path, img: Path, plots: bool = True) -> lis
             if not any(c != "—" for c in cells):
                 continue
             overall = f"{100 * mean(means):.2f}" if len(means) == sum(signal) else "—"
-            L.append(f"| `{label}`: {what} | {fmt(mean(params), 0)}% | {fmt(median(steps), 0)} | "
-                     + " | ".join(cells) + f" | {overall} |")
+            L.append(
+                f"| `{label}`: {what} | {fmt(mean(params), 0)}% | {fmt(median(steps), 0)} | "
+                + " | ".join(cells)
+                + f" | {overall} |"
+            )
         chosen = [r for r in suites if (r.get("lr_choice") or {}).get("methods")]
         if chosen:
-            L += ["", "Learning rates, chosen per task on rows held out from *train* (seed 0; tried: each method's "
-                  "default × 1, 2, 4; the dev set is never used). Held-out score of each LR tried, chosen one in "
-                  "bold:", "", "| method | " + " | ".join(r["data"]["task"] for r in chosen) + " |",
-                  "|---" * (len(chosen) + 1) + "|"]
+            L += [
+                "",
+                "Learning rates, chosen per task on rows held out from *train* (seed 0; tried: each method's "
+                "default × 1, 2, 4; the dev set is never used). Held-out score of each LR tried, chosen one in "
+                "bold:",
+                "",
+                "| method | " + " | ".join(r["data"]["task"] for r in chosen) + " |",
+                "|---" * (len(chosen) + 1) + "|",
+            ]
             labels = [m for m, _ in FAIR_METHODS if any(m in r["lr_choice"]["methods"] for r in chosen)]
             for label in labels:
                 cells = []
@@ -879,12 +1128,22 @@ def fair_section(results: Path, out: Path, img: Path, plots: bool = True) -> lis
                     if not info:
                         cells.append("—")
                         continue
-                    cells.append(", ".join((f"**{lr}: {100 * v:.1f}**" if float(lr) == info["chosen"]
-                                            else f"{lr}: {100 * v:.1f}") for lr, v in info["tried"].items()) or "—")
+                    cells.append(
+                        ", ".join(
+                            (f"**{lr}: {100 * v:.1f}**" if float(lr) == info["chosen"] else f"{lr}: {100 * v:.1f}")
+                            for lr, v in info["tried"].items()
+                        )
+                        or "—"
+                    )
                 L.append(f"| `{label}` | " + " | ".join(cells) + " |")
-        L += ["", "Paired differences A − B on the same seeds, in points (wins of A / paired seeds; **bold**: "
-              "larger than the larger of the two seed stds):", "",
-              "| A − B | what it asks | " + " | ".join(tasks) + f" | {mean_head} |", "|---" * (len(tasks) + 3) + "|"]
+        L += [
+            "",
+            "Paired differences A − B on the same seeds, in points (wins of A / paired seeds; **bold**: "
+            "larger than the larger of the two seed stds):",
+            "",
+            "| A − B | what it asks | " + " | ".join(tasks) + f" | {mean_head} |",
+            "|---" * (len(tasks) + 3) + "|",
+        ]
         for a, b, what in FAIR_PAIRS:
             cells, got = [], []
             for t, counts in zip(tasks, signal):
@@ -901,29 +1160,42 @@ def fair_section(results: Path, out: Path, img: Path, plots: bool = True) -> lis
                 L.append(f"| `{a}` − `{b}` | {what} | " + " | ".join(cells) + f" | {overall} |")
         flat = [t for t, counts in zip(tasks, signal) if not counts]
         if flat:
-            L += ["", f"**No signal on {', '.join(flat)}**: every finished run there scored the same (the majority "
-                  "class), so those tasks add zeros to every difference and say nothing about the methods; the "
-                  "means over tasks and the goals leave them out."]
+            L += [
+                "",
+                f"**No signal on {', '.join(flat)}**: every finished run there scored the same (the majority "
+                "class), so those tasks add zeros to every difference and say nothing about the methods; the "
+                "means over tasks and the goals leave them out.",
+            ]
         L += ["", "Goals of issue #14 on this protocol:", "", *fair_goals(suites, pairs), ""]
         png = img / f"{prefix}paired.png"
         if plots:
             plot_fair(suites, png, f"Fair comparison, {length}: paired differences per task", pairs)
         L += [f"![paired differences, {length}]({rel(png, out)})", ""]
         skipped = [j for r in suites for j in r.get("skipped", [])]
-        failed = [(r["data"]["task"], jid, rec["error"]) for r in suites for jid, rec in r["jobs"].items()
-                  if "error" in rec and jid in r.get("plan", [])]
+        failed = [
+            (r["data"]["task"], jid, rec["error"])
+            for r in suites
+            for jid, rec in r["jobs"].items()
+            if "error" in rec and jid in r.get("plan", [])
+        ]
         if failed:
             L += ["Failed jobs: " + "; ".join(f"{t} {j}: {e[:100]}" for t, j, e in failed), ""]
         if skipped:
-            L += [f"Not run yet (a `--max-minutes` budget ran out; rerunning the suite continues): {len(skipped)} "
-                  "job(s).", ""]
+            L += [
+                f"Not run yet (a `--max-minutes` budget ran out; rerunning the suite continues): {len(skipped)} "
+                "job(s).",
+                "",
+            ]
     return L
 
 
-SMOL_PAIRS = [("diffora", "lora-matched", "equal parameters"), ("diffora", "lora-all-cm", "equal compute"),
-              ("diffora", "lora-all", "DiffoRA with fewer parameters"),
-              ("diffora[rank_allocation=uniform]", "lora-all", "equal parameters, LoRA-all's budget"),
-              ("lora-all-cm", "lora-all", "what the extra steps give LoRA-all")]
+SMOL_PAIRS = [
+    ("diffora", "lora-matched", "equal parameters"),
+    ("diffora", "lora-all-cm", "equal compute"),
+    ("diffora", "lora-all", "DiffoRA with fewer parameters"),
+    ("diffora[rank_allocation=uniform]", "lora-all", "equal parameters, LoRA-all's budget"),
+    ("lora-all-cm", "lora-all", "what the extra steps give LoRA-all"),
+]
 
 
 def smollm2_section(results: Path, out: Path) -> list[str]:
@@ -935,27 +1207,41 @@ def smollm2_section(results: Path, out: Path) -> list[str]:
     res = json.loads(path.read_text())
     runs = shared.finished_runs(res)
     d = res["data"]
-    nll = {label: {r["seed"]: r["final"]["eval_loss"] for r in rs if "eval_loss" in r.get("final", {})}
-           for label, rs in runs.items()}
-    L = ["## Causal LM: SmolLM2-135M-Instruct, held-out NLL (issue #14)", "",
-         f"`bash benchmarks/suites.sh smollm2`: the headline task of `examples/smollm2_instruct.py` (prompt = an "
-         f"instruction + the lead of a BBC News article, response = its real headline; "
-         f"`benchmarks/smollm2_data.py`), {d['train_rows']} training pairs, {d['finetune_steps']} fine-tuning steps "
-         f"(batch 8), a 12-iteration search, {d['eval_rows']} held-out pairs; 30 blocks × 7 module types = "
-         f"{d.get('candidates', 210)} candidates. The score is the mean NLL of the headline tokens (lower is "
-         "better), the last evaluation; mean ± std over seeds.", "",
-         "| method | seeds | % of LoRA-all params | optimiser steps | held-out NLL | perplexity | fine-tune s (median) |",
-         "|---|---|---|---|---|---|---|"]
+    nll = {
+        label: {r["seed"]: r["final"]["eval_loss"] for r in rs if "eval_loss" in r.get("final", {})}
+        for label, rs in runs.items()
+    }
+    L = [
+        "## Causal LM: SmolLM2-135M-Instruct, held-out NLL (issue #14)",
+        "",
+        f"`bash benchmarks/suites.sh smollm2`: the headline task of `examples/smollm2_instruct.py` (prompt = an "
+        f"instruction + the lead of a BBC News article, response = its real headline; "
+        f"`benchmarks/smollm2_data.py`), {d['train_rows']} training pairs, {d['finetune_steps']} fine-tuning steps "
+        f"(batch 8), a 12-iteration search, {d['eval_rows']} held-out pairs; 30 blocks × 7 module types = "
+        f"{d.get('candidates', 210)} candidates. The score is the mean NLL of the headline tokens (lower is "
+        "better), the last evaluation; mean ± std over seeds.",
+        "",
+        "| method | seeds | % of LoRA-all params | optimiser steps | held-out NLL | perplexity | fine-tune s (median) |",  # noqa: E501
+        "|---|---|---|---|---|---|---|",
+    ]
     ref = d.get("lora_all_params")
     for label, rs in runs.items():
         if not rs:
             continue
-        L.append(f"| `{label}` | {len(rs)} | {fmt(100 * mean([r['trainable_params'] for r in rs]) / ref, 0)}% | "
-                 f"{fmt(median([r['steps'] for r in rs]), 0)} | {pm([r['final'].get('eval_loss') for r in rs], 4)} | "
-                 f"{pm([r['final'].get('perplexity') for r in rs], 2)} | "
-                 f"{fmt(median([r['finetune_seconds'] for r in rs]), 0)} |")
-    L += ["", "Paired NLL differences A − B on the same seeds (negative: A better; wins of A / seeds; **bold**: "
-          "beyond the larger seed std):", "", "| A − B | what it asks | NLL difference |", "|---|---|---|"]
+        L.append(
+            f"| `{label}` | {len(rs)} | {fmt(100 * mean([r['trainable_params'] for r in rs]) / ref, 0)}% | "
+            f"{fmt(median([r['steps'] for r in rs]), 0)} | {pm([r['final'].get('eval_loss') for r in rs], 4)} | "
+            f"{pm([r['final'].get('perplexity') for r in rs], 2)} | "
+            f"{fmt(median([r['finetune_seconds'] for r in rs]), 0)} |"
+        )
+    L += [
+        "",
+        "Paired NLL differences A − B on the same seeds (negative: A better; wins of A / seeds; **bold**: "
+        "beyond the larger seed std):",
+        "",
+        "| A − B | what it asks | NLL difference |",
+        "|---|---|---|",
+    ]
     verdicts = []
     for a, b, what in SMOL_PAIRS:
         p = shared.paired_stats(nll.get(a, {}), nll.get(b, {}), higher_is_better=False)
@@ -964,14 +1250,137 @@ def smollm2_section(results: Path, out: Path) -> list[str]:
         text = f"{p['margin']:+.4f} ({p['wins']}/{len(p['seeds'])})"
         L.append(f"| `{a}` − `{b}` | {what} | {f'**{text}**' if p['exceeds'] else text} |")
         if a == "diffora" and b in ("lora-matched", "lora-all-cm"):
-            spread = ("one seed" if not p["testable"] else
-                      f"{'beyond' if p['exceeds'] else 'within'} the seed spread {p['max_std']:.4f}")
-            verdicts.append(f"{what} ({b}): {p['margin']:+.4f}, {spread} → "
-                            f"{'**holds**' if p['margin'] <= 0 else '**missed**'}")
+            spread = (
+                "one seed"
+                if not p["testable"]
+                else f"{'beyond' if p['exceeds'] else 'within'} the seed spread {p['max_std']:.4f}"
+            )
+            verdicts.append(
+                f"{what} ({b}): {p['margin']:+.4f}, {spread} → {'**holds**' if p['margin'] <= 0 else '**missed**'}"
+            )
     if verdicts:
-        L += ["", "Goal, *DiffoRA ≤ LoRA-all's held-out NLL at equal parameters and equal compute*: "
-              + "; ".join(verdicts) + "."]
+        L += [
+            "",
+            "Goal, *DiffoRA ≤ LoRA-all's held-out NLL at equal parameters and equal compute*: "
+            + "; ".join(verdicts)
+            + ".",
+        ]
     return L + [""]
+
+
+# ------------------------------------------------------------------------------ issue 20: does the search learn?
+LEARN_OLD = "diffora[gate=sigmoid,gate_decay=coupled,gate_weight_decay=0.001,selection_score=movement]"
+LEARN_SHORT = {
+    "diffora": "DiffoRA (identity gates)",
+    LEARN_OLD: "DiffoRA, old search (σ gates, coupled decay, movement)",
+    "type-prior": "type prior (no search)",
+    "random[matched=true]": "random, DiffoRA's params",
+    "lora-matched": "LoRA, DiffoRA's params",
+    "lora-all-cm": "LoRA-all, equal compute",
+    "lora-all": "LoRA-all",
+    "diffora[handoff=continue]": "DiffoRA, search counts as training",
+}
+LEARN_PAIRS = [
+    ("diffora", "type-prior", "what the search adds over the type prior"),
+    ("diffora", "random[matched=true]", "over random modules at equal parameters"),
+    ("diffora", "lora-matched", "over LoRA at equal parameters"),
+    ("diffora", "lora-all-cm", "over LoRA-all at equal compute"),
+    ("diffora", LEARN_OLD, "over the old search"),
+]
+
+
+def _kept_sets(res: dict, label: str) -> dict[int, list[str]]:
+    return {
+        r["seed"]: r["kept_module_names"]
+        for r in shared.finished_runs(res).get(label, [])
+        if r.get("kept_module_names")
+    }
+
+
+def _mean_pairwise_jaccard(sets: list[list[str]]) -> Optional[float]:
+    pairs = [jaccard(sets[i], sets[j]) for i in range(len(sets)) for j in range(i + 1, len(sets))]
+    return mean(pairs) if pairs else None
+
+
+def learn_section(results: Path) -> list[str]:
+    suites = load_fair(results, "learn_")
+    if not suites:
+        return []
+    L = [
+        "## Does the search learn? (issue 20)",
+        "",
+        "Held-out rows of each task's training data (872 of 2,000; never the dev set), 1 epoch, LR 5e-4, 3 seeds. "
+        "DiffoRA runs the new search defaults: gates g = 2σ(β) that start at 1 (the search model at step 0 is "
+        "LoRA-all), no decay on β, gate warm-up 10 % of a one-epoch search, modules ranked by gate value. The old "
+        "search (σ(0) = 0.5 gates, DARTS' coupled decay 1e-3, movement ranking) runs beside it. Controls at "
+        "DiffoRA's parameter count: the type prior (no search: the module types DiffoRA keeps most often, in every "
+        "layer), random modules (budget rule), LoRA on every module at lower ranks (lora-matched); LoRA-all at "
+        "equal compute (its steps plus one per search pass). Differences are paired over seeds (mean ± std, in "
+        "points); *beyond* = the mean difference exceeds its std.",
+        "",
+    ]
+    for res in suites:
+        task, metric = res["data"]["task"], res["data"]["main_metric"]
+        groups = shared.finished_runs(res)
+        n_jobs = sum(1 for r in res["jobs"].values() if r.get("kind") != "search")
+        done = sum(len(v) for v in groups.values())
+        L += [
+            f"### {task} ({metric}, held-out rows; {done} runs finished)",
+            "",
+            "| method | score | LoRA params | kept-set Jaccard across seeds |",
+            "|---|---|---|---|",
+        ]
+        for m in res["methods"]:
+            runs = groups.get(m["label"], [])
+            if not runs:
+                continue
+            scores = [r["final"][metric] for r in runs if metric in r.get("final", {})]
+            params = mean([r["lora_params"] for r in runs if r.get("lora_params") is not None])
+            sets = list(_kept_sets(res, m["label"]).values())
+            stab = (
+                _mean_pairwise_jaccard(sets) if m["label"] != "lora-matched" and m["label"] != "lora-all-cm" else None
+            )
+            L.append(
+                f"| {LEARN_SHORT.get(m['label'], m['label'])} | {shared.pm(scores)} (n={len(scores)}) | "
+                f"{shared.human(params)} | {'—' if stab is None else f'{stab:.2f}'} |"
+            )
+        L += ["", "| DiffoRA minus … | paired difference (points) | verdict |", "|---|---|---|"]
+        hib = higher_is_better(metric)
+        for a, b, what in LEARN_PAIRS:
+            p = shared.paired_stats(_scores(res, a), _scores(res, b), hib)
+            if p is None:
+                continue
+            beyond = "beyond the seed std" if abs(p["mean"]) > p["std"] else "within the seed std"
+            L.append(
+                f"| {LEARN_SHORT.get(b, b)} ({what}) | {_points(p['mean'])} ± {100 * p['std']:.2f} "
+                f"(n={p['n']}) | {beyond} |"
+            )
+        prior, ours = _kept_sets(res, "type-prior"), _kept_sets(res, "diffora")
+        same = [jaccard(ours[s], prior[s]) for s in ours if s in prior]
+        if same:
+            L += [
+                "",
+                f"Kept set vs the type prior's (same seed): Jaccard {shared.fmt(mean(same), 2)} "
+                f"({sum(1 for j in same if j < 1)} of {len(same)} seeds differ).",
+            ]
+        rows = []
+        for key, rec in sorted(res["jobs"].items()):
+            if rec.get("kind") != "search" or "error" in rec:
+                continue
+            d = rec.get("record", {}).get("diagnostics", {})
+            if d:
+                rows.append((key, d))
+        if rows:
+            L += ["", "| search | gate range | β range / noise limit | flagged flat |", "|---|---|---|---|"]
+            for key, d in rows:
+                L.append(
+                    f"| {key} | {d['gate_min']:.2f} – {d['gate_max']:.2f} | {d['beta_range']:.2f} / "
+                    f"{d['flat_limit']:.2f} | {'yes' if d.get('gates_flat') else 'no'} |"
+                )
+        L.append("")
+        if done < n_jobs:
+            L += [f"*{n_jobs - done} of {n_jobs} fine-tune jobs had not finished when this was rendered.*", ""]
+    return L
 
 
 def render(results: Path, out: Path, img: Path, include_quick: bool = False, plots: bool = True) -> str:
@@ -979,65 +1388,102 @@ def render(results: Path, out: Path, img: Path, include_quick: bool = False, plo
     (image links included) without drawing the images (fast, for tests)."""
     reports = merge(load_results(results, include_quick))
     img.mkdir(parents=True, exist_ok=True)
-    main = sorted([r for r in reports if r["suite"] == "main"],
-                  key=lambda r: TASK_ORDER.index(r["task"]) if r["task"] in TASK_ORDER else 99)
+    main = sorted(
+        [r for r in reports if r["suite"] == "main"],
+        key=lambda r: TASK_ORDER.index(r["task"]) if r["task"] in TASK_ORDER else 99,
+    )
     ablations = [r for r in reports if r["suite"] == "ablations"]
-    L = ["# Benchmarks: does the DAM search pay off?", "",
-         "<!-- Generated by benchmarks/render.py from benchmarks/results/*.json and benchmarks/results/*/results.json. Do not edit by hand. -->", "",
-         "Every method of a task runs in one invocation of `diffora compare` (earlier: the benchmark harness it "
-         "replaced; "
-         "[benchmarks/README.md](benchmarks/README.md) lists the invocations) with the same data, seeds, "
-         "epochs, LR schedule (linear warm-up 6% then linear decay), batch size and sequence length, through the same "
-         "training loop (`diffora.train.finetune`). Scores are the **last** evaluation of each run (no best-checkpoint "
-         "selection on the dev set), mean ± sample std over seeds. DiffoRA's time includes its search. Budget "
-         "arithmetic: [benchmarks/README.md](benchmarks/README.md).", ""]
+    L = [
+        "# Benchmarks: does the DAM search pay off?",
+        "",
+        "<!-- Generated by benchmarks/render.py from benchmarks/results/*.json and benchmarks/results/*/results.json. Do not edit by hand. -->",  # noqa: E501
+        "",
+        "Every method of a task runs in one invocation of `diffora compare` (earlier: the benchmark harness it "
+        "replaced; "
+        "[benchmarks/README.md](benchmarks/README.md) lists the invocations) with the same data, seeds, "
+        "epochs, LR schedule (linear warm-up 6% then linear decay), batch size and sequence length, through the same "
+        "training loop (`diffora.train.finetune`). Scores are the **last** evaluation of each run (no best-checkpoint "
+        "selection on the dev set), mean ± sample std over seeds. DiffoRA's time includes its search. Budget "
+        "arithmetic: [benchmarks/README.md](benchmarks/README.md).",
+        "",
+    ]
+    L += learn_section(results)
     L += fair_section(results, out, img, plots)
     L += smollm2_section(results, out)
     if main or ablations:
-        L += ["# The first benchmark (issue #4): 11 methods, 3 seeds, one shared LoRA learning rate", "",
-              "Kept as it was run (2026-11-29 to 12-02); the fair comparisons above supersede its headline "
-              "numbers, with equal parameters, equal compute and per-method learning rates.", ""]
+        L += [
+            "# The first benchmark (issue #4): 11 methods, 3 seeds, one shared LoRA learning rate",
+            "",
+            "Kept as it was run (2026-11-29 to 12-02); the fair comparisons above supersede its headline "
+            "numbers, with equal parameters, equal compute and per-method learning rates.",
+            "",
+        ]
     if not main and not ablations:
         L.append("No results yet: run `bash benchmarks/suites.sh mrpc`.")
     if main:
         m0 = main[0]["machine"]
-        L += ["## Setup", "",
-              f"Machine: {m0['cpu']}, {m0['cores']} cores, {m0.get('memory_gib')} GiB, no GPU; "
-              f"{m0['workers']} worker processes × {m0['threads_per_worker']} torch thread(s) (load average at "
-              f"start: {', '.join(f'{x:.1f}' for x in m0['load_average_at_start'])}); the machine is a shared VM, so "
-              f"absolute seconds are noisy: compare the ratios. Model: packaged `{main[0]['budget']['model']}` (6-layer MiniLM, "
-              "36 candidate modules = 6 layers × q, k, v, attn-out, ffn-in, ffn-out). Versions: "
-              + ", ".join(f"{k} {v}" for k, v in main[0]["versions"].items() if k not in ("src_dirty", "git_commit"))
-              + "; the git commit of each invocation is in the table.", "",
-              "| task | command | started | wall | commit |", "|---|---|---|---|---|"]
+        L += [
+            "## Setup",
+            "",
+            f"Machine: {m0['cpu']}, {m0['cores']} cores, {m0.get('memory_gib')} GiB, no GPU; "
+            f"{m0['workers']} worker processes × {m0['threads_per_worker']} torch thread(s) (load average at "
+            f"start: {', '.join(f'{x:.1f}' for x in m0['load_average_at_start'])}); the machine is a shared VM, so "
+            f"absolute seconds are noisy: compare the ratios. Model: packaged `{main[0]['budget']['model']}` (6-layer MiniLM, "  # noqa: E501
+            "36 candidate modules = 6 layers × q, k, v, attn-out, ffn-in, ffn-out). Versions: "
+            + ", ".join(f"{k} {v}" for k, v in main[0]["versions"].items() if k not in ("src_dirty", "git_commit"))
+            + "; the git commit of each invocation is in the table.",
+            "",
+            "| task | command | started | wall | commit |",
+            "|---|---|---|---|---|",
+        ]
         for r in main + ablations:
             for command, started, wall, commit in r["commands"]:
-                L.append(f"| {r['task']}{' ablations' if r['suite'] == 'ablations' else ''} | `{command}` | "
-                         f"{started} | {wall / 60:.0f} min | {commit} |")
+                L.append(
+                    f"| {r['task']}{' ablations' if r['suite'] == 'ablations' else ''} | `{command}` | "
+                    f"{started} | {wall / 60:.0f} min | {commit} |"
+                )
         L += ["", *budget_table(main + ablations), ""]
         L += ["## Targets", "", *targets(main), ""]
         L += ["## Results per task", ""]
         for r in main:
             m = main_metric(r)
             t = target_value(r)
-            L += [f"### {r['task']}", "",
-                  f"Target for *steps to target*: {TARGET_FRACTION:.0%} of LoRA-all's mean final {m} = {fmt(t)}; "
-                  f"evaluations every {math.ceil(r['data']['finetune_steps'] / r['budget']['eval_points'])} steps. "
-                  f"Majority-class {m}: {fmt(r['data']['majority_baseline'].get(m))}.", "",
-                  *results_table(r), "", "Paired comparisons (A − B on the same seed, main metric):", "",
-                  *paired_table(r), ""]
+            L += [
+                f"### {r['task']}",
+                "",
+                f"Target for *steps to target*: {TARGET_FRACTION:.0%} of LoRA-all's mean final {m} = {fmt(t)}; "
+                f"evaluations every {math.ceil(r['data']['finetune_steps'] / r['budget']['eval_points'])} steps. "
+                f"Majority-class {m}: {fmt(r['data']['majority_baseline'].get(m))}.",
+                "",
+                *results_table(r),
+                "",
+                "Paired comparisons (A − B on the same seed, main metric):",
+                "",
+                *paired_table(r),
+                "",
+            ]
             stab = selection_stability(r, "diffora_rho0.5")
             if stab is not None:
-                L.append(f"Kept-module overlap of DiffoRA ρ=0.5 across seeds (mean pairwise Jaccard): {stab:.2f} "
-                         f"(random ρ=0.5: {fmt(selection_stability(r, 'random_rho0.5'), 2)}).")
+                L.append(
+                    f"Kept-module overlap of DiffoRA ρ=0.5 across seeds (mean pairwise Jaccard): {stab:.2f} "
+                    f"(random ρ=0.5: {fmt(selection_stability(r, 'random_rho0.5'), 2)})."
+                )
                 L.append("")
             if r.get("skipped"):
-                L.append("Skipped (the run's `--max-minutes` budget ran out): "
-                         + ", ".join(f"{j.get('method') or j.get('variant')} seed {j['seed']}" for j in r["skipped"]) + ".")
+                L.append(
+                    "Skipped (the run's `--max-minutes` budget ran out): "
+                    + ", ".join(f"{j.get('method') or j.get('variant')} seed {j['seed']}" for j in r["skipped"])
+                    + "."
+                )
                 L.append("")
             if r["errors"]:
-                L.append("Failed jobs: " + "; ".join(f"{e.get('method') or e.get('variant')} seed {e.get('seed')}: "
-                                                     f"{e['error'][:120]}" for e in r["errors"]))
+                L.append(
+                    "Failed jobs: "
+                    + "; ".join(
+                        f"{e.get('method') or e.get('variant')} seed {e.get('seed')}: {e['error'][:120]}"
+                        for e in r["errors"]
+                    )
+                )
                 L.append("")
             curves, heat = img / f"curves_{r['task']}.png", img / f"dam_{r['task']}.png"
             has_heat = any(x.get("variant") == "default" for x in r["searches"])
@@ -1049,13 +1495,22 @@ def render(results: Path, out: Path, img: Path, include_quick: bool = False, plo
             L += [f"![learning curves {r['task']}]({rel(curves, out)})", ""]
             if heat:
                 L += [f"![DAM {r['task']}]({rel(heat, out)})", ""]
-        L += ["## Score vs trainable parameters", "",
-              f"![score vs params]({rel(plot_params(main, img / 'score_vs_params.png') if plots else img / 'score_vs_params.png', out)})", ""]
-        L += ["## Step-time ratios (same process, same batches, interleaved, median)", "",
-              *timing_lines(main), "",
-              "A search iteration is one weight step (LoRA A/B + head on the weight split) plus one gate step (β on "
-              "the gate split): two forward/backward passes by construction, so ≈2× a LoRA step is the floor; the "
-              "target compares it to a LoRA step plus the reference cost of a gate step.", ""]
+        L += [
+            "## Score vs trainable parameters",
+            "",
+            f"![score vs params]({rel(plot_params(main, img / 'score_vs_params.png') if plots else img / 'score_vs_params.png', out)})",  # noqa: E501
+            "",
+        ]
+        L += [
+            "## Step-time ratios (same process, same batches, interleaved, median)",
+            "",
+            *timing_lines(main),
+            "",
+            "A search iteration is one weight step (LoRA A/B + head on the weight split) plus one gate step (β on "
+            "the gate split): two forward/backward passes by construction, so ≈2× a LoRA step is the floor; the "
+            "target compares it to a LoRA step plus the reference cost of a gate step.",
+            "",
+        ]
     if ablations:
         L += ["## Ablations", ""]
     # the ablation run with the library defaults first, then separate sweeps (e.g. AdaLoRA's LR)
@@ -1063,8 +1518,13 @@ def render(results: Path, out: Path, img: Path, include_quick: bool = False, plo
         L += [*ablation_section(r, out, img), ""]
         diag = gate_diagnostics(r)
         if diag:
-            L += ["What the gates of each search variant did (one search per seed; same searches as above). Softmax "
-                  "gates average 1 per row by construction, so their mean shift is 0:", "", *diag, ""]
+            L += [
+                "What the gates of each search variant did (one search per seed; same searches as above). Softmax "
+                "gates average 1 per row by construction, so their mean shift is 0:",
+                "",
+                *diag,
+                "",
+            ]
     L += premise_section(results, out)
     notes = results / "discussion.md"
     if notes.exists():

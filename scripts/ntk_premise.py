@@ -2,13 +2,14 @@
 
 For ``--subsets`` random module sets S at one budget (ρ per layer, the DAM's ``layer`` rule), each with a fresh PEFT
 LoRA on S (seeded init), this script measures lambda_min(H(S)) on ``--ntk-examples`` training rows (the kernel of the
-model that is then trained, see :mod:`diffora.select.ntk`), fine-tunes it with diffora's loop, and scores it on rows held
-out from *train* (never the dev set). It reports Spearman's and Kendall's rank correlation between lambda_min and the
-score, writes every job to ``OUT/premise.json`` as it finishes (a rerun skips finished jobs) and draws
-``OUT/premise.png``. The NTK-greedy set (:func:`diffora.select.strategies.ntk.greedy_ntk_selection` on the
-all-candidate kernel) is one extra, marked point.
+model that is then trained, see :mod:`diffora.select.ntk`), fine-tunes it with diffora's loop, and scores it on rows
+held out from *train* (never the dev set). It reports Spearman's and Kendall's rank correlation between lambda_min and
+the score, writes every job to ``OUT/premise.json`` as it finishes (a rerun skips finished jobs) and draws
+``OUT/premise.png``. The NTK-greedy set (:func:`diffora.select.strategies.ntk.greedy_ntk_selection` on the all-candidate
+kernel) is one extra, marked point.
 
-    python scripts/ntk_premise.py --task sst2 --data-dir ../shared/data/glue/SST-2 --output-dir benchmarks/results/premise
+    python scripts/ntk_premise.py --task sst2 --data-dir ../shared/data/glue/SST-2 \\
+        --output-dir benchmarks/results/premise
 """
 
 from __future__ import annotations
@@ -68,23 +69,36 @@ def main(argv=None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "premise.json"
-    opts = Options(task=args.task, data_dir=args.data_dir, model=args.model, max_length=args.max_length,
-                   max_train_samples=args.train_rows + args.holdout_rows, seed=args.seed)
+    opts = Options(
+        task=args.task,
+        data_dir=args.data_dir,
+        model=args.model,
+        max_length=args.max_length,
+        max_train_samples=args.train_rows + args.holdout_rows,
+        seed=args.seed,
+    )
     data = load_task_data(opts)
     model, tokenizer = load_model(opts, data)
     items = encode(data.train, tokenizer, data.kind, args.max_length)
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(1234)).tolist()
     holdout = [items[i] for i in order[: args.holdout_rows]]  # scored rows: held out from train, not the dev set
-    train = [items[i] for i in order[args.holdout_rows:]]
+    train = [items[i] for i in order[args.holdout_rows :]]
     grid = find_candidates(model)
     heads = detect_task_heads(model)
     main_metric = data.main_metric
     del model
 
     state = json.loads(results_path.read_text()) if results_path.exists() else {"jobs": []}
-    state["setup"] = {**vars(args), "train": len(train), "holdout": len(holdout), "main_metric": main_metric,
-                      "candidates": len(grid.module_names()), "torch": torch.__version__,
-                      "machine": platform.machine(), "python": sys.version.split()[0]}
+    state["setup"] = {
+        **vars(args),
+        "train": len(train),
+        "holdout": len(holdout),
+        "main_metric": main_metric,
+        "candidates": len(grid.module_names()),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+    }
     done = {j["name"] for j in state["jobs"]}
 
     rng = random.Random(args.seed)
@@ -98,8 +112,14 @@ def main(argv=None) -> int:
 
     def fresh(modules):
         base, _ = load_model(opts, data)
-        config = lora_config_for(modules, rank=args.rank, alpha=2.0 * args.rank, dropout=0.0, modules_to_save=heads,
-                                 task_type=infer_task_type(type(base).__name__))
+        config = lora_config_for(
+            modules,
+            rank=args.rank,
+            alpha=2.0 * args.rank,
+            dropout=0.0,
+            modules_to_save=heads,
+            task_type=infer_task_type(type(base).__name__),
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed + 1)
             return get_peft_model(base, config)
@@ -121,15 +141,32 @@ def main(argv=None) -> int:
         lam = module_kernels(peft_model, modules, kernel_batches(), max_examples=args.ntk_examples)
         lambda_min = lam.lambda_min(modules)
         loader = make_loader(train, tokenizer, data.kind, args.batch_size, shuffle=True, seed=args.seed + 2)
-        result = finetune(peft_model, loader, lambda m: evaluate_model(m, eval_loader, data.kind, data.metrics),
-                          FinetuneOptions(epochs=args.epochs, lr=args.lr), main_metric=main_metric,
-                          greater_is_better=higher_is_better(main_metric), progress=False)
-        state["jobs"].append({"name": name, "modules": modules, "lambda_min": lambda_min,
-                              "trace": float(lam.kernel(modules).trace()), "score": result.final_metrics[main_metric],
-                              "metrics": result.final_metrics, "seconds": time.perf_counter() - started})
+        result = finetune(
+            peft_model,
+            loader,
+            lambda m: evaluate_model(m, eval_loader, data.kind, data.metrics),
+            FinetuneOptions(epochs=args.epochs, lr=args.lr),
+            main_metric=main_metric,
+            greater_is_better=higher_is_better(main_metric),
+            progress=False,
+        )
+        state["jobs"].append(
+            {
+                "name": name,
+                "modules": modules,
+                "lambda_min": lambda_min,
+                "trace": float(lam.kernel(modules).trace()),
+                "score": result.final_metrics[main_metric],
+                "metrics": result.final_metrics,
+                "seconds": time.perf_counter() - started,
+            }
+        )
         atomic_write_json(results_path, state)  # after every job: a cut-short run keeps what it finished
-        print(f"[{k + 1}/{len(todo)}] {name}: lambda_min {lambda_min:.3e}, {main_metric} "
-              f"{result.final_metrics[main_metric]:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+        print(
+            f"[{k + 1}/{len(todo)}] {name}: lambda_min {lambda_min:.3e}, {main_metric} "
+            f"{result.final_metrics[main_metric]:.4f} ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
 
     summary = summarise(state["jobs"])
     state["summary"] = summary
@@ -152,12 +189,20 @@ def summarise(jobs: list[dict]) -> dict:
     greedy = next((j for j in jobs if j["name"] == "ntk-greedy"), None)
     mean = sum(score) / len(score)
     std = math.sqrt(sum((s - mean) ** 2 for s in score) / max(1, len(score) - 1))
-    return {"random_sets": len(rand), "spearman_lambda_min_vs_score": rho, "spearman_p": p, "kendall_tau": tau,
-            "kendall_p": p_tau, "spearman_trace_vs_score": rho_trace, "spearman_trace_p": p_trace,
-            "random_score_mean": mean, "random_score_std": std,
-            "ntk_greedy_score": greedy["score"] if greedy else None,
-            "ntk_greedy_lambda_min": greedy["lambda_min"] if greedy else None,
-            "ntk_greedy_lambda_min_rank": (sum(l < greedy["lambda_min"] for l in lam) / len(lam)) if greedy else None}
+    return {
+        "random_sets": len(rand),
+        "spearman_lambda_min_vs_score": rho,
+        "spearman_p": p,
+        "kendall_tau": tau,
+        "kendall_p": p_tau,
+        "spearman_trace_vs_score": rho_trace,
+        "spearman_trace_p": p_trace,
+        "random_score_mean": mean,
+        "random_score_std": std,
+        "ntk_greedy_score": greedy["score"] if greedy else None,
+        "ntk_greedy_lambda_min": greedy["lambda_min"] if greedy else None,
+        "ntk_greedy_lambda_min_rank": (sum(l < greedy["lambda_min"] for l in lam) / len(lam)) if greedy else None,
+    }
 
 
 def plot(state: dict, path: Path) -> None:

@@ -45,17 +45,32 @@ def tiny_config(arch: str, **overrides):
     common = dict(vocab_size=VOCAB, num_labels=2, pad_token_id=0)
     if arch == "bert":
         cfg = transformers.BertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=64, **common,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            **common,
         )
     elif arch == "llama":
         cfg = transformers.LlamaConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=64, max_position_embeddings=64, **common,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            **common,
         )
     elif arch == "gpt2":
         cfg = transformers.GPT2Config(
-            n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2, **common,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            **common,
         )
     else:
         raise ValueError(arch)
@@ -126,8 +141,13 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     tokenizer = _tiny_tokenizer()
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,  # so a tiny model learns fast
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        initializer_range=0.2,  # so a tiny model learns fast
     )
     folder = tmp_path_factory.mktemp("tiny-bert")
     transformers.BertModel(cfg).save_pretrained(folder)
@@ -141,9 +161,16 @@ def _save_tiny_llama(folder: Path, hidden: int) -> Path:
     tokenizer.eos_token = "[SEP]"
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, intermediate_size=2 * hidden, max_position_embeddings=128,
-        eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
     )
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -39,8 +39,9 @@ def dataset(n: int = 40, length: int = 10, seed: int = 0) -> list[dict]:
         ids = torch.randint(3, 64, (length,), generator=g)
         # a learnable signal, so gradients are not noise only: the label is whether token 5 appears
         label = int((ids == 5).any()) if i % 3 else int(ids[0] > 32)
-        rows.append({"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long),
-                     "labels": torch.tensor(label)})
+        rows.append(
+            {"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long), "labels": torch.tensor(label)}
+        )
     return rows
 
 
@@ -55,11 +56,22 @@ def main(out_dir: str) -> None:
             beta.register_hook(lambda grad: local.append(grad.detach().clone().tolist()))  # this rank's own gradient
             # what the gate optimiser steps with: the gradient after DAMSearch.gate_step's all-reduce
             phase.search.gate_optimizer.register_step_pre_hook(
-                lambda optimizer, args, kwargs: reduced.append(beta.grad.detach().clone().tolist()))
+                lambda optimizer, args, kwargs: reduced.append(beta.grad.detach().clone().tolist())
+            )
         args = TrainingArguments(
-            output_dir=phase.output_dir(out / "trainer"), use_cpu=True, ddp_backend="gloo", report_to=[],
-            max_steps=phase.max_steps, per_device_train_batch_size=4, per_device_eval_batch_size=3, learning_rate=1e-2,
-            save_strategy="no", logging_steps=100, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+            output_dir=phase.output_dir(out / "trainer"),
+            use_cpu=True,
+            ddp_backend="gloo",
+            report_to=[],
+            max_steps=phase.max_steps,
+            per_device_train_batch_size=4,
+            per_device_eval_batch_size=3,
+            learning_rate=1e-2,
+            save_strategy="no",
+            logging_steps=100,
+            disable_tqdm=True,
+            seed=0,
+            dataloader_num_workers=0,
         )
         return Trainer(model=model, args=args, train_dataset=phase.train_dataset, eval_dataset=phase.eval_dataset)
 
@@ -69,8 +81,13 @@ def main(out_dir: str) -> None:
 
     callback = run.search_callback
     loader = callback.gate_dataloader
-    gate_rows = sorted({",".join(str(int(t)) for t in loader.dataset[i]["input_ids"])
-                        for batch in callback.gate_batches for i in batch})
+    gate_rows = sorted(
+        {
+            ",".join(str(int(t)) for t in loader.dataset[i]["input_ids"])
+            for batch in callback.gate_batches
+            for i in batch
+        }
+    )
     adapter = {n: p.detach() for n, p in run.model.named_parameters() if p.requires_grad}
     digest = {n: [float(p.sum()), float((p * p).sum())] for n, p in sorted(adapter.items())}
     result = {

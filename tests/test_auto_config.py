@@ -22,8 +22,14 @@ def seq_cls_rows(n: int = 40, length: int = 8, seed: int = 0) -> list[dict]:
     rows = []
     for i in range(n):
         ids = torch.randint(3, VOCAB, (length,), generator=g)
-        rows.append({"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long),
-                     "labels": torch.tensor(int(ids[0] > VOCAB // 2)), "text": f"example {i}"})
+        rows.append(
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones(length, dtype=torch.long),
+                "labels": torch.tensor(int(ids[0] > VOCAB // 2)),
+                "text": f"example {i}",
+            }
+        )
     return rows
 
 
@@ -52,8 +58,15 @@ def bert_result() -> tuple[torch.nn.Module, dict, AutoLoraResult, torch.Tensor, 
     model = tiny_model("bert")  # eval mode, as from_pretrained returns it
     before = snapshot(model)
     rng_before = torch.get_rng_state()
-    result = auto_lora_config(model, seq_cls_rows(), config=DiffoRAConfig(**FAST), batch_size=8, search_steps=8,
-                              return_weights=True, progress=False)
+    result = auto_lora_config(
+        model,
+        seq_cls_rows(),
+        config=DiffoRAConfig(**FAST),
+        batch_size=8,
+        search_steps=8,
+        return_weights=True,
+        progress=False,
+    )
     return model, before, result, rng_before, torch.get_rng_state()
 
 
@@ -176,8 +189,7 @@ def test_refuses_bad_inputs():
     model = tiny_model("bert")
     rows = seq_cls_rows(12)
     with pytest.raises(ModelError, match="without adapters"):
-        auto_lora_config(get_peft_model(tiny_model("bert"), LoraConfig(target_modules=["query"])), rows,
-                         progress=False)
+        auto_lora_config(get_peft_model(tiny_model("bert"), LoraConfig(target_modules=["query"])), rows, progress=False)
     with pytest.raises(ConfigError, match="gate_warmup_steps"):
         auto_lora_config(model, rows, config=DiffoRAConfig(gate_warmup_steps=5), search_steps=5, progress=False)
     with pytest.raises(DataError):

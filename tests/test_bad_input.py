@@ -32,8 +32,19 @@ from conftest import REPO, synthetic_sentiment
 
 from diffora.cli.app import main
 
-FAST = ["--max-length", "32", "--batch-size", "8", "--search-steps", "6", "--gate-warmup-steps", "2", "--epochs", "1",
-        "--quiet"]
+FAST = [
+    "--max-length",
+    "32",
+    "--batch-size",
+    "8",
+    "--search-steps",
+    "6",
+    "--gate-warmup-steps",
+    "2",
+    "--epochs",
+    "1",
+    "--quiet",
+]
 #: the fast flags each command takes (a command refuses the options it does not use)
 FAST_FOR = {
     "run": FAST,
@@ -95,15 +106,41 @@ class Ctx:
             (path / file).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
         return str(path)
 
-    def run(self, *extra: str, command: str = "run", train: Optional[str] = None, out: Optional[Path] = None) -> list[str]:
+    def run(
+        self, *extra: str, command: str = "run", train: Optional[str] = None, out: Optional[Path] = None
+    ) -> list[str]:
         """A valid, fast command on the tiny BERT; ``extra`` flags come last, so they override the defaults."""
-        return [command, "--task", "classification", "--train-file", train or str(self.data / "train.csv"),
-                "--eval-file", str(self.data / "dev.csv"), "--model", str(self.bert),
-                "--output-dir", str(out or self.out), *FAST_FOR[command], *extra]
+        return [
+            command,
+            "--task",
+            "classification",
+            "--train-file",
+            train or str(self.data / "train.csv"),
+            "--eval-file",
+            str(self.data / "dev.csv"),
+            "--model",
+            str(self.bert),
+            "--output-dir",
+            str(out or self.out),
+            *FAST_FOR[command],
+            *extra,
+        ]
 
     def eval(self, *extra: str, adapter: Optional[str] = None) -> list[str]:
-        return ["eval", "--task", "classification", "--eval-file", str(self.data / "dev.csv"), "--model",
-                str(self.bert), "--max-length", "32", "--adapter", adapter or self.folder("adapter"), *extra]
+        return [
+            "eval",
+            "--task",
+            "classification",
+            "--eval-file",
+            str(self.data / "dev.csv"),
+            "--model",
+            str(self.bert),
+            "--max-length",
+            "32",
+            "--adapter",
+            adapter or self.folder("adapter"),
+            *extra,
+        ]
 
     def diffora_output(self, path: Optional[Path] = None) -> Path:
         """A finished-looking diffora output folder (so --overwrite would be allowed to replace it)."""
@@ -185,14 +222,17 @@ def _(ctx: Ctx) -> Spec:
 
 @case("adapter-passed-as-model")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--model", ctx.folder("an-adapter", **{"adapter_config.json": "{}"})),
-                ("adapter folder, not a model", "base model"))
+    return Spec(
+        ctx.run("--model", ctx.folder("an-adapter", **{"adapter_config.json": "{}"})),
+        ("adapter folder, not a model", "base model"),
+    )
 
 
 @case("pickle-only-model-weights")
 def _(ctx: Ctx) -> Spec:
-    folder = ctx.folder("pickled", **{"config.json": (ctx.bert / "config.json").read_bytes(),
-                                       "pytorch_model.bin": b"\x80\x02}q\x00."})
+    folder = ctx.folder(
+        "pickled", **{"config.json": (ctx.bert / "config.json").read_bytes(), "pytorch_model.bin": b"\x80\x02}q\x00."}
+    )
     return Spec(ctx.run("--model", folder), ("pickle weights", "safetensors"))
 
 
@@ -208,14 +248,18 @@ def _(ctx: Ctx) -> Spec:
 
     real = importlib.util.find_spec
     ctx.monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
-    return Spec(ctx.run("--model", ctx.file("tiny.gguf", b"GGUF\x03\x00\x00\x00")),
-                ("needs the 'gguf' package", "pip install gguf"))
+    return Spec(
+        ctx.run("--model", ctx.file("tiny.gguf", b"GGUF\x03\x00\x00\x00")),
+        ("needs the 'gguf' package", "pip install gguf"),
+    )
 
 
 @case("target-types-match-nothing")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--target-types", "q_proj"),
-                ("'q_proj' matches no linear layer", "the blocks contain: attention.self.query"))
+    return Spec(
+        ctx.run("--target-types", "q_proj"),
+        ("'q_proj' matches no linear layer", "the blocks contain: attention.self.query"),
+    )
 
 
 @case("max-length-beyond-model")
@@ -241,8 +285,10 @@ def _(ctx: Ctx) -> Spec:
 
 @case("budget-below-smallest-module")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--granularity", "budget", "--keep-ratio", "0.0001"),
-                ("smaller than the smallest candidate module", "raise the keep ratio"))
+    return Spec(
+        ctx.run("--granularity", "budget", "--keep-ratio", "0.0001"),
+        ("smaller than the smallest candidate module", "raise the keep ratio"),
+    )
 
 
 @case("bad-gate")
@@ -323,20 +369,26 @@ def _(ctx: Ctx) -> Spec:
 
 @case("header-only-file")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run(train=ctx.file("header.csv", "text,label\n")),
-                ("header.csv has a header but no data rows", "add at least one example"))
+    return Spec(
+        ctx.run(train=ctx.file("header.csv", "text,label\n")),
+        ("header.csv has a header but no data rows", "add at least one example"),
+    )
 
 
 @case("missing-text-column")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run(train=ctx.file("t.csv", "sentence,label\ngood,1\nbad,0\n")),
-                ("t.csv: no column 'text'", "the columns are ['sentence', 'label']"))
+    return Spec(
+        ctx.run(train=ctx.file("t.csv", "sentence,label\ngood,1\nbad,0\n")),
+        ("t.csv: no column 'text'", "the columns are ['sentence', 'label']"),
+    )
 
 
 @case("missing-label-column")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run(train=ctx.file("t.csv", "text,stars\ngood,1\nbad,0\n")),
-                ("t.csv: no column 'label'", "the columns are ['text', 'stars']"))
+    return Spec(
+        ctx.run(train=ctx.file("t.csv", "text,stars\ngood,1\nbad,0\n")),
+        ("t.csv: no column 'label'", "the columns are ['text', 'stars']"),
+    )
 
 
 @case("label-count-mismatch")
@@ -347,7 +399,7 @@ def _(ctx: Ctx) -> Spec:
 @case("non-numeric-regression-label")
 def _(ctx: Ctx) -> Spec:
     train = ctx.file("r.csv", "text,label\ngood,4.5\nok,high\n")
-    return Spec(ctx.run("--task", "regression", train=train), ("r.csv line 3", "\"high\"", "not a finite number"))
+    return Spec(ctx.run("--task", "regression", train=train), ("r.csv line 3", '"high"', "not a finite number"))
 
 
 @case("mixed-label-types")
@@ -376,20 +428,23 @@ def _(ctx: Ctx) -> Spec:
 
 @case("csv-unbalanced-quote")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run(train=ctx.file("q.csv", 'text,label\ngood,1\n"bad,0\n')),
-                ("q.csv line", "cannot parse the row", "fix the row"))
+    return Spec(
+        ctx.run(train=ctx.file("q.csv", 'text,label\ngood,1\n"bad,0\n')),
+        ("q.csv line", "cannot parse the row", "fix the row"),
+    )
 
 
 @case("unsupported-file-suffix")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run(train=ctx.file("train.txt", "text,label\ngood,1\n")),
-                ("cannot tell the format", ".csv"))
+    return Spec(ctx.run(train=ctx.file("train.txt", "text,label\ngood,1\n")), ("cannot tell the format", ".csv"))
 
 
 @case("invalid-json")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run(train=ctx.file("t.json", '[{"text": "good", "label": 1},')),
-                ("t.json line 1: invalid json", "fix the syntax"))
+    return Spec(
+        ctx.run(train=ctx.file("t.json", '[{"text": "good", "label": 1},')),
+        ("t.json line 1: invalid json", "fix the syntax"),
+    )
 
 
 @case("eval-file-without-labels")
@@ -406,8 +461,10 @@ def _(ctx: Ctx) -> Spec:
 
 @case("single-class-training-data")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run(train=ctx.file("one.csv", "text,label\ngood,1\nfine,1\n")),
-                ("only one class (1)", "add examples of the other classes"))
+    return Spec(
+        ctx.run(train=ctx.file("one.csv", "text,label\ngood,1\nfine,1\n")),
+        ("only one class (1)", "add examples of the other classes"),
+    )
 
 
 @case("too-few-training-rows")
@@ -417,31 +474,65 @@ def _(ctx: Ctx) -> Spec:
 
 @case("search-shorter-than-warmup")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--search-steps", "3", "--gate-warmup-steps", "5"),
-                ("no gate step would run", "lower --gate-warmup-steps"))
+    return Spec(
+        ctx.run("--search-steps", "3", "--gate-warmup-steps", "5"),
+        ("no gate step would run", "lower --gate-warmup-steps"),
+    )
 
 
 @case("causal-lm-prompt-without-response")
 def _(ctx: Ctx) -> Spec:
     rows = "\n".join(json.dumps({"prompt": f"say {i}"}) for i in range(8)) + "\n"
     train = ctx.file("lm.jsonl", rows)
-    argv = ["run", "--task", "causal_lm", "--train-file", train, "--prompt-column", "prompt", "--model",
-            str(ctx.llama), "--output-dir", str(ctx.out), *FAST]
+    argv = [
+        "run",
+        "--task",
+        "causal_lm",
+        "--train-file",
+        train,
+        "--prompt-column",
+        "prompt",
+        "--model",
+        str(ctx.llama),
+        "--output-dir",
+        str(ctx.out),
+        *FAST,
+    ]
     return Spec(argv, ("needs a response column", "prompt column"))
 
 
 # ---------------------------------------------------------------------------------------------------- GLUE
 @case("glue-data-dir-without-files")
 def _(ctx: Ctx) -> Spec:
-    argv = ["run", "--task", "sst2", "--data-dir", ctx.folder("glue-empty"), "--model", str(ctx.bert),
-            "--output-dir", str(ctx.out), "--quiet"]
+    argv = [
+        "run",
+        "--task",
+        "sst2",
+        "--data-dir",
+        ctx.folder("glue-empty"),
+        "--model",
+        str(ctx.bert),
+        "--output-dir",
+        str(ctx.out),
+        "--quiet",
+    ]
     return Spec(argv, ("no train file at", "train.tsv", "fix --data-dir"))
 
 
 @case("glue-data-dir-missing")
 def _(ctx: Ctx) -> Spec:
-    argv = ["run", "--task", "rte", "--data-dir", str(ctx.tmp / "nowhere"), "--model", str(ctx.bert),
-            "--output-dir", str(ctx.out), "--quiet"]
+    argv = [
+        "run",
+        "--task",
+        "rte",
+        "--data-dir",
+        str(ctx.tmp / "nowhere"),
+        "--model",
+        str(ctx.bert),
+        "--output-dir",
+        str(ctx.out),
+        "--quiet",
+    ]
     return Spec(argv, ("nowhere: no such folder", "--data-dir"))
 
 
@@ -455,30 +546,39 @@ def _(ctx: Ctx) -> Spec:
 # -------------------------------------------------------------------------------------------------- config
 @case("config-file-missing")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--config", str(ctx.tmp / "nope.yaml")), ("config file", "does not exist", "check the --config path"))
+    return Spec(
+        ctx.run("--config", str(ctx.tmp / "nope.yaml")), ("config file", "does not exist", "check the --config path")
+    )
 
 
 @case("config-not-valid-yaml")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--config", ctx.file("c.yaml", "rank: [1\nalpha: 2\n")), ("c.yaml' is not valid yaml (line 2", "fix the syntax"))
+    return Spec(
+        ctx.run("--config", ctx.file("c.yaml", "rank: [1\nalpha: 2\n")),
+        ("c.yaml' is not valid yaml (line 2", "fix the syntax"),
+    )
 
 
 @case("config-not-a-mapping")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--config", ctx.file("c.yaml", "- rank\n- 4\n")),
-                ("must hold a mapping of option names to values",))
+    return Spec(
+        ctx.run("--config", ctx.file("c.yaml", "- rank\n- 4\n")), ("must hold a mapping of option names to values",)
+    )
 
 
 @case("config-unknown-option")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--config", ctx.file("c.yaml", "rank: 4\nlearning_rate: 0.1\n")),
-                ("unknown option 'learning_rate'", "diffora run --help"))
+    return Spec(
+        ctx.run("--config", ctx.file("c.yaml", "rank: 4\nlearning_rate: 0.1\n")),
+        ("unknown option 'learning_rate'", "diffora run --help"),
+    )
 
 
 @case("config-wrong-value-type")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--config", ctx.file("c.yaml", "alpha: sixteen\n")),
-                ("option 'alpha' must be a number", "'sixteen'"))
+    return Spec(
+        ctx.run("--config", ctx.file("c.yaml", "alpha: sixteen\n")), ("option 'alpha' must be a number", "'sixteen'")
+    )
 
 
 @case("config-writes-outside-its-folder")
@@ -546,8 +646,9 @@ def _(ctx: Ctx) -> Spec:
     from safetensors import SafetensorError
 
     def full(*_a, **_k):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
-                              '"No space left on device" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     ctx.monkeypatch.setattr("peft.peft_model.safe_save_file", full)
     return Spec(ctx.run("--checkpoint-every", "0"), ("no space left on device", "free some disk space"))
@@ -557,8 +658,9 @@ def _(ctx: Ctx) -> Spec:
 def _(ctx: Ctx) -> Spec:
     folder = Path(ctx.folder("results"))
     adapter = ctx.folder("adapter", **{"adapter_config.json": "{}"})
-    return Spec(ctx.eval("--output-file", str(folder), adapter=adapter),
-                ("is a folder", "pass a file path"), out=folder)
+    return Spec(
+        ctx.eval("--output-file", str(folder), adapter=adapter), ("is a folder", "pass a file path"), out=folder
+    )
 
 
 # ----------------------------------------------------------------------------------------------- run state
@@ -569,8 +671,10 @@ def _(ctx: Ctx) -> Spec:
 
 @case("resume-on-search-command")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--resume", command="search"),
-                ("'diffora search' does not take --resume (an option of diffora run)", "diffora search --help"))
+    return Spec(
+        ctx.run("--resume", command="search"),
+        ("'diffora search' does not take --resume (an option of diffora run)", "diffora search --help"),
+    )
 
 
 @case("interrupted-run-without-resume")
@@ -594,9 +698,13 @@ class _Payload:
 def _(ctx: Ctx) -> Spec:
     marker = ctx.tmp / "pwned"
     (ctx.out / "checkpoints").mkdir(parents=True)
-    torch.save({"format": "diffora.checkpoint/1", "phase": "search", "evil": _Payload(marker)},
-               ctx.out / "checkpoints" / "search.pt")
-    return Spec(ctx.run("--resume"), ("refusing to load", "search.pt", "unsupported global", "only load files you trust"))
+    torch.save(
+        {"format": "diffora.checkpoint/1", "phase": "search", "evil": _Payload(marker)},
+        ctx.out / "checkpoints" / "search.pt",
+    )
+    return Spec(
+        ctx.run("--resume"), ("refusing to load", "search.pt", "unsupported global", "only load files you trust")
+    )
 
 
 @case("corrupt-checkpoint")
@@ -608,43 +716,54 @@ def _(ctx: Ctx) -> Spec:
 
 @case("loss-becomes-nan")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--lr", "1e30", "--warmup-ratio", "0", "--epochs", "3"),
-                ("the training loss became nan", "lower the learning rate (--lr)", "last good checkpoint"),
-                leaves="checkpoints")
+    return Spec(
+        ctx.run("--lr", "1e30", "--warmup-ratio", "0", "--epochs", "3"),
+        ("the training loss became nan", "lower the learning rate (--lr)", "last good checkpoint"),
+        leaves="checkpoints",
+    )
 
 
 @case("search-loss-becomes-nan")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--search-lr", "1e30", "--checkpoint-every", "1"),
-                ("loss became nan", "--search-lr", "last good checkpoint"), leaves="checkpoints")
+    return Spec(
+        ctx.run("--search-lr", "1e30", "--checkpoint-every", "1"),
+        ("loss became nan", "--search-lr", "last good checkpoint"),
+        leaves="checkpoints",
+    )
 
 
 # --------------------------------------------------------------------------------------- records and adapters
 @case("dam-not-json")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--dam", ctx.file("dam.json", "{ not json"), command="train"),
-                ("is not valid json", "pass a dam.json"))
+    return Spec(
+        ctx.run("--dam", ctx.file("dam.json", "{ not json"), command="train"), ("is not valid json", "pass a dam.json")
+    )
 
 
 @case("dam-missing")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--dam", str(ctx.tmp / "s" / "dam.json"), command="train"),
-                ("does not exist", "written by 'diffora search'"))
+    return Spec(
+        ctx.run("--dam", str(ctx.tmp / "s" / "dam.json"), command="train"),
+        ("does not exist", "written by 'diffora search'"),
+    )
 
 
 @case("dam-not-a-search-record")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--dam", ctx.file("dam.json", '{"eval": {"accuracy": 0.9}}'), command="train"),
-                ("is not a diffora search record", "diffora.dam/1"))
+    return Spec(
+        ctx.run("--dam", ctx.file("dam.json", '{"eval": {"accuracy": 0.9}}'), command="train"),
+        ("is not a diffora search record", "diffora.dam/1"),
+    )
 
 
 @case("dam-from-different-model")
 def _(ctx: Ctx) -> Spec:
     names = [[f"model.layers.{i}.self_attn.q_proj", f"model.layers.{i}.mlp.down_proj"] for i in range(2)]
-    record = {"format": "diffora.dam/1", "grid": {"names": names},
-              "selection": {"modules": [names[0][0], names[1][1]]}}
-    return Spec(ctx.run("--dam", ctx.file("dam.json", json.dumps(record)), command="train"),
-                ("names module 'model.layers.0.self_attn.q_proj'", "rerun diffora search with this model"))
+    record = {"format": "diffora.dam/1", "grid": {"names": names}, "selection": {"modules": [names[0][0], names[1][1]]}}
+    return Spec(
+        ctx.run("--dam", ctx.file("dam.json", json.dumps(record)), command="train"),
+        ("names module 'model.layers.0.self_attn.q_proj'", "rerun diffora search with this model"),
+    )
 
 
 @case("train-without-dam-or-modules")
@@ -654,20 +773,26 @@ def _(ctx: Ctx) -> Spec:
 
 @case("unknown-module-name")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.run("--modules", "bert.encoder.layer.7.attention.self.query", command="train"),
-                ("'bert.encoder.layer.7.attention.self.query'", "does not have", "pass full module names such as 'bert."))
+    return Spec(
+        ctx.run("--modules", "bert.encoder.layer.7.attention.self.query", command="train"),
+        ("'bert.encoder.layer.7.attention.self.query'", "does not have", "pass full module names such as 'bert."),
+    )
 
 
 @case("adapter-not-peft")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.eval(adapter=ctx.folder("notes", **{"readme.txt": "hi"})),
-                ("is not a peft adapter folder", "pass out/adapter"))
+    return Spec(
+        ctx.eval(adapter=ctx.folder("notes", **{"readme.txt": "hi"})),
+        ("is not a peft adapter folder", "pass out/adapter"),
+    )
 
 
 @case("adapter-config-broken")
 def _(ctx: Ctx) -> Spec:
-    return Spec(ctx.eval(adapter=ctx.folder("broken", **{"adapter_config.json": "{ nope"})),
-                ("cannot be read as a peft config", "pass the adapter folder a run wrote"))
+    return Spec(
+        ctx.eval(adapter=ctx.folder("broken", **{"adapter_config.json": "{ nope"})),
+        ("cannot be read as a peft config", "pass the adapter folder a run wrote"),
+    )
 
 
 @case("adapter-for-another-model")
@@ -749,8 +874,9 @@ def test_config_paths_are_relative_to_the_config_file(ctx: Ctx, monkeypatch) -> 
 
     folder = Path(ctx.folder("project/configs"))
     (folder / "data").mkdir()
-    (folder / "c.yaml").write_text("train-file: data/train.csv\neval-file: /abs/dev.csv\noutput-dir: runs/a\n"
-                                   "lr: 1e-3\nrank: '4'\n")
+    (folder / "c.yaml").write_text(
+        "train-file: data/train.csv\neval-file: /abs/dev.csv\noutput-dir: runs/a\nlr: 1e-3\nrank: '4'\n"
+    )
     monkeypatch.chdir(ctx.tmp)
     _, opts, _ = parse(["run", "--config", str(folder / "c.yaml")])
     assert opts.train_file == str(folder.resolve() / "data" / "train.csv")
@@ -780,8 +906,9 @@ def test_config_cannot_write_outside_its_folder(ctx: Ctx, value: str) -> None:
 # ----------------------------------------------------------------------------------------------- subprocesses
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "diffora.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "diffora.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def test_no_traceback_without_debug_and_glue_offline_fails_fast(tmp_path, tiny_bert_dir) -> None:

@@ -15,16 +15,44 @@ from conftest import REPO, load_benchmark, synthetic_sentiment
 from diffora.cli import app as cli
 from diffora.compare import CompareOptions, compare, parse_methods
 
-SUITES = ["mrpc", "tweets", "sst2",
-          "fair_sst2", "fair_tweets", "fair_mrpc", "fair_cola", "fair_bbc",
-          "fairlr_sst2", "fairlr_tweets", "fairlr_mrpc", "fairlr_bbc", "fairlr_cola",
-          "fair3_sst2", "fair3_tweets", "fair3_mrpc", "fair3_bbc", "fair3_cola", "tweets_candidates", "mrpc_candidates",
-          "smollm2", "sst2_selection", "sst2_ablations", "sst2_adalora_lr", "sst2_lora_lr", "tweets_lr"]
+SUITES = [
+    "mrpc",
+    "tweets",
+    "sst2",
+    "fair_sst2",
+    "fair_tweets",
+    "fair_mrpc",
+    "fair_cola",
+    "fair_bbc",
+    "fairlr_sst2",
+    "fairlr_tweets",
+    "fairlr_mrpc",
+    "fairlr_bbc",
+    "fairlr_cola",
+    "fair3_sst2",
+    "fair3_tweets",
+    "fair3_mrpc",
+    "fair3_bbc",
+    "fair3_cola",
+    "tweets_candidates",
+    "mrpc_candidates",
+    "smollm2",
+    "sst2_selection",
+    "sst2_ablations",
+    "sst2_adalora_lr",
+    "sst2_lora_lr",
+    "tweets_lr",
+]
 
 
 def suite_commands() -> list[str]:
-    out = subprocess.run(["bash", str(REPO / "benchmarks" / "suites.sh"), "--print", "all"], capture_output=True,
-                         text=True, check=True, cwd=REPO)
+    out = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "suites.sh"), "--print", "all"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
     return [line for line in out.stdout.splitlines() if line.strip()]
 
 
@@ -45,23 +73,50 @@ def test_every_suite_is_a_valid_compare_invocation():
         assert opts.epochs == (3 if suite.startswith("fair3_") else 1)
         if suite in ("mrpc", "tweets", "sst2"):
             assert settings.timing and settings.seeds == [0, 1, 2] and len(methods) == 12
-            assert {m.family for m in methods} == {"diffora", "random", "random-ws", "lora-all", "lora-matched",
-                                                   "lora-qv", "adalora", "eva", "full"}
+            assert {m.family for m in methods} == {
+                "diffora",
+                "random",
+                "random-ws",
+                "lora-all",
+                "lora-matched",
+                "lora-qv",
+                "adalora",
+                "eva",
+                "full",
+            }
         elif suite.startswith("fairlr_"):  # every method's LR chosen on rows held out from train, then 3 seeds
             assert settings.tune_lr and settings.tune_lr_factors == [1.0, 2.0, 4.0] and settings.holdout_rows == 872
             assert settings.seeds == [0, 1, 2] and not settings.eval_on_holdout
-            assert {m.label for m in methods} == {"diffora", "lora-matched", "lora-all-cm", "adalora", "eva",
-                                                  "random-ws"}
+            assert {m.label for m in methods} == {
+                "diffora",
+                "lora-matched",
+                "lora-all-cm",
+                "adalora",
+                "eva",
+                "random-ws",
+            }
         elif suite.startswith("fair"):  # issue 14's headline comparisons: 5 seeds, equal params, equal compute
             assert settings.seeds == [0, 1, 2, 3, 4] and opts.max_train_samples == 2000
             assert not settings.eval_on_holdout and settings.eval_points == 1
-            assert {"diffora", "lora-matched", "lora-all-cm", "adalora", "eva", "random-ws", "lora-all",
-                    "diffora[rank_allocation=uniform]", "diffora[selection_score=ntk,rank_allocation=uniform]"} == {
-                m.label for m in methods}
+            assert {
+                "diffora",
+                "lora-matched",
+                "lora-all-cm",
+                "adalora",
+                "eva",
+                "random-ws",
+                "lora-all",
+                "diffora[rank_allocation=uniform]",
+                "diffora[selection_score=ntk,rank_allocation=uniform]",
+            } == {m.label for m in methods}
         else:
             assert settings.eval_on_holdout and settings.holdout_rows == 872  # never the dev set
-    assert subprocess.run(["bash", str(REPO / "benchmarks" / "suites.sh"), "--print", "nope"], cwd=REPO,
-                          capture_output=True).returncode == 2
+    assert (
+        subprocess.run(
+            ["bash", str(REPO / "benchmarks" / "suites.sh"), "--print", "nope"], cwd=REPO, capture_output=True
+        ).returncode
+        == 2
+    )
 
 
 def test_ablation_names_follow_the_harness():
@@ -74,7 +129,10 @@ def test_ablation_names_follow_the_harness():
     assert name({}) == "diffora_rho0.5" and name({"keep_ratio": 0.25}) == "diffora_rho0.25"
     assert name({"keep_ratio": 0.25}, "random") == "random_rho0.25" and name({}, "lora-all") == "lora_all_r8"
     assert name({}, "lora-matched") == "lora_all_matched" and name({}, "full") == "full_ft"
-    assert name({"lr": 0.01}, "adalora") == "adalora[lr=0.01]" and name({"lr": 2e-3}, "lora-all") == "lora_all_r8[lr=0.002]"
+    assert (
+        name({"lr": 0.01}, "adalora") == "adalora[lr=0.01]"
+        and name({"lr": 2e-3}, "lora-all") == "lora_all_r8[lr=0.002]"
+    )
     assert name({"keep_ratio": 0.25}, ablations=True) == "diffora[default]"
     assert name({"keep_ratio": 0.25, "granularity": "global"}, ablations=True) == "diffora[global]"
     assert name({"keep_ratio": 0.25, "weight_sharing": False}, ablations=True) == "diffora[re-init]"
@@ -97,11 +155,33 @@ def compare_suite(tiny_bert_dir, tmp_path_factory):
             writer.writerows((t, ["neg", "pos"][y]) for t, y in synthetic_sentiment(n, seed))
         files.append(path)
     results = folder / "results"
-    compare(task="classification", train_file=str(files[0]), eval_file=str(files[1]), model=str(tiny_bert_dir),
-            max_length=16, batch_size=8, epochs=1.0, search_steps=4, gate_warmup_steps=1, eval_points=2,
-            methods=["diffora", "diffora[keep_ratio=0.25]", "random", "random[keep_ratio=0.25]", "random-ws",
-                     "lora-all", "adalora"], seeds=[0, 1], workers=0, quiet=True, timing=True, timing_rounds=1,
-            output_dir=str(results / "mrpc"))
+    compare(
+        task="classification",
+        train_file=str(files[0]),
+        eval_file=str(files[1]),
+        model=str(tiny_bert_dir),
+        max_length=16,
+        batch_size=8,
+        epochs=1.0,
+        search_steps=4,
+        gate_warmup_steps=1,
+        eval_points=2,
+        methods=[
+            "diffora",
+            "diffora[keep_ratio=0.25]",
+            "random",
+            "random[keep_ratio=0.25]",
+            "random-ws",
+            "lora-all",
+            "adalora",
+        ],
+        seeds=[0, 1],
+        workers=0,
+        quiet=True,
+        timing=True,
+        timing_rounds=1,
+        output_dir=str(results / "mrpc"),
+    )
     return results
 
 

@@ -24,8 +24,18 @@ def test_initial_gate_matches_the_library(form, gate_init, temperature):
 
 def test_merge_joins_files_of_one_budget_even_across_new_fields():
     render = load_benchmark("render")
-    base = {"format": "diffora.benchmark/1", "task": "sst2", "suite": "main", "command": "c", "started": "s",
-            "runs": [{"method": "a", "seed": 0}], "searches": [], "errors": [], "seeds": [0], "_path": "x"}
+    base = {
+        "format": "diffora.benchmark/1",
+        "task": "sst2",
+        "suite": "main",
+        "command": "c",
+        "started": "s",
+        "runs": [{"method": "a", "seed": 0}],
+        "searches": [],
+        "errors": [],
+        "seeds": [0],
+        "_path": "x",
+    }
     old = dict(base, budget={"lr": 5e-4})
     new = dict(base, budget={"lr": 5e-4, "adalora_lr": None}, runs=[{"method": "b", "seed": 0}], _path="y")
     merged = render.merge([old, new])
@@ -56,9 +66,14 @@ def test_paired_statistics_are_the_compare_reports():
     from diffora.compare.report import paired_stats
 
     render = load_benchmark("render")
-    report = {"data": {"main_metric": "accuracy", "metrics": ["accuracy"]},
-              "runs": [{"method": m, "seed": s, "final": {"accuracy": v}}
-                       for m, vals in (("a", (0.8, 0.82, 0.81)), ("b", (0.7, 0.71, 0.69))) for s, v in enumerate(vals)]}
+    report = {
+        "data": {"main_metric": "accuracy", "metrics": ["accuracy"]},
+        "runs": [
+            {"method": m, "seed": s, "final": {"accuracy": v}}
+            for m, vals in (("a", (0.8, 0.82, 0.81)), ("b", (0.7, 0.71, 0.69)))
+            for s, v in enumerate(vals)
+        ],
+    }
     p = render.paired(report, "a", "b")
     assert p == paired_stats({0: 0.8, 1: 0.82, 2: 0.81}, {0: 0.7, 1: 0.71, 2: 0.69})
     assert p["wins"] == 3 and p["holds"] and p["exceeds"]
@@ -73,21 +88,45 @@ def _fair_results(task: str, scores: dict[str, tuple[float, ...]], seconds: dict
         for seed, value in enumerate(values):
             jid = f"{label}@seed{seed}"
             plan.append(jid)
-            jobs[jid] = {"kind": "finetune", "method": label, "seed": seed, "final": {"accuracy": value},
-                         "trainable_params": 100, "steps": 10, "finetune_seconds": seconds.get(label, 10.0),
-                         "search_seconds": 2.0 if label == "diffora" else 0.0}
-    return {"format": "diffora.compare/1", "data": {"task": task, "main_metric": "accuracy", "train_rows": 10,
-                                                    "eval_rows": 5, "finetune_steps": 10, "lora_all_params": 200},
-            "methods": [{"label": m} for m in scores], "jobs": jobs, "plan": plan}
+            jobs[jid] = {
+                "kind": "finetune",
+                "method": label,
+                "seed": seed,
+                "final": {"accuracy": value},
+                "trainable_params": 100,
+                "steps": 10,
+                "finetune_seconds": seconds.get(label, 10.0),
+                "search_seconds": 2.0 if label == "diffora" else 0.0,
+            }
+    return {
+        "format": "diffora.compare/1",
+        "data": {
+            "task": task,
+            "main_metric": "accuracy",
+            "train_rows": 10,
+            "eval_rows": 5,
+            "finetune_steps": 10,
+            "lora_all_params": 200,
+        },
+        "methods": [{"label": m} for m in scores],
+        "jobs": jobs,
+        "plan": plan,
+    }
 
 
 def test_fair_goals_are_judged_from_the_paired_scores():
     """Issue 14's goals: +1.0 point over lora-matched on the task mean, >= AdaLoRA/EVA/compute-matched LoRA-all,
     beyond random_ws's seed std on >= 3 of 4 tasks, <= 1.3x LoRA-all's wall."""
     render = load_benchmark("render")
-    good = {"diffora": (0.80, 0.81, 0.82), "lora-matched": (0.78, 0.79, 0.80), "adalora": (0.80, 0.80, 0.80),
-            "eva": (0.81, 0.81, 0.81), "lora-all-cm": (0.79, 0.80, 0.81), "random-ws": (0.70, 0.71, 0.72),
-            "lora-all": (0.80, 0.80, 0.80)}
+    good = {
+        "diffora": (0.80, 0.81, 0.82),
+        "lora-matched": (0.78, 0.79, 0.80),
+        "adalora": (0.80, 0.80, 0.80),
+        "eva": (0.81, 0.81, 0.81),
+        "lora-all-cm": (0.79, 0.80, 0.81),
+        "random-ws": (0.70, 0.71, 0.72),
+        "lora-all": (0.80, 0.80, 0.80),
+    }
     suites = [_fair_results(t, good, {"diffora": 10.0, "lora-all": 10.0}) for t in ("a", "b", "c", "d")]
     lines = "\n".join(render.fair_goals(suites))
     assert "lora-matched by ≥ 1.0 point on the mean over tasks*: mean +2.00 points" in lines

@@ -45,14 +45,22 @@ def test_bert_param_costs_ffn_larger_than_attention():
 
 def test_vit_and_deberta_presets():
     vit = transformers.ViTForImageClassification(
-        transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                               image_size=8, patch_size=4, num_labels=3)
+        transformers.ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=8,
+            patch_size=4,
+            num_labels=3,
+        )
     )
     grid = find_candidates(vit)
     assert grid.family.startswith("vit") and grid.shape == (2, 6)
     deberta = transformers.DebertaV2ForSequenceClassification(
-        transformers.DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=64)
+        transformers.DebertaV2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=64
+        )
     )
     grid = find_candidates(deberta)
     assert grid.family == "deberta-v2" and grid.shape == (2, 6)

@@ -15,8 +15,19 @@ from conftest import synthetic_sentiment
 
 from diffora.cli.app import main
 
-FAST = ["--max-length", "32", "--batch-size", "8", "--search-steps", "6", "--gate-warmup-steps", "2", "--epochs", "1",
-        "--quiet"]
+FAST = [
+    "--max-length",
+    "32",
+    "--batch-size",
+    "8",
+    "--search-steps",
+    "6",
+    "--gate-warmup-steps",
+    "2",
+    "--epochs",
+    "1",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +83,21 @@ def _fails_cleanly(argv: list[str], capsys, watched: list[Path], *names: str) ->
 
 
 def _eval(tiny_bert_dir: Path, data_dir: Path, adapter: Path, output_file: Path) -> list[str]:
-    return ["eval", "--task", "classification", "--eval-file", str(data_dir / "dev.csv"), "--model",
-            str(tiny_bert_dir), "--max-length", "32", "--adapter", str(adapter), "--output-file", str(output_file)]
+    return [
+        "eval",
+        "--task",
+        "classification",
+        "--eval-file",
+        str(data_dir / "dev.csv"),
+        "--model",
+        str(tiny_bert_dir),
+        "--max-length",
+        "32",
+        "--adapter",
+        str(adapter),
+        "--output-file",
+        str(output_file),
+    ]
 
 
 def test_good_adapter_evaluates(tiny_bert_dir, data_dir, adapter_dir, tmp_path, capsys) -> None:
@@ -88,8 +112,9 @@ def test_truncated_adapter_weights(tiny_bert_dir, data_dir, adapter_dir, tmp_pat
     weights = adapter / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     out = tmp_path / "metrics.json"
-    line = _fails_cleanly(_eval(tiny_bert_dir, data_dir, adapter, out), capsys, [tmp_path / "adapter", out],
-                          str(weights))
+    line = _fails_cleanly(
+        _eval(tiny_bert_dir, data_dir, adapter, out), capsys, [tmp_path / "adapter", out], str(weights)
+    )
     assert "safetensors" in line and "internal error" not in line
 
 
@@ -97,8 +122,9 @@ def test_adapter_weights_not_safetensors(tiny_bert_dir, data_dir, adapter_dir, t
     adapter = _copy_adapter(adapter_dir, tmp_path / "adapter")
     (adapter / "adapter_model.safetensors").write_bytes(b"\x00" * 7)
     out = tmp_path / "metrics.json"
-    _fails_cleanly(_eval(tiny_bert_dir, data_dir, adapter, out), capsys, [out],
-                   str(adapter / "adapter_model.safetensors"))
+    _fails_cleanly(
+        _eval(tiny_bert_dir, data_dir, adapter, out), capsys, [out], str(adapter / "adapter_model.safetensors")
+    )
 
 
 def test_adapter_with_wrong_shapes(tiny_bert_dir, data_dir, adapter_dir, tmp_path, capsys) -> None:
@@ -124,21 +150,34 @@ def _interrupted_run(tmp_path: Path, checkpoint: dict) -> Path:
 
 
 def _resume(tiny_bert_dir: Path, data_dir: Path, out: Path) -> list[str]:
-    return ["run", "--task", "classification", "--train-file", str(data_dir / "train.csv"), "--eval-file",
-            str(data_dir / "dev.csv"), "--model", str(tiny_bert_dir), "--output-dir", str(out), *FAST, "--resume"]
+    return [
+        "run",
+        "--task",
+        "classification",
+        "--train-file",
+        str(data_dir / "train.csv"),
+        "--eval-file",
+        str(data_dir / "dev.csv"),
+        "--model",
+        str(tiny_bert_dir),
+        "--output-dir",
+        str(out),
+        *FAST,
+        "--resume",
+    ]
 
 
 def test_checkpoint_from_another_version(tiny_bert_dir, data_dir, tmp_path, capsys) -> None:
     out = _interrupted_run(tmp_path, {"format": "diffora.checkpoint/99", "phase": "search", "search": {}})
-    line = _fails_cleanly(_resume(tiny_bert_dir, data_dir, out), capsys, [out],
-                          str(out / "checkpoints" / "search.pt"))
+    line = _fails_cleanly(_resume(tiny_bert_dir, data_dir, out), capsys, [out], str(out / "checkpoints" / "search.pt"))
     assert "not a diffora search checkpoint" in line
 
 
 def test_checkpoint_with_foreign_contents(tiny_bert_dir, data_dir, tmp_path, capsys) -> None:
     """The right format string over contents this version does not know (a renamed key, a tensor of another size)."""
-    out = _interrupted_run(tmp_path, {"format": "diffora.checkpoint/1", "phase": "search", "rng": {},
-                                      "searcher": {"beta": torch.zeros(3)}})
+    out = _interrupted_run(
+        tmp_path, {"format": "diffora.checkpoint/1", "phase": "search", "rng": {}, "searcher": {"beta": torch.zeros(3)}}
+    )
     _fails_cleanly(_resume(tiny_bert_dir, data_dir, out), capsys, [out], str(out / "checkpoints" / "search.pt"))
 
 
@@ -146,8 +185,25 @@ def test_search_record_from_another_version(tiny_bert_dir, data_dir, tmp_path, c
     record = tmp_path / "dam.json"
     record.write_text(json.dumps({"format": "diffora.dam/7", "grid": {"names": []}, "selection": {"modules": []}}))
     out = tmp_path / "out"
-    argv = ["train", "--task", "classification", "--train-file", str(data_dir / "train.csv"), "--eval-file",
-            str(data_dir / "dev.csv"), "--model", str(tiny_bert_dir), "--output-dir", str(out), "--dam", str(record),
-            "--max-length", "32", "--epochs", "1", "--quiet"]
+    argv = [
+        "train",
+        "--task",
+        "classification",
+        "--train-file",
+        str(data_dir / "train.csv"),
+        "--eval-file",
+        str(data_dir / "dev.csv"),
+        "--model",
+        str(tiny_bert_dir),
+        "--output-dir",
+        str(out),
+        "--dam",
+        str(record),
+        "--max-length",
+        "32",
+        "--epochs",
+        "1",
+        "--quiet",
+    ]
     line = _fails_cleanly(argv, capsys, [out], str(record))
     assert "diffora.dam/1" in line  # the format this version reads

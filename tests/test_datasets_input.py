@@ -87,11 +87,21 @@ def test_parquet_with_no_rows(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------------------------------- hub ids
 
 
-@pytest.mark.parametrize("text, hub", [
-    ("user/name", True), ("user/name:validation", True), ("HuggingFaceH4/ultrachat_200k:train_sft", True),
-    ("data/train.csv", False), ("data/train.parquet:x", False), ("./user/name", False), ("/abs/name", False),
-    ("name", False), ("a/b/c", False), ("~/x", False),
-])
+@pytest.mark.parametrize(
+    "text, hub",
+    [
+        ("user/name", True),
+        ("user/name:validation", True),
+        ("HuggingFaceH4/ultrachat_200k:train_sft", True),
+        ("data/train.csv", False),
+        ("data/train.parquet:x", False),
+        ("./user/name", False),
+        ("/abs/name", False),
+        ("name", False),
+        ("a/b/c", False),
+        ("~/x", False),
+    ],
+)
 def test_hub_id_or_path(text: str, hub: bool) -> None:
     assert is_hub_dataset_id(text) is hub
 
@@ -126,13 +136,16 @@ def test_messages_column_gives_chat_examples() -> None:
     assert isinstance(plain, LMExamples)
 
 
-@pytest.mark.parametrize("messages, expect", [
-    ([], "non-empty list"),
-    ("hi", "non-empty list"),
-    ([{"role": "user", "content": "hi"}], "no assistant message"),
-    ([{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}], "message 1"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}], "message 2"),
-])
+@pytest.mark.parametrize(
+    "messages, expect",
+    [
+        ([], "non-empty list"),
+        ("hi", "non-empty list"),
+        ([{"role": "user", "content": "hi"}], "no assistant message"),
+        ([{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}], "message 1"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}], "message 2"),
+    ],
+)
 def test_bad_conversations(messages, expect: str) -> None:
     records = [Record({"messages": CHAT}, line=1), Record({"messages": messages}, line=2)]
     with pytest.raises(DataError) as exc:
@@ -245,13 +258,36 @@ def test_cli_run_on_chat_parquet(tmp_path: Path, tiny_llama_dir: Path, capsys) -
     tokenizer.chat_template = TEMPLATE
     tokenizer.save_pretrained(model)
     answers = ["happy", "sad story", "fine", "awful day"]
-    rows = [{"messages": [{"role": "user", "content": f"say {a}"}, {"role": "assistant", "content": a}]}
-            for a in answers * 6]
+    rows = [
+        {"messages": [{"role": "user", "content": f"say {a}"}, {"role": "assistant", "content": a}]}
+        for a in answers * 6
+    ]
     train = write_parquet(tmp_path / "chat.parquet", rows)
     out = tmp_path / "out"
-    code = main(["run", "--task", "causal_lm", "--train-file", str(train), "--model", str(model), "--output-dir",
-                 str(out), "--max-length", "32", "--batch-size", "4", "--search-steps", "4", "--gate-warmup-steps",
-                 "1", "--epochs", "1", "--quiet"])
+    code = main(
+        [
+            "run",
+            "--task",
+            "causal_lm",
+            "--train-file",
+            str(train),
+            "--model",
+            str(model),
+            "--output-dir",
+            str(out),
+            "--max-length",
+            "32",
+            "--batch-size",
+            "4",
+            "--search-steps",
+            "4",
+            "--gate-warmup-steps",
+            "1",
+            "--epochs",
+            "1",
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_rows"] + metrics["eval_rows"] == len(rows)

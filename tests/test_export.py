@@ -61,16 +61,20 @@ def test_round_trip_in_fresh_process_without_diffora(arch, kind, tmp_path):
     adapter_dir = tmp_path / "adapter"
     exported.save_pretrained(adapter_dir)
     assert sorted(p.name for p in adapter_dir.iterdir() if p.suffix in {".json", ".safetensors"}) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == sorted(selection.modules)
-    save_file({**{k: v.contiguous() for k, v in inputs.items()}, "expected": expected}, str(tmp_path / "io.safetensors"))
+    save_file(
+        {**{k: v.contiguous() for k, v in inputs.items()}, "expected": expected}, str(tmp_path / "io.safetensors")
+    )
 
     script = textwrap.dedent(f"""
         import json, sys, torch, transformers
         from peft import PeftModel
         from safetensors.torch import load_file
-        io = load_file({str(tmp_path / 'io.safetensors')!r})
+        io = load_file({str(tmp_path / "io.safetensors")!r})
         expected = io.pop("expected")
         base = transformers.{auto}.from_pretrained({str(base_dir)!r}).eval()
         model = PeftModel.from_pretrained(base, {str(adapter_dir)!r}).eval()
@@ -99,8 +103,10 @@ def test_weight_sharing_folds_gate_into_b_and_carries_head(tmp_path):
     for name in selection.modules:
         i, j = search.grid.position(name)
         layer = search.model.get_base_model().get_submodule(name)
-        expected[name] = (layer.lora_A["default"].weight.detach().clone(),
-                          gates[i, j] * layer.lora_B["default"].weight.detach().clone())
+        expected[name] = (
+            layer.lora_A["default"].weight.detach().clone(),
+            gates[i, j] * layer.lora_B["default"].weight.detach().clone(),
+        )
     head = search.model.get_base_model().classifier.modules_to_save["default"].weight.detach().clone()
     exported = export_search(search, selection)
     for name, (a, b) in expected.items():

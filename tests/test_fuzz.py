@@ -21,8 +21,9 @@ from diffora.method.candidates import DAMGrid, ceil_count
 from diffora.method.config import DiffoRAConfig
 from diffora.select.quota import select_modules
 
-FUZZ = settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                        HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=75, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 # values of every type, valid or not
 JUNK = st.one_of(
@@ -34,10 +35,29 @@ JUNK = st.one_of(
     st.lists(st.one_of(st.text(max_size=6), st.integers()), max_size=3),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
-SMALL_NUMBERS = st.one_of(st.integers(min_value=-3, max_value=200),
-                          st.floats(min_value=-2.0, max_value=2.0, allow_nan=False), st.sampled_from([0, 0.0, 1, 1.0]))
-CHOICES = st.sampled_from(["sigmoid", "softmax", "first", "second", "layer", "global", "budget", "query",
-                           "classification", "regression", "causal_lm", "sst2", "tweets", ""])
+SMALL_NUMBERS = st.one_of(
+    st.integers(min_value=-3, max_value=200),
+    st.floats(min_value=-2.0, max_value=2.0, allow_nan=False),
+    st.sampled_from([0, 0.0, 1, 1.0]),
+)
+CHOICES = st.sampled_from(
+    [
+        "sigmoid",
+        "softmax",
+        "first",
+        "second",
+        "layer",
+        "global",
+        "budget",
+        "query",
+        "classification",
+        "regression",
+        "causal_lm",
+        "sst2",
+        "tweets",
+        "",
+    ]
+)
 
 
 def _values_for(name: str) -> st.SearchStrategy:
@@ -109,8 +129,10 @@ def test_read_records_on_random_bytes(scratch: Path, raw: bytes, suffix: str, en
         assert records and all(isinstance(r, dict) for r in records)
 
 
-CELL = st.one_of(st.text(alphabet=st.sampled_from(list('ab 1.5-é"\',\t\n\r\x00')), max_size=8),
-                 st.sampled_from(["pos", "neg", "0", "1", "2.5", "nan", "inf"]))
+CELL = st.one_of(
+    st.text(alphabet=st.sampled_from(list("ab 1.5-é\"',\t\n\r\x00")), max_size=8),
+    st.sampled_from(["pos", "neg", "0", "1", "2.5", "nan", "inf"]),
+)
 
 
 @FUZZ
@@ -123,8 +145,9 @@ CELL = st.one_of(st.text(alphabet=st.sampled_from(list('ab 1.5-é"\',\t\n\r\x00'
     pair=st.sampled_from([None, "pair"]),
     kind=st.sampled_from(["class", "float", None]),
 )
-def test_load_examples_on_random_delimited_shapes(scratch: Path, names, rows, delimiter, quoted, header, pair,
-                                                  kind) -> None:
+def test_load_examples_on_random_delimited_shapes(
+    scratch: Path, names, rows, delimiter, quoted, header, pair, kind
+) -> None:
     buffer = io.StringIO(newline="")
     if quoted:  # well-formed quoting of random cells (with ragged rows)
         writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
@@ -134,8 +157,15 @@ def test_load_examples_on_random_delimited_shapes(scratch: Path, names, rows, de
         buffer.write("\n".join(delimiter.join(r) for r in [names, *rows]) + "\n")
     path = scratch / ("shape.tsv" if delimiter == "\t" else "shape.csv")
     path.write_text(buffer.getvalue(), encoding="utf-8")
-    examples = _expect_data_error(load_examples, path, text_column="text", text_pair_column=pair,
-                                  label_column="label", label_kind=kind, header=header)
+    examples = _expect_data_error(
+        load_examples,
+        path,
+        text_column="text",
+        text_pair_column=pair,
+        label_column="label",
+        label_kind=kind,
+        header=header,
+    )
     if examples is not None:
         _check_examples(examples, kind)
 
@@ -150,7 +180,11 @@ RECORD = st.dictionaries(st.sampled_from(["text", "label", "pair", "x"]), JSON_V
 
 @FUZZ
 @given(
-    data=st.one_of(st.lists(st.one_of(RECORD, JSON_VALUES), max_size=5), st.fixed_dictionaries({"data": st.lists(RECORD, max_size=4)}), JSON_VALUES),
+    data=st.one_of(
+        st.lists(st.one_of(RECORD, JSON_VALUES), max_size=5),
+        st.fixed_dictionaries({"data": st.lists(RECORD, max_size=4)}),
+        JSON_VALUES,
+    ),
     lines=st.booleans(),
     kind=st.sampled_from(["class", "float", None]),
 )
@@ -186,12 +220,22 @@ def grids(draw) -> tuple[DAMGrid, list[list[float]]]:
     valid = draw(st.lists(st.lists(st.booleans(), min_size=cols, max_size=cols), min_size=rows, max_size=rows))
     assume(any(any(r) for r in valid))
     names = [[f"l{i}.t{j}" if valid[i][j] else None for j in range(cols)] for i in range(rows)]
-    costs = draw(st.lists(st.lists(st.integers(min_value=1, max_value=5000), min_size=cols, max_size=cols),
-                          min_size=rows, max_size=rows))
+    costs = draw(
+        st.lists(
+            st.lists(st.integers(min_value=1, max_value=5000), min_size=cols, max_size=cols),
+            min_size=rows,
+            max_size=rows,
+        )
+    )
     score = st.one_of(st.floats(min_value=-1e6, max_value=1e6), st.sampled_from([0.0, 0.5, 1.0]))  # ties are common
     scores = draw(st.lists(st.lists(score, min_size=cols, max_size=cols), min_size=rows, max_size=rows))
-    grid = DAMGrid(layers=[f"l{i}" for i in range(rows)], types=[f"t{j}" for j in range(cols)],
-                   labels=[f"t{j}" for j in range(cols)], names=names, param_costs=costs)
+    grid = DAMGrid(
+        layers=[f"l{i}" for i in range(rows)],
+        types=[f"t{j}" for j in range(cols)],
+        labels=[f"t{j}" for j in range(cols)],
+        names=names,
+        param_costs=costs,
+    )
     return grid, scores
 
 
@@ -240,11 +284,15 @@ def test_select_modules_honours_the_ratio_rules(grid_scores, keep_ratio: float, 
 
 
 @FUZZ
-@given(grid_scores=grids(), keep_ratio=st.one_of(st.floats(allow_nan=True), st.integers(-2, 3)),
-       granularity=st.one_of(st.sampled_from(["layer", "global", "budget"]), st.text(max_size=5)),
-       extra_row=st.booleans())
-def test_select_modules_rejects_bad_arguments_with_config_error(grid_scores, keep_ratio, granularity,
-                                                                extra_row: bool) -> None:
+@given(
+    grid_scores=grids(),
+    keep_ratio=st.one_of(st.floats(allow_nan=True), st.integers(-2, 3)),
+    granularity=st.one_of(st.sampled_from(["layer", "global", "budget"]), st.text(max_size=5)),
+    extra_row=st.booleans(),
+)
+def test_select_modules_rejects_bad_arguments_with_config_error(
+    grid_scores, keep_ratio, granularity, extra_row: bool
+) -> None:
     grid, scores = grid_scores
     if extra_row:
         scores = [*scores, [0.0] * len(grid.types)]

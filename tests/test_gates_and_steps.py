@@ -31,12 +31,20 @@ def test_gates_one_equal_peft_lora_and_zero_equal_base(arch, form):
 
     reference = get_peft_model(
         copy.deepcopy(base),
-        LoraConfig(r=4, lora_alpha=16, target_modules=search.grid.module_names(), init_lora_weights=False,
-                   fan_in_fan_out=arch == "gpt2"),
+        LoraConfig(
+            r=4,
+            lora_alpha=16,
+            target_modules=search.grid.module_names(),
+            init_lora_weights=False,
+            fan_in_fan_out=arch == "gpt2",
+        ),
     ).eval()
     with torch.no_grad():
         for name in search.grid.module_names():
-            ours, theirs = search.model.get_base_model().get_submodule(name), reference.get_base_model().get_submodule(name)
+            ours, theirs = (
+                search.model.get_base_model().get_submodule(name),
+                reference.get_base_model().get_submodule(name),
+            )
             theirs.lora_A["default"].weight.copy_(ours.lora_A["default"].weight)
             theirs.lora_B["default"].weight.copy_(ours.lora_B["default"].weight)
         with search.gates.forced(1.0):
@@ -115,9 +123,12 @@ def test_nan_loss_stops_with_clear_error():
 
     search, _ = _search("bert")
     with torch.no_grad():
-        search.model.get_base_model().get_submodule(search.grid.names[0][0]).lora_A["default"].weight.fill_(float("nan"))
+        search.model.get_base_model().get_submodule(search.grid.names[0][0]).lora_A["default"].weight.fill_(
+            float("nan")
+        )
     with pytest.raises(TrainingError, match="loss became nan"):
         search.weight_step(random_batch())
+
 
 @pytest.mark.parametrize("form", ["sigmoid", "softmax"])
 def test_movement_score_ranks_by_distance_from_the_initial_gate(form):

@@ -49,8 +49,10 @@ def _loader() -> DataLoader:
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(3, VOCAB, (24, 10), generator=g)
     labels = torch.randint(0, 2, (24,), generator=g)
-    rows = [{"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": labels[i]}
-            for i in range(24)]
+    rows = [
+        {"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": labels[i]}
+        for i in range(24)
+    ]
     return DataLoader(rows, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5))
 
 
@@ -99,8 +101,14 @@ def test_search_then_continue_equals_training_the_kept_modules_from_the_search_s
     names = {id(p): n for n, p in search_b.model.named_parameters()}
     moments = {names[id(p)]: search_b.weight_optimizer.state[p] for p in search_b.weight_params}
 
-    lora = LoraConfig(r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=list(selection.modules),
-                      modules_to_save=list(search_b.heads), task_type="SEQ_CLS")
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8.0,
+        lora_dropout=0.0,
+        target_modules=list(selection.modules),
+        modules_to_save=list(search_b.heads),
+        task_type="SEQ_CLS",
+    )
     peft_b = get_peft_model(tiny_model("bert", **NO_DROPOUT), lora)
     trainable = {n: p for n, p in peft_b.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=OPTIONS.lr, weight_decay=OPTIONS.weight_decay)
@@ -131,8 +139,9 @@ def test_search_then_continue_equals_training_the_kept_modules_from_the_search_s
         assert torch.equal(param, trainable[name]), name
 
     # equal compute by construction: the search's steps and the fine-tune's add up to LoRA-all's
-    lora_all = fresh_lora(tiny_model("bert", **NO_DROPOUT), search_b.grid.module_names(), rank=4, alpha=8.0,
-                          dropout=0.0, seed=0)
+    lora_all = fresh_lora(
+        tiny_model("bert", **NO_DROPOUT), search_b.grid.module_names(), rank=4, alpha=8.0, dropout=0.0, seed=0
+    )
     assert finetune(lora_all, _loader(), None, OPTIONS, progress=False).steps == total == S + result.steps
 
 
@@ -145,8 +154,9 @@ def test_a_schedule_built_at_a_step_equals_one_stepped_there():
             warnings.simplefilter("ignore")  # stepping the schedule without optimiser steps, on purpose
             for _ in range(start):
                 one.step()
-        built = linear_schedule(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-3), total, ratio,
-                                start=start)
+        built = linear_schedule(
+            torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-3), total, ratio, start=start
+        )
         assert built.get_last_lr() == one.get_last_lr(), start
 
 
@@ -201,13 +211,42 @@ def continue_job(tiny_bert_dir, tmp_path_factory):
             writer = csv.writer(handle)
             writer.writerow(["text", "label"])
             writer.writerows(synthetic_sentiment(n, seed))
-    args = ["run", "--task", "classification", "--train-file", str(folder / "train.csv"), "--eval-file",
-            str(folder / "dev.csv"), "--model", str(tiny_bert_dir), "--max-length", "32", "--batch-size", "8",
-            "--search-epochs", "2", "--epochs", "2", "--lr", "1e-2", "--handoff", "continue",
-            "--checkpoint-every", "2", "--quiet", "--seed", "4"]
+    args = [
+        "run",
+        "--task",
+        "classification",
+        "--train-file",
+        str(folder / "train.csv"),
+        "--eval-file",
+        str(folder / "dev.csv"),
+        "--model",
+        str(tiny_bert_dir),
+        "--max-length",
+        "32",
+        "--batch-size",
+        "8",
+        "--search-epochs",
+        "2",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-2",
+        "--handoff",
+        "continue",
+        "--checkpoint-every",
+        "2",
+        "--quiet",
+        "--seed",
+        "4",
+    ]
     reference = tmp_path_factory.mktemp("handoff-ref") / "out"
-    done = subprocess.run([sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(reference)],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(reference)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return args, reference
 
@@ -218,8 +257,12 @@ def test_run_with_continue_takes_lora_alls_steps_and_records_them(continue_job):
     metrics = json.loads((out / "metrics.json").read_text())
     total = 2 * 20  # 2 epochs of 160 rows in batches of 8: what LoRA-all fine-tuning takes
     handoff = record["handoff"]
-    assert handoff == {"mode": "continue", "search_steps": record["weight_steps"],
-                       "finetune_steps": total - record["weight_steps"], "total_steps": total}
+    assert handoff == {
+        "mode": "continue",
+        "search_steps": record["weight_steps"],
+        "finetune_steps": total - record["weight_steps"],
+        "total_steps": total,
+    }
     assert record["weight_steps"] == 2 * 14  # 2 passes over the weight split (112 rows = 14 batches)
     assert record["config"]["weight_lr"] == 1e-2  # the search's weight LR is the fine-tune's --lr
     assert metrics["search_steps"] + metrics["finetune_steps"] == metrics["total_steps"] == total
@@ -229,8 +272,13 @@ def test_run_with_continue_takes_lora_alls_steps_and_records_them(continue_job):
 def test_continue_resumes_bit_identically_after_kill9(continue_job, tmp_path, phase):
     args, reference = continue_job
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     target = out / "checkpoints" / f"{phase}.pt"
     deadline = time.time() + 300
     while not target.exists():
@@ -243,8 +291,13 @@ def test_continue_resumes_bit_identically_after_kill9(continue_job, tmp_path, ph
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=120) == -9
     assert not (out / "metrics.json").exists(), "the run must not have finished"
-    done = subprocess.run([sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out), "--resume"],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "dam.json").read_bytes() == (reference / "dam.json").read_bytes()
     ours = load_file(str(out / "adapter" / "adapter_model.safetensors"))

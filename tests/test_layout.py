@@ -51,9 +51,12 @@ def module_name(path: Path) -> str:
 
 def stage(module: str) -> int:
     # longest match first, so "diffora.method.export" is not read as "diffora.method"
-    matches = [(len(prefix), i) for i, entry in enumerate(STAGES)
-               for prefix in ((entry,) if isinstance(entry, str) else entry)
-               if module == prefix or module.startswith(prefix + ".")]
+    matches = [
+        (len(prefix), i)
+        for i, entry in enumerate(STAGES)
+        for prefix in ((entry,) if isinstance(entry, str) else entry)
+        if module == prefix or module.startswith(prefix + ".")
+    ]
     if not matches:
         raise AssertionError(f"{module} has no stage in tests/test_layout.py: add it to STAGES")
     return max(matches)[1]

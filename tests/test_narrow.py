@@ -38,15 +38,17 @@ def user_peft_model(**lora: object) -> PeftModel:
     return get_peft_model(model, config)
 
 
-@pytest.mark.parametrize("lora", [dict(use_rslora=True, exclude_modules=["down_proj"]),
-                                  dict(use_dora=True, init_lora_weights="gaussian")], ids=["rslora", "dora"])
+@pytest.mark.parametrize(
+    "lora",
+    [dict(use_rslora=True, exclude_modules=["down_proj"]), dict(use_dora=True, init_lora_weights="gaussian")],
+    ids=["rslora", "dora"],
+)
 def test_narrows_the_users_model_in_place_and_reloads_with_stock_peft(lora, tmp_path):
     peft_model = user_peft_model(**lora)
     candidates = list(adapter_layers(peft_model.get_base_model()))
     assert not any("down_proj" in n for n in candidates) or "exclude_modules" not in lora
     params_before = {id(p) for p in peft_model.parameters()}
-    config = diffora.narrow_lora(peft_model, loader(lm_rows()), config=DiffoRAConfig(**FAST), steps=6,
-                                 progress=False)
+    config = diffora.narrow_lora(peft_model, loader(lm_rows()), config=DiffoRAConfig(**FAST), steps=6, progress=False)
     kept = list(config.target_modules)
     assert 0 < len(kept) < len(candidates) and set(kept) <= set(candidates)
     assert set(adapter_layers(peft_model.get_base_model())) == set(kept)  # dropped layers are plain linears again
@@ -84,8 +86,14 @@ def test_gate_folding_keeps_the_searched_function(lora):
             ungated = peft_model(**batch).logits
     assert not torch.allclose(gated, ungated, atol=1e-4), "the gate does not reach the LoRA branch"
     names = search.grid.module_names()
-    selection = Selection(mask=search.grid.valid_mask(), modules=names, keep_ratio=1.0, granularity="entry",
-                          lora_params=0, total_lora_params=0)
+    selection = Selection(
+        mask=search.grid.valid_mask(),
+        modules=names,
+        keep_ratio=1.0,
+        granularity="entry",
+        lora_params=0,
+        total_lora_params=0,
+    )
     narrow_model(search, selection)
     with torch.no_grad():
         assert torch.allclose(peft_model(**batch).logits, gated, atol=1e-5)
@@ -93,8 +101,9 @@ def test_gate_folding_keeps_the_searched_function(lora):
 
 def test_rank_allocation_gives_the_same_rank_pattern_as_the_cli_and_keeps_the_function():
     peft_model = user_peft_model()
-    narrowed, search, _ = narrow_search(peft_model, loader(lm_rows()), steps=6, progress=False,
-                                        config=DiffoRAConfig(**FAST, rank_allocation="uniform"))
+    narrowed, search, _ = narrow_search(
+        peft_model, loader(lm_rows()), steps=6, progress=False, config=DiffoRAConfig(**FAST, rank_allocation="uniform")
+    )
     assert narrowed.ranks and narrowed.lora_config.rank_pattern  # budget of all candidates: kept ranks grow
     for name, r in narrowed.ranks.items():
         layer = peft_model.get_base_model().get_submodule(name)
@@ -115,9 +124,11 @@ def test_bad_inputs_fail_before_any_compute():
 
 def test_a_search_inside_an_outer_autocast_is_refused():
     """autocast caches its weight casts for the whole context: the search would read B = 0 at every step."""
-    peft_model = get_peft_model(tiny_model("llama", kind="causal_lm"),
-                                LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        tiny_model("llama", kind="causal_lm"), LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     batches = [random_batch(n=2, seed=i, kind="causal_lm") for i in range(4)]
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ConfigError, match="inside torch.autocast"):
-        diffora.narrow_lora(peft_model, batches, gate_dataloader=batches, config=DiffoRAConfig(), steps=3,
-                            progress=False)
+        diffora.narrow_lora(
+            peft_model, batches, gate_dataloader=batches, config=DiffoRAConfig(), steps=3, progress=False
+        )

@@ -177,8 +177,11 @@ def test_greedy_obeys_select_modules_rules(rho):
 def test_greedy_validates_like_select_modules():
     grid = hand_grid()
     kernels = random_kernels(grid)
-    for kwargs in (dict(keep_ratio=0.0), dict(keep_ratio=0.5, granularity="row"),
-                   dict(keep_ratio=0.5, granularity="budget", budget_params=5)):
+    for kwargs in (
+        dict(keep_ratio=0.0),
+        dict(keep_ratio=0.5, granularity="row"),
+        dict(keep_ratio=0.5, granularity="budget", budget_params=5),
+    ):
         with pytest.raises(ConfigError):
             greedy_ntk_selection(kernels, grid, **kwargs)
     partial = ModuleKernels(kernels.names[1:], kernels.kernels[1:], kernels.n_examples)
@@ -191,14 +194,21 @@ def test_identical_kernels_tie_break_like_select_modules():
     kernels = kernels_from(grid, [torch.eye(4)] * 12)
     flat = [[1.0] * 4 for _ in range(3)]
     for gran, rho in (("layer", 0.5), ("global", 0.25), ("budget", 0.3)):
-        assert greedy_ntk_selection(kernels, grid, rho, gran, rank=1).modules == \
-            select_modules(grid, flat, rho, gran, rank=1).modules
+        assert (
+            greedy_ntk_selection(kernels, grid, rho, gran, rank=1).modules
+            == select_modules(grid, flat, rho, gran, rank=1).modules
+        )
 
 
 def test_near_zero_ties_go_to_the_largest_trace():
     grid = hand_grid(rows=1)
-    kernels = kernels_from(grid, [torch.diag(torch.tensor(d, dtype=torch.float64)) for d in
-                                  ([1.0, 0, 0], [5.0, 5.0, 0], [0, 0, 2.0], [0, 1.0, 0])])
+    kernels = kernels_from(
+        grid,
+        [
+            torch.diag(torch.tensor(d, dtype=torch.float64))
+            for d in ([1.0, 0, 0], [5.0, 5.0, 0], [0, 0, 2.0], [0, 1.0, 0])
+        ],
+    )
     # every single module has lambda_min 0: the first pick is the largest trace (k), then v completes the rank
     assert greedy_ntk_selection(kernels, grid, 0.25, "global", rank=1).modules == ["l.0.k"]
     assert greedy_ntk_selection(kernels, grid, 0.5, "global", rank=1).modules == ["l.0.k", "l.0.v"]
@@ -225,8 +235,11 @@ def test_greedy_finds_the_known_optimum_and_beatsrandom_sets():
     for gran, rho in (("layer", 0.25), ("global", 0.25)):
         sel = greedy_ntk_selection(kernels, grid, rho, gran, rank=1)
         assert sel.modules == ["l.0.q", "l.1.q", "l.2.q"]
-        best = max(kernels.lambda_min(list(s)) for s in itertools.combinations(cells, 3)
-                   if gran == "global" or sorted(int(m.split(".")[1]) for m in s) == [0, 1, 2])
+        best = max(
+            kernels.lambda_min(list(s))
+            for s in itertools.combinations(cells, 3)
+            if gran == "global" or sorted(int(m.split(".")[1]) for m in s) == [0, 1, 2]
+        )
         assert kernels.lambda_min(sel.modules) == pytest.approx(best) == pytest.approx(9.0)
         rand = random_lambda_min(kernels, grid, rho, gran, rank=1, n_sets=30)
         assert kernels.lambda_min(sel.modules) >= statistics.median(rand)
@@ -247,8 +260,7 @@ def test_random_sets_follow_the_rules_and_keep_the_global_rng():
     sets = random_sets(grid, 0.5, "budget", 1, None, 10, 0)  # budget 0.5 * 165 = 82.5
     for s in sets:
         spent = sum(grid.param_costs[cells[k][0]][cells[k][1]] for k in s)
-        assert spent <= 82.5 and all(k in s or spent + grid.param_costs[c[0]][c[1]] > 82.5
-                                     for k, c in enumerate(cells))
+        assert spent <= 82.5 and all(k in s or spent + grid.param_costs[c[0]][c[1]] > 82.5 for k, c in enumerate(cells))
     assert len({tuple(s) for s in sets}) > 1
 
 

@@ -16,14 +16,26 @@ from diffora import choose_modules
 from diffora.method.export import export_search
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-TRAIN_FAST = ["--max-length", "32", "--batch-size", "8", "--eval-batch-size", "32", "--epochs", "1", "--lr", "1e-2",
-              "--quiet"]
+TRAIN_FAST = [
+    "--max-length",
+    "32",
+    "--batch-size",
+    "8",
+    "--eval-batch-size",
+    "32",
+    "--epochs",
+    "1",
+    "--lr",
+    "1e-2",
+    "--quiet",
+]
 FAST = [*TRAIN_FAST, "--search-epochs", "1", "--gate-warmup-steps", "3", "--search-lr", "1e-2", "--ntk-examples", "12"]
 
 
 def diffora(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "diffora.cli", *args], capture_output=True, text=True, env=ENV,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "diffora.cli", *args], capture_output=True, text=True, env=ENV, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -36,8 +48,14 @@ def data(tmp_path_factory) -> list[str]:
             writer = csv.writer(handle)
             writer.writerow(["text", "label"])
             writer.writerows(synthetic_sentiment(n, seed))
-    return ["--task", "classification", "--train-file", str(folder / "train.csv"), "--eval-file",
-            str(folder / "dev.csv")]
+    return [
+        "--task",
+        "classification",
+        "--train-file",
+        str(folder / "train.csv"),
+        "--eval-file",
+        str(folder / "dev.csv"),
+    ]
 
 
 def test_every_run_records_the_ntk_diagnostic(data, tiny_bert_dir, tmp_path):
@@ -53,8 +71,21 @@ def test_every_run_records_the_ntk_diagnostic(data, tiny_bert_dir, tmp_path):
 
 def test_ntk_selection_without_a_search(data, tiny_bert_dir, tmp_path):
     out = tmp_path / "out"
-    diffora("run", *data, "--model", str(tiny_bert_dir), "--output-dir", str(out), *FAST, "--selection-score", "ntk",
-            "--search-epochs", "0", "--search-steps", "0")
+    diffora(
+        "run",
+        *data,
+        "--model",
+        str(tiny_bert_dir),
+        "--output-dir",
+        str(out),
+        *FAST,
+        "--selection-score",
+        "ntk",
+        "--search-epochs",
+        "0",
+        "--search-steps",
+        "0",
+    )
     record = json.loads((out / "dam.json").read_text())
     assert record["weight_steps"] == 0 and record["gate_steps"] == 0
     mask = record["selection"]["mask"]
@@ -69,8 +100,19 @@ def test_ntk_selection_without_a_search(data, tiny_bert_dir, tmp_path):
 @pytest.mark.parametrize("mode", ["uniform", "proportional"])
 def test_rank_allocation_spends_lora_alls_budget_and_reloads_in_stock_peft(mode, data, tiny_bert_dir, tmp_path):
     out = tmp_path / "out"
-    diffora("run", *data, "--model", str(tiny_bert_dir), "--output-dir", str(out), *FAST, "--rank",
-            "4", "--rank-allocation", mode)
+    diffora(
+        "run",
+        *data,
+        "--model",
+        str(tiny_bert_dir),
+        "--output-dir",
+        str(out),
+        *FAST,
+        "--rank",
+        "4",
+        "--rank-allocation",
+        mode,
+    )
     record = json.loads((out / "dam.json").read_text())
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     ranks = record["ranks"]
@@ -84,7 +126,7 @@ def test_rank_allocation_spends_lora_alls_budget_and_reloads_in_stock_peft(mode,
 import json, sys, torch, transformers
 from peft import PeftModel
 base = transformers.AutoModelForSequenceClassification.from_pretrained({str(tiny_bert_dir)!r}, num_labels=2)
-model = PeftModel.from_pretrained(base, {str(out / 'adapter')!r})
+model = PeftModel.from_pretrained(base, {str(out / "adapter")!r})
 shapes = {{n: tuple(p.shape) for n, p in model.named_parameters() if "lora_A" in n}}
 print(json.dumps(shapes)); assert "diffora" not in sys.modules
 """
@@ -102,8 +144,10 @@ def test_concentrated_export_computes_what_the_plain_export_computes():
     from diffora.select.ranks import concentrate_ranks
 
     def searched():
-        search = prepare_search(tiny_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-                                DiffoRAConfig(rank=4, gate_warmup_steps=1, seed=2))
+        search = prepare_search(
+            tiny_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+            DiffoRAConfig(rank=4, gate_warmup_steps=1, seed=2),
+        )
         batch = random_batch()
         for _ in range(3):
             search.weight_step(batch)
@@ -126,15 +170,42 @@ def test_concentrated_export_computes_what_the_plain_export_computes():
 
 def test_diffora_ntk_command_selects_without_a_search_and_train_uses_it(data, tiny_bert_dir, tmp_path):
     out = tmp_path / "ntk"
-    result = subprocess.run([sys.executable, "-m", "diffora.cli", "ntk", *data, "--model", str(tiny_bert_dir),
-                             "--output-dir", str(out), "--max-length", "32", "--ntk-examples", "12"],
-                            capture_output=True, text=True, env=ENV, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffora.cli",
+            "ntk",
+            *data,
+            "--model",
+            str(tiny_bert_dir),
+            "--output-dir",
+            str(out),
+            "--max-length",
+            "32",
+            "--ntk-examples",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "lambda_min of the LoRA kernel" in result.stdout and "random sets" in result.stdout
     record = json.loads((out / "dam.json").read_text())
     assert record["config"]["selection_score"] == "ntk" and record["weight_steps"] == 0
     assert record["ntk"]["selected_rank_among_random"] >= 0.5
-    diffora("train", *data, "--model", str(tiny_bert_dir), "--dam", str(out / "dam.json"), "--output-dir",
-            str(tmp_path / "trained"), *TRAIN_FAST)
+    diffora(
+        "train",
+        *data,
+        "--model",
+        str(tiny_bert_dir),
+        "--dam",
+        str(out / "dam.json"),
+        "--output-dir",
+        str(tmp_path / "trained"),
+        *TRAIN_FAST,
+    )
     metrics = json.loads((tmp_path / "trained" / "metrics.json").read_text())
     assert metrics["kept_module_names"] == record["selection"]["modules"]

@@ -64,8 +64,9 @@ def test_help_text_is_the_library_field_help(capsys) -> None:
 
 
 def test_options_build_the_library_configs_from_every_field() -> None:
-    opts = Options(lora_dropout=0.1, search_lr=1e-3, gate_init=0.5, search_weight_decay=0.01, lr=2e-3,
-                   weight_decay=0.02)
+    opts = Options(
+        lora_dropout=0.1, search_lr=1e-3, gate_init=0.5, search_weight_decay=0.01, lr=2e-3, weight_decay=0.02
+    )
     config = opts.search_config()
     assert (config.dropout, config.weight_lr, config.gate_init, config.weight_decay) == (0.1, 1e-3, 0.5, 0.01)
     assert opts.finetune_options() == FinetuneOptions(lr=2e-3, weight_decay=0.02)
@@ -86,20 +87,23 @@ def test_a_flag_declared_twice_is_refused(monkeypatch) -> None:
 
 
 # ------------------------------------------------------------------------------------------ one type checker
-@pytest.mark.parametrize("build, message", [
-    (lambda: DiffoRAConfig(alpha="x"), "alpha must be a number, got 'x'"),
-    (lambda: DiffoRAConfig(rank=2.0), "rank must be an integer, got 2.0"),
-    (lambda: DiffoRAConfig(gate_lr=math.inf), "gate_lr must be a finite number, got inf"),
-    (lambda: DiffoRAConfig(target_types=[1]), "target_types must be a list of strings, got 1"),
-    (lambda: FinetuneOptions(lr="x"), "lr must be a number, got 'x'"),
-    (lambda: FinetuneOptions(epochs=math.nan), "epochs must be a finite number, got nan"),
-    (lambda: FinetuneOptions(keep_best=1), "keep_best must be true or false, got 1"),
-    (lambda: Options(alpha="x"), "--alpha must be a number, got 'x'"),
-    (lambda: Options(lora_dropout="x"), "--lora-dropout must be a number, got 'x'"),
-    (lambda: Options(epochs=math.inf), "--epochs must be a finite number, got inf"),
-    (lambda: CompareOptions(seeds=["a"]), "--seeds must be a list of integers, got 'a'"),
-    (lambda: CompareOptions(adalora_lr=math.inf), "--adalora-lr must be a finite number, got inf"),
-])
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: DiffoRAConfig(alpha="x"), "alpha must be a number, got 'x'"),
+        (lambda: DiffoRAConfig(rank=2.0), "rank must be an integer, got 2.0"),
+        (lambda: DiffoRAConfig(gate_lr=math.inf), "gate_lr must be a finite number, got inf"),
+        (lambda: DiffoRAConfig(target_types=[1]), "target_types must be a list of strings, got 1"),
+        (lambda: FinetuneOptions(lr="x"), "lr must be a number, got 'x'"),
+        (lambda: FinetuneOptions(epochs=math.nan), "epochs must be a finite number, got nan"),
+        (lambda: FinetuneOptions(keep_best=1), "keep_best must be true or false, got 1"),
+        (lambda: Options(alpha="x"), "--alpha must be a number, got 'x'"),
+        (lambda: Options(lora_dropout="x"), "--lora-dropout must be a number, got 'x'"),
+        (lambda: Options(epochs=math.inf), "--epochs must be a finite number, got inf"),
+        (lambda: CompareOptions(seeds=["a"]), "--seeds must be a list of integers, got 'a'"),
+        (lambda: CompareOptions(adalora_lr=math.inf), "--adalora-lr must be a finite number, got inf"),
+    ],
+)
 def test_one_type_checker_one_message_form(build, message) -> None:
     with pytest.raises(ConfigError) as info:
         build()
@@ -139,15 +143,18 @@ def test_config_file_values_go_through_the_same_checker(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- per-command options
-@pytest.mark.parametrize("argv, flag, takers", [
-    (["train", "--gate-lr", "0.2"], "--gate-lr", "run, search, compare, ntk"),
-    (["train", "--keep-ratio", "0.1"], "--keep-ratio", "run, search, compare, ntk"),
-    (["search", "--epochs", "5"], "--epochs", "run, train, compare"),
-    (["eval", "--adapter", "a", "--resume"], "--resume", "run"),
-    (["eval", "--adapter", "a", "--lr", "1e-3"], "--lr", "run, train, compare"),
-    (["run", "--dam", "dam.json"], "--dam", "train"),
-    (["compare", "--checkpoint-every", "1"], "--checkpoint-every", "run"),  # compare resumes by itself
-])
+@pytest.mark.parametrize(
+    "argv, flag, takers",
+    [
+        (["train", "--gate-lr", "0.2"], "--gate-lr", "run, search, compare, ntk"),
+        (["train", "--keep-ratio", "0.1"], "--keep-ratio", "run, search, compare, ntk"),
+        (["search", "--epochs", "5"], "--epochs", "run, train, compare"),
+        (["eval", "--adapter", "a", "--resume"], "--resume", "run"),
+        (["eval", "--adapter", "a", "--lr", "1e-3"], "--lr", "run, train, compare"),
+        (["run", "--dam", "dam.json"], "--dam", "train"),
+        (["compare", "--checkpoint-every", "1"], "--checkpoint-every", "run"),  # compare resumes by itself
+    ],
+)
 def test_a_command_refuses_the_options_it_does_not_use(argv, flag, takers, capsys) -> None:
     err = _error(argv, capsys)
     assert f"'diffora {argv[0]}' does not take {flag} (an option of diffora {takers})" in err, err
@@ -175,7 +182,8 @@ def test_help_lists_only_the_command_options(capsys) -> None:
     assert {"--adapter", "--output-file", "--eval-file", "--model", "--eval-batch-size"} <= evaluation
     assert not evaluation & {"--resume", "--rank", "--epochs", "--train-file", "--output-dir", "--overwrite"}
     assert _flags("run", capsys=capsys) == {"--config", "--debug"} | {
-        "--" + n.replace("_", "-") for n in COMMAND_OPTIONS["run"]}
+        "--" + n.replace("_", "-") for n in COMMAND_OPTIONS["run"]
+    }
 
 
 def test_every_command_has_an_option_set() -> None:
@@ -186,13 +194,16 @@ def test_every_command_has_an_option_set() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- fast --help
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], *([c, "--help"] for c in COMMAND_HELP)],
-                         ids=lambda a: " ".join(a))
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["--version"], *([c, "--help"] for c in COMMAND_HELP)], ids=lambda a: " ".join(a)
+)
 def test_help_imports_no_heavy_library(argv) -> None:
     """``diffora --help`` took 10-13 s because torch, transformers and peft loaded before argparse ran."""
-    code = ("import json, sys\nfrom diffora.cli.app import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
-            "    pass\nheavy = ('torch', 'transformers', 'peft', 'bitsandbytes', 'accelerate')\n"
-            "print(json.dumps(sorted(m for m in heavy if m in sys.modules)), file=sys.stderr)")
+    code = (
+        "import json, sys\nfrom diffora.cli.app import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+        "    pass\nheavy = ('torch', 'transformers', 'peft', 'bitsandbytes', 'accelerate')\n"
+        "print(json.dumps(sorted(m for m in heavy if m in sys.modules)), file=sys.stderr)"
+    )
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     loaded = json.loads(done.stderr.strip().splitlines()[-1])
     assert loaded == [], f"'diffora {' '.join(argv)}' imported {loaded}"

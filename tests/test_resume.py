@@ -29,21 +29,59 @@ def job(tiny_bert_dir, tmp_path_factory):
             writer = csv.writer(handle)
             writer.writerow(["text", "label"])
             writer.writerows(synthetic_sentiment(n, seed))
-    args = ["run", "--task", "classification", "--train-file", str(folder / "train.csv"), "--eval-file",
-            str(folder / "dev.csv"), "--model", str(tiny_bert_dir), "--max-length", "32", "--batch-size", "8",
-            "--search-epochs", "3", "--gate-warmup-steps", "3", "--epochs", "3", "--lr", "1e-2", "--search-lr",
-            "1e-2", "--eval-every", "20", "--checkpoint-every", "2", "--quiet", "--seed", "5"]
+    args = [
+        "run",
+        "--task",
+        "classification",
+        "--train-file",
+        str(folder / "train.csv"),
+        "--eval-file",
+        str(folder / "dev.csv"),
+        "--model",
+        str(tiny_bert_dir),
+        "--max-length",
+        "32",
+        "--batch-size",
+        "8",
+        "--search-epochs",
+        "3",
+        "--gate-warmup-steps",
+        "3",
+        "--epochs",
+        "3",
+        "--lr",
+        "1e-2",
+        "--search-lr",
+        "1e-2",
+        "--eval-every",
+        "20",
+        "--checkpoint-every",
+        "2",
+        "--quiet",
+        "--seed",
+        "5",
+    ]
     reference = tmp_path_factory.mktemp("reference") / "out"
-    done = subprocess.run([sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(reference)],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(reference)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return args, reference
 
 
 def _interrupt(args, out: Path, phase: str, sig: int) -> None:
     """Start a run, wait until it has a checkpoint of ``phase`` (and none of a later phase), then signal it."""
-    proc = subprocess.Popen([sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     target = out / "checkpoints" / f"{phase}.pt"
     deadline = time.time() + 300
     while not target.exists():
@@ -65,8 +103,13 @@ def _interrupt(args, out: Path, phase: str, sig: int) -> None:
 
 
 def _resume_and_compare(args, out: Path, reference: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out), "--resume"],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "dam.json").read_bytes() == (reference / "dam.json").read_bytes()
     ours = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -104,8 +147,13 @@ def test_resume_refuses_changed_options(job, tmp_path):
     out = tmp_path / "out"
     _interrupt(args, out, "search", signal.SIGKILL)
     changed = [a if a != "5" else "6" for a in args]  # another --seed
-    done = subprocess.run([sys.executable, "-m", "diffora.cli", *changed, "--output-dir", str(out), "--resume"],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "diffora.cli", *changed, "--output-dir", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert done.returncode == 2 and "seed" in done.stderr and "Traceback" not in done.stderr
 
 
@@ -113,8 +161,13 @@ def test_interrupted_output_needs_resume_or_overwrite(job, tmp_path):
     args, _ = job
     out = tmp_path / "out"
     _interrupt(args, out, "search", signal.SIGKILL)
-    done = subprocess.run([sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out)],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert done.returncode == 2 and "--resume" in done.stderr
 
 
@@ -122,8 +175,13 @@ def test_sigterm_stops_cleanly_and_resume_finishes(job, tmp_path):
     args, _ = job
     out = tmp_path / "out"
     _interrupt(args, out, "search", signal.SIGTERM)  # asserts exit 130, a checkpoint, the --resume hint
-    done = subprocess.run([sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out), "--resume"],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "adapter" / "adapter_model.safetensors").exists() and not (out / "checkpoints").exists()
 
@@ -133,8 +191,13 @@ def scaled_job(job, tmp_path_factory):
     """The same run with bf16 autocast and 2 micro-batches per step (search and fine-tuning)."""
     args = [*job[0], "--mixed-precision", "bf16", "--gradient-accumulation-steps", "2"]
     reference = tmp_path_factory.mktemp("reference-scaled") / "out"
-    done = subprocess.run([sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(reference)],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(reference)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return args, reference
 

@@ -23,12 +23,14 @@ def _big_batch(kind, seed, n=6):
 
 def _split(batch, parts):
     size = len(batch["input_ids"]) // parts
-    return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts)]
 
 
 def _pair(arch, kind, **cfg):
-    search = prepare_search(tiny_model(arch, kind, **NO_DROPOUT[arch]),
-                            DiffoRAConfig(rank=4, gate_warmup_steps=0, max_grad_norm=None, **cfg))
+    search = prepare_search(
+        tiny_model(arch, kind, **NO_DROPOUT[arch]),
+        DiffoRAConfig(rank=4, gate_warmup_steps=0, max_grad_norm=None, **cfg),
+    )
     randomize_lora_b(search.model)
     with torch.no_grad():
         search.gates.beta.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
@@ -95,6 +97,7 @@ def test_list_batches_of_tensors_stay_one_batch():
     batch = _big_batch("seq_cls", 1)
     search.weight_step([batch["input_ids"], batch["labels"]])
     assert seen == ["list"]
-    search.weight_step(MicroBatches([(batch["input_ids"][:3], batch["labels"][:3]),
-                                     (batch["input_ids"][3:], batch["labels"][3:])]))
+    search.weight_step(
+        MicroBatches([(batch["input_ids"][:3], batch["labels"][:3]), (batch["input_ids"][3:], batch["labels"][3:])])
+    )
     assert seen == ["list", "tuple", "tuple"]

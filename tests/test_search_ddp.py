@@ -25,8 +25,13 @@ def ranks(tmp_path_factory):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     out = tmp_path_factory.mktemp("search-ddp")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
     cmd = [sys.executable, str(REPO / "tests" / "search_ddp_worker.py"), MODES, str(out), str(_free_port())]
     # a hang would show up here as a timeout (the worker's collectives also time out after 60 s)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(REPO))
@@ -45,8 +50,7 @@ def test_ranks_end_bit_identical_and_step_with_the_average(ranks):
         sums = [torch.tensor(r[local]).sum(dim=0) for r in (r0, r1)]  # a rank's accumulated gradient
         assert not torch.allclose(sums[0], sums[1]), "different shards must give different local gradients"
         for r in (r0, r1):
-            torch.testing.assert_close(torch.tensor(r["reduced"][kind]), (sums[0] + sums[1]) / 2,
-                                       rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(torch.tensor(r["reduced"][kind]), (sums[0] + sums[1]) / 2, rtol=1e-5, atol=1e-8)
 
 
 def test_nan_weight_loss_on_one_rank_stops_all_ranks_alike(ranks):

@@ -33,8 +33,9 @@ class OutputGatedHooks:
         self.handles = []
         for i, j, name in iter_cells(search.grid):
             lora_b = search.model.get_base_model().get_submodule(name).lora_B["default"]
-            self.handles.append(lora_b.register_forward_hook(
-                lambda _m, _a, out, i=i, j=j: out * gates.values()[i, j].to(out.dtype)))
+            self.handles.append(
+                lora_b.register_forward_hook(lambda _m, _a, out, i=i, j=j: out * gates.values()[i, j].to(out.dtype))
+            )
 
     def remove(self):
         for h in self.handles:

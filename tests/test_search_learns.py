@@ -40,8 +40,9 @@ def test_zero_gradient_leaves_beta_at_zero_by_default():
         search.gate_optimizer.step()
     assert torch.count_nonzero(beta) == 0
     # the DARTS setting, kept for old runs: coupled L2 moves a beta that has no gradient
-    coupled = prepare_search(tiny_model("bert"), DiffoRAConfig(rank=4, gate_decay="coupled", gate_weight_decay=1e-3,
-                                                              gate_init=1.0))
+    coupled = prepare_search(
+        tiny_model("bert"), DiffoRAConfig(rank=4, gate_decay="coupled", gate_weight_decay=1e-3, gate_init=1.0)
+    )
     coupled.gates.beta.grad = torch.zeros_like(coupled.gates.beta)
     coupled.gate_optimizer.step()
     assert torch.all(coupled.gates.beta < 1.0)

@@ -26,8 +26,9 @@ def _lora_a_dtypes(search):
 
 
 def test_bf16_autocast_search_runs_on_cpu():
-    search = prepare_search(tiny_model("llama", "causal"), DiffoRAConfig(rank=4, gate_warmup_steps=1, gate_lr=0.1),
-                            mixed_precision="bf16")
+    search = prepare_search(
+        tiny_model("llama", "causal"), DiffoRAConfig(rank=4, gate_warmup_steps=1, gate_lr=0.1), mixed_precision="bf16"
+    )
     randomize_lora_b(search.model)
     assert search.weight_scaler is None and search.gate_scaler is None
     dtypes = _lora_a_dtypes(search)
@@ -70,8 +71,7 @@ def fp16_search(monkeypatch):
     monkeypatch.setattr(precision_module, "FP16_UNSUPPORTED", frozenset())
 
     def make():
-        search = prepare_search(tiny_model("bert"), DiffoRAConfig(rank=4, gate_warmup_steps=0),
-                                mixed_precision="fp16")
+        search = prepare_search(tiny_model("bert"), DiffoRAConfig(rank=4, gate_warmup_steps=0), mixed_precision="fp16")
         randomize_lora_b(search.model)
         return search
 

@@ -24,9 +24,13 @@ from diffora.select.strategies.random import random_selection
 
 def grid(rows: int = 3, types=("q", "k", "ffn"), costs=None) -> DAMGrid:
     costs = costs or [10, 10, 25]
-    return DAMGrid(layers=[f"l.{i}" for i in range(rows)], types=list(types), labels=list(types),
-                   names=[[f"l.{i}.{t}" for t in types] for i in range(rows)],
-                   param_costs=[list(costs) for _ in range(rows)])
+    return DAMGrid(
+        layers=[f"l.{i}" for i in range(rows)],
+        types=list(types),
+        labels=list(types),
+        names=[[f"l.{i}.{t}" for t in types] for i in range(rows)],
+        param_costs=[list(costs) for _ in range(rows)],
+    )
 
 
 class FixedGates:
@@ -44,8 +48,14 @@ class FixedGates:
 
 def fake_search(values, g: DAMGrid, **config) -> SimpleNamespace:
     """A finished search as strategies see it (one gate step; a taylor sum equal to the gates)."""
-    return SimpleNamespace(grid=g, config=DiffoRAConfig(**{"rank": 1, **config}), gates=FixedGates(values),
-                           gate_steps=1, taylor_sum=torch.tensor(values), taylor_steps=1)
+    return SimpleNamespace(
+        grid=g,
+        config=DiffoRAConfig(**{"rank": 1, **config}),
+        gates=FixedGates(values),
+        gate_steps=1,
+        taylor_sum=torch.tensor(values),
+        taylor_steps=1,
+    )
 
 
 # One module type (ffn) scores highest in every layer, but its scores barely differ between layers.
@@ -78,15 +88,18 @@ def test_a_new_strategy_is_one_registered_class(monkeypatch):
             return [[float(j) for j in range(search.grid.shape[1])] for _ in range(search.grid.shape[0])]
 
     assert "last-columns" in strategy_names()
-    search = fake_search(TYPE_DOMINATED, grid(), selection_score="last-columns", keep_ratio=1 / 3,
-                         rank_allocation="uniform")
+    search = fake_search(
+        TYPE_DOMINATED, grid(), selection_score="last-columns", keep_ratio=1 / 3, rank_allocation="uniform"
+    )
     search.gate_steps = 0
     assert choose_modules(search).modules == ["l.0.ffn", "l.1.ffn", "l.2.ffn"]
     assert allocate_ranks(search, choose_modules(search)) is not None
 
 
-@pytest.mark.parametrize("option,value", [("score_normalization", "z"), ("ntk_kernel", "fisher"),
-                                          ("ntk_normalization", "max"), ("granularity", "row")])
+@pytest.mark.parametrize(
+    "option,value",
+    [("score_normalization", "z"), ("ntk_kernel", "fisher"), ("ntk_normalization", "max"), ("granularity", "row")],
+)
 def test_new_options_are_validated(option, value):
     with pytest.raises(ConfigError, match=f"{option} must be one of"):
         DiffoRAConfig(**{option: value})
@@ -155,8 +168,9 @@ def test_per_type_normalization_z_scores_each_column_and_can_change_the_selectio
     assert normalize_scores([[1.0, 2.0, 3.0]], grid(rows=1), "per_type") == [[0.0, 0.0, 0.0]]  # one layer: no spread
 
     default = choose_modules(fake_search(TYPE_DOMINATED, g, selection_score="gate", keep_ratio=1 / 3))
-    per_type = choose_modules(fake_search(TYPE_DOMINATED, g, selection_score="gate", keep_ratio=1 / 3,
-                                          score_normalization="per_type"))
+    per_type = choose_modules(
+        fake_search(TYPE_DOMINATED, g, selection_score="gate", keep_ratio=1 / 3, score_normalization="per_type")
+    )
     assert default.modules == ["l.0.ffn", "l.1.ffn", "l.2.ffn"]
     assert per_type.modules == ["l.0.ffn", "l.1.q", "l.2.k"]  # each layer's type that stands out most
 

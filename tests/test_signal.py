@@ -58,8 +58,16 @@ def test_search_ranks_the_only_useful_module_type_highest():
     torch.manual_seed(0)
     search = prepare_search(
         ToyModel(),
-        DiffoRAConfig(rank=2, alpha=2, modules_to_save=[], gate_warmup_steps=10, weight_lr=1e-2, gate_lr=5e-2,
-                      keep_ratio=0.5, granularity="global"),  # the default score
+        DiffoRAConfig(
+            rank=2,
+            alpha=2,
+            modules_to_save=[],
+            gate_warmup_steps=10,
+            weight_lr=1e-2,
+            gate_lr=5e-2,
+            keep_ratio=0.5,
+            granularity="global",
+        ),  # the default score
     )
     assert search.grid.labels == ["solver", "distractor"]
     search.fit(_batches(16, seed=1), _batches(8, seed=2), steps=120, progress=False)

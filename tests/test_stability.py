@@ -4,18 +4,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import random_batch, randomize_lora_b, tiny_model
 
 from diffora import DAMGrid, DiffoRAConfig, prepare_search
 from diffora.select.stability import LOW_AGREEMENT, half_agreement, random_jaccard
 
-from conftest import random_batch, randomize_lora_b, tiny_model
-
 
 def grid(rows: int = 6, types: int = 6) -> DAMGrid:
     labels = [f"t{j}" for j in range(types)]
-    return DAMGrid(layers=[f"l.{i}" for i in range(rows)], types=labels, labels=labels,
-                   names=[[f"l.{i}.t{j}" for j in range(types)] for i in range(rows)],
-                   param_costs=[[10] * types for _ in range(rows)])
+    return DAMGrid(
+        layers=[f"l.{i}" for i in range(rows)],
+        types=labels,
+        labels=labels,
+        names=[[f"l.{i}.t{j}" for j in range(types)] for i in range(rows)],
+        param_costs=[[10] * types for _ in range(rows)],
+    )
 
 
 def fake_search(pull: torch.Tensor, gate_steps: int = 40) -> SimpleNamespace:

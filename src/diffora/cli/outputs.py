@@ -43,9 +43,13 @@ def check_output_dir(path: str, overwrite: bool, resume: bool = False) -> Path:
             raise ConfigError(f"nothing to resume: '{checkpoints}' holds no checkpoint; run without --resume")
     elif out.exists() and not overwrite:
         if checkpoints.exists() and not (out / "metrics.json").exists() and not (out / "dam.json").exists():
-            raise ConfigError(f"output directory '{out}' holds an interrupted run; pass --resume to continue it "
-                              "or --overwrite to start over")
-        raise ConfigError(f"output directory '{out}' already exists; pass --overwrite to replace it or choose another --output-dir")
+            raise ConfigError(
+                f"output directory '{out}' holds an interrupted run; pass --resume to continue it "
+                "or --overwrite to start over"
+            )
+        raise ConfigError(
+            f"output directory '{out}' already exists; pass --overwrite to replace it or choose another --output-dir"
+        )
     elif out.exists():
         _check_replaceable(out)
     _check_writable_parent(out, "--output-dir")
@@ -127,8 +131,10 @@ def _acquire(path: Path, out: Path) -> tuple[Any, str]:
             handle.seek(0)
             holder = handle.read().strip() or "?"
             handle.close()
-            return None, (f"output directory '{out}' is in use by another diffora run (pid {holder}); wait for it "
-                          "to finish or choose another --output-dir")
+            return None, (
+                f"output directory '{out}' is in use by another diffora run (pid {holder}); wait for it "
+                "to finish or choose another --output-dir"
+            )
         try:
             same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
         except FileNotFoundError:
@@ -153,8 +159,13 @@ def check_output_file(path: str) -> Path:
 
 
 def write_outputs(
-    out: Path, *, adapter_model: Any = None, record: Optional[dict] = None, metrics: Optional[dict] = None,
-    extra_adapters: Optional[dict[str, Any]] = None, title: Optional[str] = None,
+    out: Path,
+    *,
+    adapter_model: Any = None,
+    record: Optional[dict] = None,
+    metrics: Optional[dict] = None,
+    extra_adapters: Optional[dict[str, Any]] = None,
+    title: Optional[str] = None,
 ) -> None:
     """Write the whole output folder atomically (into a temporary folder renamed onto ``out``)."""
     try:
@@ -184,4 +195,3 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
-

@@ -143,8 +143,10 @@ def _chat_segments(conversation: list[Message], tokenizer: Any, source: str, ind
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as exc:  # jinja2 raises TemplateError, and templates raise their own exceptions
             detail = " ".join(str(exc).split())[:160] or type(exc).__name__
-            raise DataError(f"{source} record #{index + 1}: the tokenizer's chat template rejects this conversation "
-                            f"({detail}); fix the conversation (e.g. the order of roles)") from None
+            raise DataError(
+                f"{source} record #{index + 1}: the tokenizer's chat template rejects this conversation "
+                f"({detail}); fix the conversation (e.g. the order of roles)"
+            ) from None
 
     segments: list[tuple[str, bool]] = []
     done = ""  # the text already cut into segments
@@ -158,10 +160,10 @@ def _chat_segments(conversation: list[Message], tokenizer: Any, source: str, ind
                 "conversation turn by turn (an earlier turn changes when a later one is added), so the assistant "
                 "turns cannot be told apart; use --prompt-column/--response-column data instead"
             )
-        segments += [(before[len(done):], False), (after[len(before):], True)]
+        segments += [(before[len(done) :], False), (after[len(before) :], True)]
         done = after
     whole = render(conversation, False)
-    segments.append((whole[len(done):], False) if whole.startswith(done) else ("", False))
+    segments.append((whole[len(done) :], False) if whole.startswith(done) else ("", False))
     return [(text, scored) for text, scored in segments if text]
 
 
@@ -193,8 +195,10 @@ def encode_chat(chat: ChatExamples, tokenizer: Any, max_length: int) -> list[Ite
             if scored and first_end is None and ids:
                 first_end = len(input_ids)
         if first_end is None:
-            raise DataError(f"{chat.source} record #{index + 1}: the assistant turns render to no tokens with this "
-                            "chat template; give them some content")
+            raise DataError(
+                f"{chat.source} record #{index + 1}: the assistant turns render to no tokens with this "
+                "chat template; give them some content"
+            )
         if len(input_ids) > max_length:
             stop = max(max_length, first_end)
             input_ids, labels = input_ids[stop - max_length : stop], labels[stop - max_length : stop]

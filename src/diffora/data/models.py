@@ -159,8 +159,10 @@ def _check_model_folder(folder: Path, name: str) -> None:
             f"'{name}' is a LoRA/PEFT adapter folder, not a model: pass its base model"
             " (named by base_model_name_or_path in adapter_config.json)"
         )
-    raise ModelError(f"folder '{name}' has no config.json: pass a folder written by save_pretrained, a hub id, "
-                     f"or one of: {_short_names_text()}")
+    raise ModelError(
+        f"folder '{name}' has no config.json: pass a folder written by save_pretrained, a hub id, "
+        f"or one of: {_short_names_text()}"
+    )
 
 
 def resolve_model(name_or_path: str | os.PathLike[str]) -> ResolvedModel:
@@ -173,8 +175,9 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> ResolvedModel:
     """
     text = os.fspath(name_or_path).strip()
     if not text:
-        raise ModelError(f"no model given: pass a local folder with config.json, a hub id, or one of: "
-                         f"{_short_names_text()}")
+        raise ModelError(
+            f"no model given: pass a local folder with config.json, a hub id, or one of: {_short_names_text()}"
+        )
 
     short = SHORT_NAMES.get(text.lower())
     if short is not None:
@@ -245,8 +248,9 @@ def _load_gguf(gguf_file: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise ModelError(f"cannot read GGUF file '{gguf_file}' ({_one_line(exc)}): pass a GGUF causal LM that "
-                         "transformers supports") from exc
+        raise ModelError(
+            f"cannot read GGUF file '{gguf_file}' ({_one_line(exc)}): pass a GGUF causal LM that transformers supports"
+        ) from exc
     return model, tokenizer
 
 
@@ -297,11 +301,14 @@ def convert_gguf(gguf_file: str | os.PathLike[str], target: str | os.PathLike[st
             (tmp / _CONVERSION_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     except FileExistsError:
         if not _is_converted(folder):
-            raise ModelError(f"cache folder '{folder}' exists but is not a finished conversion: delete it and "
-                             "retry") from None
+            raise ModelError(
+                f"cache folder '{folder}' exists but is not a finished conversion: delete it and retry"
+            ) from None
     except OSError as exc:
-        raise ModelError(f"cannot write converted model to '{folder}' ({_one_line(exc)}): free disk space or "
-                         "set DIFFORA_CACHE to a writable folder") from exc
+        raise ModelError(
+            f"cannot write converted model to '{folder}' ({_one_line(exc)}): free disk space or "
+            "set DIFFORA_CACHE to a writable folder"
+        ) from exc
     return folder
 
 
@@ -313,8 +320,10 @@ def _validated_head_kwargs(task: str, num_labels: int | None) -> dict[str, Any]:
         raise ConfigError(f"num_labels must be an integer, got {num_labels!r}")
     if task == "classification":
         if num_labels is not None and num_labels < 2:
-            raise ConfigError(f"classification needs num_labels >= 2, got {num_labels}: for one continuous "
-                              "target use task 'regression'")
+            raise ConfigError(
+                f"classification needs num_labels >= 2, got {num_labels}: for one continuous "
+                "target use task 'regression'"
+            )
         kwargs: dict[str, Any] = {"problem_type": "single_label_classification"}
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
@@ -339,10 +348,13 @@ def _load_error(resolved: ResolvedModel, name: str, exc: BaseException) -> Model
                 f"model '{name}' is not a local folder and the Hugging Face hub is unreachable{why}:"
                 f" pass a local folder with config.json or one of: {_short_names_text()}"
             )
-        return ModelError(f"cannot load model '{name}' from the Hugging Face hub ({detail}): check the id, or "
-                          f"pass a local folder or one of: {_short_names_text()}")
-    return ModelError(f"cannot load model '{name}' ({detail}): check that the folder holds a complete "
-                      "transformers model")
+        return ModelError(
+            f"cannot load model '{name}' from the Hugging Face hub ({detail}): check the id, or "
+            f"pass a local folder or one of: {_short_names_text()}"
+        )
+    return ModelError(
+        f"cannot load model '{name}' ({detail}): check that the folder holds a complete transformers model"
+    )
 
 
 def _hub_offline_mode() -> bool:
@@ -470,11 +482,16 @@ def load_model_and_tokenizer(
 
         compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=True,
         )
-        load_kwargs["device_map"] = {"": torch.device(device) if device is not None else
-                                     torch.device("cuda" if torch.cuda.is_available() else "cpu")}
+        load_kwargs["device_map"] = {
+            "": torch.device(device)
+            if device is not None
+            else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        }
         dtype = compute
     auto_cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     errors: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, ImportError, *_hub_errors())
@@ -504,8 +521,10 @@ def check_4bit_support(device: torch.device | str | None = None) -> None:
 
         major, minor = (int(p) for p in version("bitsandbytes").split(".")[:2])
         if (major, minor) < (0, 48):
-            raise ConfigError(f"--load-in-4bit on the CPU needs bitsandbytes >= 0.48 (its CPU backend; installed: "
-                              f"{version('bitsandbytes')}): pip install -U bitsandbytes, or use a CUDA GPU")
+            raise ConfigError(
+                f"--load-in-4bit on the CPU needs bitsandbytes >= 0.48 (its CPU backend; installed: "
+                f"{version('bitsandbytes')}): pip install -U bitsandbytes, or use a CUDA GPU"
+            )
     elif kind != "cuda":
         raise ConfigError(f"--load-in-4bit works on CUDA GPUs and the CPU, not on '{kind}'; drop --load-in-4bit")
 

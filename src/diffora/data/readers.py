@@ -85,8 +85,7 @@ def infer_format(path: PathLike) -> Format:
     if suffix not in FORMATS:
         known = ", ".join(sorted(FORMATS))
         raise DataError(
-            f"{path}: cannot tell the format from the suffix {suffix!r}; "
-            f"name it with one of the suffixes {known}"
+            f"{path}: cannot tell the format from the suffix {suffix!r}; name it with one of the suffixes {known}"
         )
     return FORMATS[suffix]
 
@@ -238,8 +237,10 @@ def read_hub_records(spec: str) -> list[Record]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"'{spec}' is not a local file; loading it as a hub dataset needs the 'datasets' package: "
-                        "pip install 'diffora[hub]', or pass a local CSV/TSV/JSON(L)/Parquet file") from None
+        raise DataError(
+            f"'{spec}' is not a local file; loading it as a hub dataset needs the 'datasets' package: "
+            "pip install 'diffora[hub]', or pass a local CSV/TSV/JSON(L)/Parquet file"
+        ) from None
     from diffora.data.models import hub_offline_if_unreachable
 
     try:
@@ -255,8 +256,10 @@ def read_hub_records(spec: str) -> list[Record]:
                 f"'{spec}' is not a local file and the Hugging Face hub is unreachable (offline) to load it as a "
                 "dataset; pass a local CSV/TSV/JSON(L)/Parquet file, or run online once to cache it"
             ) from None
-        raise DataError(f"'{spec}' is not a local file and cannot be loaded as a hub dataset ({detail}); check "
-                        "the path, or the dataset id and split (user/name:split)") from None
+        raise DataError(
+            f"'{spec}' is not a local file and cannot be loaded as a hub dataset ({detail}); check "
+            "the path, or the dataset id and split (user/name:split)"
+        ) from None
     if not rows:
         raise DataError(f"hub dataset '{spec}' holds no examples; pass another split (user/name:split)")
     return [Record({str(k): v for k, v in row.items()}) for row in rows]
@@ -586,19 +589,25 @@ def _conversation(record: Mapping[str, Any], column: str, source: str, index: in
     value = _field(record, column, source, index)
     where = _where(source, record, index)
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: {column!r} must be a non-empty list of {{\"role\": ..., \"content\": ...}} "
-                        "messages; fix that example")
+        raise DataError(
+            f'{where}: {column!r} must be a non-empty list of {{"role": ..., "content": ...}} '
+            "messages; fix that example"
+        )
     messages: list[Message] = []
     for number, message in enumerate(value, start=1):
         role = message.get("role") if isinstance(message, dict) else None
         content = message.get("content") if isinstance(message, dict) else None
         if role not in CHAT_ROLES or not isinstance(content, str):
-            raise DataError(f"{where}: message {number} of {column!r} must be {{\"role\": one of "
-                            f"{'/'.join(CHAT_ROLES)}, \"content\": text}}, not {json.dumps(message, default=str)[:80]}")
+            raise DataError(
+                f'{where}: message {number} of {column!r} must be {{"role": one of '
+                f'{"/".join(CHAT_ROLES)}, "content": text}}, not {json.dumps(message, default=str)[:80]}'
+            )
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: the conversation in {column!r} has no assistant message, so nothing would be "
-                        "trained on; add the assistant's answer or drop the example")
+        raise DataError(
+            f"{where}: the conversation in {column!r} has no assistant message, so nothing would be "
+            "trained on; add the assistant's answer or drop the example"
+        )
     return messages
 
 

@@ -148,7 +148,9 @@ def auto_lora_config(
     try:
         n = len(train_dataset)
     except TypeError:
-        raise DataError("train_dataset must have a length (a list, a map-style Dataset or a datasets.Dataset)") from None
+        raise DataError(
+            "train_dataset must have a length (a list, a map-style Dataset or a datasets.Dataset)"
+        ) from None
     if n < 2:
         raise DataError(f"auto_lora_config needs at least 2 training examples (got {n}): one for each split")
 
@@ -185,7 +187,8 @@ def auto_lora_config(
         ranks = allocate_ranks(search, selection, kernels)  # the CLI's rank_pattern, through the API too
         seconds = time.perf_counter() - start
         record = search_record(
-            search, selection,
+            search,
+            selection,
             search_steps=steps,
             weight_split_rows=len(weight_idx),
             gate_split_rows=len(gate_idx),
@@ -279,6 +282,6 @@ class _Rows(torch.utils.data.Dataset):
 
 def _loader(data: Sequence[Any], indices: list[int], batch_size: int, collate: Callable, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(_Rows(data, indices), batch_size=batch_size, shuffle=True, collate_fn=collate,
-                      generator=generator)
-
+    return DataLoader(
+        _Rows(data, indices), batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator
+    )

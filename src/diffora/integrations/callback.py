@@ -235,8 +235,9 @@ class DiffoRACallback(TrainerCallback):
             control.should_log = True
         return control
 
-    def on_log(self, args: Any, state: TrainerState, control: TrainerControl, logs: Optional[dict] = None,
-               **kwargs: Any):
+    def on_log(
+        self, args: Any, state: TrainerState, control: TrainerControl, logs: Optional[dict] = None, **kwargs: Any
+    ):
         if not logs or "loss" not in logs:
             return control
         if self.pending_losses:
@@ -310,7 +311,7 @@ class DiffoRACallback(TrainerCallback):
 
     # ----------------------------------------------------------------------------------------------- steps
     def gate_batch(self, gate_step: int) -> dict:
-        """The batch of gate step ``gate_step`` on this process: collated by the host's collator, on the model's device."""
+        """The batch of gate step ``gate_step`` on this process: the host's collator's, on the model's device."""
         n = len(self.gate_batches)
         cycle, position = divmod(gate_step, n)
         if self.gate_order[0] != cycle:  # a new pass over the gate split: a new seeded batch order (same on all ranks)
@@ -394,8 +395,9 @@ class InPlaceSearch(DiffoRACallback):
     the host's optimiser skips them.
     """
 
-    def __init__(self, config: Any = None, trainer: Any = None, *, gate_dataset: Any = None,
-                 search_steps: Any = None) -> None:
+    def __init__(
+        self, config: Any = None, trainer: Any = None, *, gate_dataset: Any = None, search_steps: Any = None
+    ) -> None:
         from ..method.config import DiffoRAConfig
         from .narrow import check_options
 
@@ -403,20 +405,25 @@ class InPlaceSearch(DiffoRACallback):
         if not isinstance(config, DiffoRAConfig):
             raise ConfigError(f"DiffoRACallback takes a DAMSearch or a DiffoRAConfig, got {type(config).__name__}")
         if gate_dataset is None:
-            raise ConfigError("DiffoRACallback(config, gate_dataset=..., search_steps=...) needs the gate split: rows "
-                              "held out of the training data, formatted like the host's train rows")
+            raise ConfigError(
+                "DiffoRACallback(config, gate_dataset=..., search_steps=...) needs the gate split: rows "
+                "held out of the training data, formatted like the host's train rows"
+            )
         check_options(config, kernels_available=False)
         if config.rank_allocation != "none":
-            raise ConfigError("rank_allocation changes LoRA shapes, which the host's optimiser cannot follow in the "
-                              "middle of train(): narrow first with diffora.narrow_lora, then build the trainer")
+            raise ConfigError(
+                "rank_allocation changes LoRA shapes, which the host's optimiser cannot follow in the "
+                "middle of train(): narrow first with diffora.narrow_lora, then build the trainer"
+            )
         if isinstance(search_steps, bool) or not isinstance(search_steps, int):
             raise ConfigError(f"search_steps must be a whole number of optimiser steps, got {search_steps!r}")
         check_warmup(search_steps, gate_warmup(search_steps, config), hint=_HINT)
         try:
             n = len(gate_dataset)
         except TypeError:
-            raise DataError("gate_dataset must be a sized data set (rows formatted like the host's train rows)") \
-                from None
+            raise DataError(
+                "gate_dataset must be a sized data set (rows formatted like the host's train rows)"
+            ) from None
         if n == 0:
             raise DataError("gate_dataset is empty")
         self.config, self.gate_dataset, self.search_steps = config, gate_dataset, search_steps
@@ -434,18 +441,28 @@ class InPlaceSearch(DiffoRACallback):
     def finished(self) -> bool:
         return self.selection is not None
 
-    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, model: Any = None,
-                       train_dataloader: Any = None, **kwargs: Any):
+    def on_train_begin(
+        self,
+        args: Any,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ):
         from peft import PeftModel
 
         from ..method.search import prepare_search
 
         if not isinstance(model, PeftModel):
-            raise ConfigError("DiffoRACallback searches the host's PeftModel: build the trainer with "
-                              "peft_config=LoraConfig(...) or on get_peft_model(model, ...)")
+            raise ConfigError(
+                "DiffoRACallback searches the host's PeftModel: build the trainer with "
+                "peft_config=LoraConfig(...) or on get_peft_model(model, ...)"
+            )
         if state.max_steps < self.search_steps:
-            raise ConfigError(f"the host trainer runs {state.max_steps} steps, fewer than the {self.search_steps} "
-                              "search steps")
+            raise ConfigError(
+                f"the host trainer runs {state.max_steps} steps, fewer than the {self.search_steps} search steps"
+            )
         self.collate = getattr(train_dataloader, "collate_fn", None) or (lambda rows: rows)
         self.batch_size = max(1, int(args.per_device_train_batch_size))
         if self.search is None:
@@ -479,7 +496,7 @@ class InPlaceSearch(DiffoRACallback):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + gate_step // n))
         per_pass = max(1, n // self.batch_size)
         start = (gate_step % per_pass) * self.batch_size
-        rows = [self.gate_dataset[int(i)] for i in order[start:start + self.batch_size]]
+        rows = [self.gate_dataset[int(i)] for i in order[start : start + self.batch_size]]
         return to_model_device(self.collate(rows), self.search.model)
 
     def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any):
@@ -507,11 +524,15 @@ class InPlaceSearch(DiffoRACallback):
         if not self.gate_losses_since_log:
             return
         gates = self.search.gates.values().detach()[self.search.gates.valid]
-        self.pending = {"diffora/gate_loss": sum(self.gate_losses_since_log) / len(self.gate_losses_since_log),
-                        "diffora/gate_min": float(gates.min()), "diffora/gate_max": float(gates.max())}
+        self.pending = {
+            "diffora/gate_loss": sum(self.gate_losses_since_log) / len(self.gate_losses_since_log),
+            "diffora/gate_min": float(gates.min()),
+            "diffora/gate_max": float(gates.max()),
+        }
 
-    def on_log(self, args: Any, state: TrainerState, control: TrainerControl, logs: Optional[dict] = None,
-               **kwargs: Any):
+    def on_log(
+        self, args: Any, state: TrainerState, control: TrainerControl, logs: Optional[dict] = None, **kwargs: Any
+    ):
         """Gate metrics through the host: ``trainer.log`` right after the host's own log (so every ``report_to``
         logger sees them) when the trainer is known, else merged into the host's log entry (callbacks after this
         one and ``state.log_history`` see them)."""
@@ -536,8 +557,10 @@ class InPlaceSearch(DiffoRACallback):
     def finish(self, **discretize_kwargs: Any) -> Selection:
         """The kept modules (the model was narrowed at step ``search_steps``)."""
         if self.selection is None:
-            raise SearchStateError(f"training stopped before the DAM search finished at step {self.search_steps}; "
-                                   "the model was not narrowed")
+            raise SearchStateError(
+                f"training stopped before the DAM search finished at step {self.search_steps}; "
+                "the model was not narrowed"
+            )
         return self.selection
 
     def _narrow(self) -> None:
@@ -548,11 +571,16 @@ class InPlaceSearch(DiffoRACallback):
 
     def on_save(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if args.should_save and self.search is not None:
-            info = {"phase": "in-place", "search_steps": self.search_steps, "global_step": state.global_step,
-                    "gate_losses_since_log": list(self.gate_losses_since_log),
-                    "selection": self.selection.to_dict() if self.selection is not None else None}
-            write_search_state(checkpoint_folder(args, state), info,
-                               None if self.finished else self.search.state_dict())
+            info = {
+                "phase": "in-place",
+                "search_steps": self.search_steps,
+                "global_step": state.global_step,
+                "gate_losses_since_log": list(self.gate_losses_since_log),
+                "selection": self.selection.to_dict() if self.selection is not None else None,
+            }
+            write_search_state(
+                checkpoint_folder(args, state), info, None if self.finished else self.search.state_dict()
+            )
         return control
 
 

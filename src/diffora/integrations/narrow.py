@@ -68,8 +68,10 @@ def check_options(config: DiffoRAConfig, *, kernels_available: bool = True) -> N
     strategy = get_strategy(config.selection_score)
     strategy.check_config(config)
     if strategy.needs_kernels and not kernels_available:
-        raise ConfigError(f"selection_score '{config.selection_score}' needs data kernels, which this integration "
-                          "cannot compute; use narrow_lora or the CLI, or another selection_score")
+        raise ConfigError(
+            f"selection_score '{config.selection_score}' needs data kernels, which this integration "
+            "cannot compute; use narrow_lora or the CLI, or another selection_score"
+        )
 
 
 def default_search_steps(n_weight_batches: int, config: DiffoRAConfig, cap: int = DEFAULT_MAX_SEARCH_STEPS) -> int:
@@ -114,9 +116,17 @@ def narrow_lora(
         a copy of the adapter's updated ``LoraConfig`` (kept full names in ``target_modules``; ``rank_pattern``
         when ``rank_allocation`` changed ranks; one alpha for all), for ``save_pretrained`` or other tools.
     """
-    return narrow_search(peft_model, dataloader, config=config, gate_dataloader=gate_dataloader, steps=steps,
-                         loss_fn=loss_fn, adapter_name=adapter_name, progress=progress,
-                         mixed_precision=mixed_precision)[0].lora_config
+    return narrow_search(
+        peft_model,
+        dataloader,
+        config=config,
+        gate_dataloader=gate_dataloader,
+        steps=steps,
+        loss_fn=loss_fn,
+        adapter_name=adapter_name,
+        progress=progress,
+        mixed_precision=mixed_precision,
+    )[0].lora_config
 
 
 def narrow_search(
@@ -134,8 +144,9 @@ def narrow_search(
     """:func:`narrow_lora`, also returning the (finished) search and its length, for the search record."""
     config = config or DiffoRAConfig()
     if not isinstance(peft_model, PeftModel):
-        raise ModelError(f"narrow_lora needs a PeftModel (get_peft_model(model, LoraConfig(...))), got "
-                         f"{type(peft_model).__name__}")
+        raise ModelError(
+            f"narrow_lora needs a PeftModel (get_peft_model(model, LoraConfig(...))), got {type(peft_model).__name__}"
+        )
     check_options(config)
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
         raise ConfigError(f"steps must be a positive whole number of weight steps, got {steps!r}")
@@ -144,8 +155,9 @@ def narrow_search(
         try:
             n_batches = len(weight_loader)  # type: ignore[arg-type]
         except TypeError:
-            raise ConfigError("the number of search steps cannot be derived from an iterable without a length: "
-                              "pass steps=") from None
+            raise ConfigError(
+                "the number of search steps cannot be derived from an iterable without a length: pass steps="
+            ) from None
         steps = default_search_steps(n_batches, config)
     check_warmup(steps, gate_warmup(steps, config), hint="raise steps or lower DiffoRAConfig.gate_warmup_steps")
     name = adapter_name or peft_model.active_adapter
@@ -161,15 +173,18 @@ def narrow_search(
     return narrow_model(search, selection, ranks), search, steps
 
 
-def _split_loaders(dataloader: Iterable[Any], gate_dataloader: Optional[Iterable[Any]],
-                   config: DiffoRAConfig) -> tuple[Iterable[Any], Iterable[Any]]:
+def _split_loaders(
+    dataloader: Iterable[Any], gate_dataloader: Optional[Iterable[Any]], config: DiffoRAConfig
+) -> tuple[Iterable[Any], Iterable[Any]]:
     """Weight and gate batches: the given pair, or a seeded row split of a DataLoader's data set."""
     if gate_dataloader is not None:
         return dataloader, gate_dataloader
     dataset = getattr(dataloader, "dataset", None)
     if not isinstance(dataloader, DataLoader) or dataset is None or not hasattr(dataset, "__len__"):
-        raise ConfigError("pass gate_dataloader= (held-out batches for the gate steps), or a DataLoader over a sized "
-                          "data set so that diffora can hold out gate_fraction of its rows")
+        raise ConfigError(
+            "pass gate_dataloader= (held-out batches for the gate steps), or a DataLoader over a sized "
+            "data set so that diffora can hold out gate_fraction of its rows"
+        )
     n = len(dataset)
     if n < 2:
         raise ConfigError(f"the data set has {n} row(s); the search needs at least 2, one for each split")
@@ -177,8 +192,13 @@ def _split_loaders(dataloader: Iterable[Any], gate_dataloader: Optional[Iterable
     batch_size = dataloader.batch_size or 1
 
     def loader(rows: list[int], seed: int) -> DataLoader:
-        return DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=batch_size, shuffle=True,
-                          collate_fn=dataloader.collate_fn, generator=torch.Generator().manual_seed(seed))
+        return DataLoader(
+            torch.utils.data.Subset(dataset, rows),
+            batch_size=batch_size,
+            shuffle=True,
+            collate_fn=dataloader.collate_fn,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     return loader(weight_rows, config.seed), loader(gate_rows, config.seed + 1)
 
@@ -242,8 +262,9 @@ def _resize(layer: nn.Module, adapter: str, new_rank: int, new_alpha: float, rsl
     new_scaling = new_alpha / (math.sqrt(new_rank) if rslora else new_rank)
     weight = old_a.weight
     new_a = nn.Linear(old_a.in_features, new_rank, bias=False, device=weight.device, dtype=weight.dtype)
-    new_b = nn.Linear(new_rank, old_b.out_features, bias=old_b.bias is not None, device=weight.device,
-                      dtype=old_b.weight.dtype)
+    new_b = nn.Linear(
+        new_rank, old_b.out_features, bias=old_b.bias is not None, device=weight.device, dtype=old_b.weight.dtype
+    )
     nn.init.kaiming_uniform_(new_a.weight, a=math.sqrt(5))  # PEFT's default A init for the extra directions
     a, b = transfer_lora_weights(old_a.weight, old_b.weight, new_a.weight, new_b.weight, old_scaling, new_scaling)
     new_a.weight.copy_(a)

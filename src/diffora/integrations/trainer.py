@@ -194,16 +194,21 @@ def train_with_diffora(
         raise ModelError("train_with_diffora needs the base model without adapters; it adds the LoRA layers itself")
     if isinstance(search_steps, bool) or not isinstance(search_steps, int):
         raise ConfigError(f"search_steps must be a whole number of optimiser steps, got {search_steps!r}")
-    check_warmup(search_steps, gate_warmup(search_steps, config),
-                 hint="raise search_steps (or max_steps) or lower DiffoRAConfig.gate_warmup_steps")
+    check_warmup(
+        search_steps,
+        gate_warmup(search_steps, config),
+        hint="raise search_steps (or max_steps) or lower DiffoRAConfig.gate_warmup_steps",
+    )
     if max_steps is not None and max_steps <= search_steps:
         raise ConfigError(
             f"search_steps ({search_steps}) must be smaller than the total number of training steps ({max_steps}), so "
             "that the exported LoRA model gets trained; raise max_steps/num_train_epochs or lower search_steps"
         )
     if resume_from_checkpoint is True:
-        raise ConfigError("pass the checkpoint folder itself (DiffoRATrainer.train(resume_from_checkpoint=True) finds "
-                          "the last one of its two phase folders)")
+        raise ConfigError(
+            "pass the checkpoint folder itself (DiffoRATrainer.train(resume_from_checkpoint=True) finds "
+            "the last one of its two phase folders)"
+        )
     checkpoint = str(resume_from_checkpoint) if resume_from_checkpoint not in (None, False) else None
     saved, saved_state = read_search_state(checkpoint) if checkpoint is not None else (None, None)
 
@@ -218,8 +223,13 @@ def train_with_diffora(
         phase = DiffoRAPhase("search", search_steps, weight_data, _with_gate(eval_dataset, gate_data), search)
         search_trainer = make_trainer(search.model, phase)
         _check_trainer(search_trainer, search.model, phase)
-        callback = DiffoRACallback(search, search_trainer, search_steps=search_steps,
-                                   evaluate_gate_split=evaluate_gate_split, checkpoint_info=plan)
+        callback = DiffoRACallback(
+            search,
+            search_trainer,
+            search_steps=search_steps,
+            evaluate_gate_split=evaluate_gate_split,
+            checkpoint_info=plan,
+        )
         if not evaluate_gate_split and eval_dataset is not None and not isinstance(eval_dataset, dict):
             search_trainer.eval_dataset = search_trainer.eval_dataset[EVAL_KEY]  # a single set stays a single set
         search_trainer.add_callback(callback)
@@ -242,7 +252,8 @@ def train_with_diffora(
         record = saved["record"]
     else:
         record = search_record(
-            search, selection,
+            search,
+            selection,
             model=_model_name(search.model.get_base_model()),
             search_steps=search_steps,
             max_steps=max_steps,
@@ -255,8 +266,9 @@ def train_with_diffora(
     final_state = search.state_dict()  # the search as it ended: every fine-tuning checkpoint carries it
     exported = export_search(search, selection)
 
-    phase = DiffoRAPhase("train", max_steps - search_steps if max_steps is not None else -1, train_dataset,
-                         eval_dataset, search)
+    phase = DiffoRAPhase(
+        "train", max_steps - search_steps if max_steps is not None else -1, train_dataset, eval_dataset, search
+    )
     trainer = make_trainer(exported, phase)
     _check_trainer(trainer, exported, phase)
     if search_trainer is not None and _same_checkpoint_folder(search_trainer.args, trainer.args):
@@ -269,8 +281,16 @@ def train_with_diffora(
     trainer.add_callback(_FineTuneCheckpoints(info, final_state))
     resume = checkpoint if saved is not None and saved["phase"] == "train" else None
     output = trainer.train(resume_from_checkpoint=resume) if resume is not None else trainer.train()
-    return DiffoRARun(model=exported, search=search, selection=selection, record=record, trainer=trainer,
-                      train_output=output, search_trainer=search_trainer, search_callback=callback)
+    return DiffoRARun(
+        model=exported,
+        search=search,
+        selection=selection,
+        record=record,
+        trainer=trainer,
+        train_output=output,
+        search_trainer=search_trainer,
+        search_callback=callback,
+    )
 
 
 class DiffoRATrainer:
@@ -363,9 +383,15 @@ class DiffoRATrainer:
         total = int(self.args.max_steps) if self.args.max_steps > 0 else None
         self.search_steps = self.resolve_search_steps(total)
         self.run = train_with_diffora(
-            self.make_phase_trainer, self.base_model, self.train_dataset, search_steps=self.search_steps,
-            diffora_config=self.diffora_config, max_steps=total, eval_dataset=self.eval_dataset,
-            gate_dataset=self.gate_dataset, resume_from_checkpoint=resume_from_checkpoint or None,
+            self.make_phase_trainer,
+            self.base_model,
+            self.train_dataset,
+            search_steps=self.search_steps,
+            diffora_config=self.diffora_config,
+            max_steps=total,
+            eval_dataset=self.eval_dataset,
+            gate_dataset=self.gate_dataset,
+            resume_from_checkpoint=resume_from_checkpoint or None,
         )
         return self.run.train_output
 
@@ -412,11 +438,16 @@ class DiffoRATrainer:
         self.search = phase.search
         changes: dict[str, Any] = {"max_steps": phase.max_steps, "output_dir": phase.output_dir(self.args.output_dir)}
         if phase.name == "search":
-            changes.update(lr_scheduler_type="constant_with_warmup", lr_scheduler_kwargs={},
-                           load_best_model_at_end=False)
+            changes.update(
+                lr_scheduler_type="constant_with_warmup", lr_scheduler_kwargs={}, load_best_model_at_end=False
+            )
         trainer = self.trainer_cls(
-            model=model, args=dataclasses.replace(self.args, **changes), data_collator=self.data_collator,
-            train_dataset=phase.train_dataset, eval_dataset=phase.eval_dataset, callbacks=list(self.callbacks),
+            model=model,
+            args=dataclasses.replace(self.args, **changes),
+            data_collator=self.data_collator,
+            train_dataset=phase.train_dataset,
+            eval_dataset=phase.eval_dataset,
+            callbacks=list(self.callbacks),
             **self.trainer_kwargs,
         )
         if phase.name == "search":
@@ -445,8 +476,9 @@ class DiffoRATrainer:
         if isinstance(given, float):
             return math.ceil(given * total)
         weight_rows = rows - max(1, int(round(config.gate_fraction * rows))) if self.gate_dataset is None else rows
-        return search_length(_updates_per_epoch(self.args, weight_rows), minimum=min_search_length(20, config),
-                             cap=total // 2)
+        return search_length(
+            _updates_per_epoch(self.args, weight_rows), minimum=min_search_length(20, config), cap=total // 2
+        )
 
 
 class _FineTuneCheckpoints(TrainerCallback):
@@ -457,8 +489,9 @@ class _FineTuneCheckpoints(TrainerCallback):
 
     def on_save(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if args.should_save:
-            write_search_state(checkpoint_folder(args, state), {**self.info, "global_step": state.global_step},
-                               self.search_state)
+            write_search_state(
+                checkpoint_folder(args, state), {**self.info, "global_step": state.global_step}, self.search_state
+            )
         return control
 
 
@@ -495,14 +528,20 @@ def _check_trainer(trainer: Any, model: Any, phase: DiffoRAPhase) -> None:
 def _splits(train_dataset: Any, gate_dataset: Any, config: DiffoRAConfig) -> tuple[Any, Any, dict]:
     """(weight data, gate data, plan): the seeded split of ``train_dataset``, or all of it and ``gate_dataset``."""
     if gate_dataset is not None:
-        return train_dataset, gate_dataset, {"weight_rows": _length(train_dataset, None),
-                                             "gate_rows": _length(gate_dataset, None)}
+        return (
+            train_dataset,
+            gate_dataset,
+            {"weight_rows": _length(train_dataset, None), "gate_rows": _length(gate_dataset, None)},
+        )
     n = _length(train_dataset, "train_dataset")
     weight_rows, gate_rows = split_for_search(n, config.gate_fraction, config.seed)
     order = torch.randperm(len(gate_rows), generator=torch.Generator().manual_seed(config.seed + 29)).tolist()
     gate_rows_shuffled = [gate_rows[i] for i in order]  # the host's gate loader is sequential: shuffle the rows once
-    return (_select(train_dataset, weight_rows), _select(train_dataset, gate_rows_shuffled),
-            {"weight_rows": len(weight_rows), "gate_rows": len(gate_rows)})
+    return (
+        _select(train_dataset, weight_rows),
+        _select(train_dataset, gate_rows_shuffled),
+        {"weight_rows": len(weight_rows), "gate_rows": len(gate_rows)},
+    )
 
 
 def _with_gate(eval_dataset: Any, gate_dataset: Any) -> dict:

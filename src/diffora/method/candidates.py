@@ -45,20 +45,39 @@ class Preset:
 PRESETS: tuple[Preset, ...] = (
     Preset(
         "bert",
-        ("attention.self.query", "attention.self.key", "attention.self.value",
-         "attention.output.dense", "intermediate.dense", "output.dense"),
+        (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ),
         ("query", "key", "value", "attn.out", "ffn.in", "ffn.out"),
     ),
     Preset(
         "deberta-v2",
-        ("attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj",
-         "attention.output.dense", "intermediate.dense", "output.dense"),
+        (
+            "attention.self.query_proj",
+            "attention.self.key_proj",
+            "attention.self.value_proj",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ),
         ("query", "key", "value", "attn.out", "ffn.in", "ffn.out"),
     ),
     Preset(
         "llama",
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ),
         ("q", "k", "v", "o", "gate", "up", "down"),
     ),
     Preset(
@@ -73,8 +92,14 @@ PRESETS: tuple[Preset, ...] = (
     ),
     Preset(  # ViT as written by transformers 4.x
         "vit-v4",
-        ("attention.attention.query", "attention.attention.key", "attention.attention.value",
-         "attention.output.dense", "intermediate.dense", "output.dense"),
+        (
+            "attention.attention.query",
+            "attention.attention.key",
+            "attention.attention.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ),
         ("query", "key", "value", "attn.out", "ffn.in", "ffn.out"),
     ),
     Preset(
@@ -145,8 +170,10 @@ class DAMGrid:
 def uses_conv1d(model: nn.Module, module_names: Iterable[str]) -> bool:
     """Whether any of the named modules stores its weight transposed (GPT-2's ``Conv1D``): PEFT's LoRA then needs
     ``fan_in_fan_out=True``."""
-    return any(isinstance(model.get_submodule(n), LINEAR_TYPES) and not isinstance(model.get_submodule(n), nn.Linear)
-               for n in module_names)
+    return any(
+        isinstance(model.get_submodule(n), LINEAR_TYPES) and not isinstance(model.get_submodule(n), nn.Linear)
+        for n in module_names
+    )
 
 
 def _lora_cost(module: nn.Module) -> int:
@@ -359,8 +386,11 @@ def iter_cells(grid: DAMGrid) -> Iterable[tuple[int, int, str]]:
 def adapter_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
     """Full names (inside ``model``, e.g. ``peft_model.get_base_model()``) of the LoRA layers that carry
     ``adapter_name``, in module order."""
-    return {name: module for name, module in model.named_modules()
-            if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and adapter_name in module.lora_A}
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and adapter_name in module.lora_A
+    }
 
 
 def find_adapter_candidates(model: nn.Module, adapter_name: str = "default") -> DAMGrid:
@@ -383,7 +413,7 @@ def find_adapter_candidates(model: nn.Module, adapter_name: str = "default") -> 
                 f"LoRA module '{full}' lies outside the repeated transformer blocks, so it has no DAM cell; "
                 "leave it out of the LoraConfig (exclude_modules) or train it with modules_to_save"
             )
-        owner_of[full] = (owner, full[len(block_names[owner]) + 1:])
+        owner_of[full] = (owner, full[len(block_names[owner]) + 1 :])
     types = list(dict.fromkeys(rel for _, rel in owner_of.values()))
     preset = next((p for p in PRESETS if set(p.types) == set(types)), None)
     family, labels = "custom", None
@@ -396,5 +426,11 @@ def find_adapter_candidates(model: nn.Module, adapter_name: str = "default") -> 
     for i in rows:
         names.append([cell.get((i, rel)) for rel in types])
         costs.append([_lora_cost(layers[n].get_base_layer()) if n is not None else 0 for n in names[-1]])
-    return DAMGrid(layers=[block_names[i] for i in rows], types=types, labels=labels or _short_labels(types),
-                   names=names, param_costs=costs, family=family)
+    return DAMGrid(
+        layers=[block_names[i] for i in rows],
+        types=types,
+        labels=labels or _short_labels(types),
+        names=names,
+        param_costs=costs,
+        family=family,
+    )

@@ -217,7 +217,9 @@ class DiffoRAConfig:
     # --- bi-level search ---
     order: SearchOrder = field(
         default="first",
-        metadata={"help": "'first' = alternating first-order updates; 'second' = DARTS unrolled (finite-difference HVP)."},
+        metadata={
+            "help": "'first' = alternating first-order updates; 'second' = DARTS unrolled (finite-difference HVP)."
+        },
     )
     gate_fraction: float = field(
         default=0.3,
@@ -225,8 +227,10 @@ class DiffoRAConfig:
     )
     weight_lr: float = field(
         default=5e-4,
-        metadata={"flag": "search_lr",
-                  "help": "AdamW learning rate of LoRA A/B and the head; default = the fine-tune's default LR."},
+        metadata={
+            "flag": "search_lr",
+            "help": "AdamW learning rate of LoRA A/B and the head; default = the fine-tune's default LR.",
+        },
     )
     weight_decay: float = field(
         default=0.0, metadata={"flag": "search_weight_decay", "help": "AdamW weight decay of LoRA A/B and the head."}
@@ -269,13 +273,16 @@ class DiffoRAConfig:
     )
 
     # --- discretisation ---
-    keep_ratio: float = field(default=0.5, metadata={"help": "Fraction rho of the DAM kept (of entries or of parameters)."})
+    keep_ratio: float = field(
+        default=0.5, metadata={"help": "Fraction rho of the DAM kept (of entries or of parameters)."}
+    )
     selection_score: str = field(
         default="gate",
         metadata={
             "help": "The selection strategy (diffora.select.strategies): 'gate' = the learned gate value (DARTS: "
             "keep the largest; the default: with identity gates every entry starts at g0 = 1, so this ranks like "
-            "'signed', and 'movement' would also keep the modules the gate loss pushed DOWN, tests/test_signal.py); 'movement' = how far each gate moved from its initial value, in either direction "
+            "'signed', and 'movement' would also keep the modules the gate loss pushed DOWN, tests/test_signal.py); "
+            "'movement' = how far each gate moved from its initial value, in either direction "
             "(ours: a module whose gate the held-out loss pushed hard matters, whichever way the early search pushed "
             "it); 'signed' = how far it moved up (g - g0: a module the held-out loss wants more of); 'taylor' = the "
             "mean over gate steps of -g * dL_gate/dg, the first-order estimate of how much the gate-split loss "
@@ -363,11 +370,15 @@ class DiffoRAConfig:
         need(self.rank > 0, f"{n('rank')} must be a positive integer, got {self.rank!r}")
         need(self.alpha > 0, f"{n('alpha')} must be > 0, got {self.alpha!r}")
         need(0.0 <= self.dropout < 1.0, f"{n('dropout')} must be in [0, 1), got {self.dropout!r}")
-        need(isinstance(self.gate, str) and self.gate in GATE_FORMS,
-             f"{n('gate')} must be one of {GATE_FORMS}, got {self.gate!r}")
+        need(
+            isinstance(self.gate, str) and self.gate in GATE_FORMS,
+            f"{n('gate')} must be one of {GATE_FORMS}, got {self.gate!r}",
+        )
         need(self.temperature > 0, f"{n('temperature')} must be > 0, got {self.temperature!r}")
-        need(isinstance(self.order, str) and self.order in SEARCH_ORDERS,
-             f"{n('order')} must be one of {SEARCH_ORDERS}, got {self.order!r}")
+        need(
+            isinstance(self.order, str) and self.order in SEARCH_ORDERS,
+            f"{n('order')} must be one of {SEARCH_ORDERS}, got {self.order!r}",
+        )
         need(0.0 < self.gate_fraction < 1.0, f"{n('gate_fraction')} must be in (0, 1), got {self.gate_fraction!r}")
         need(self.weight_lr > 0, f"{n('weight_lr')} must be > 0, got {self.weight_lr!r}")
         need(self.gate_lr > 0, f"{n('gate_lr')} must be > 0, got {self.gate_lr!r}")
@@ -377,10 +388,14 @@ class DiffoRAConfig:
             self.gate_warmup_steps is None or self.gate_warmup_steps >= 0,
             f"{n('gate_warmup_steps')} must be an integer >= 0 or None, got {self.gate_warmup_steps!r}",
         )
-        need(0.0 <= self.gate_warmup_fraction < 1.0,
-             f"{n('gate_warmup_fraction')} must be in [0, 1), got {self.gate_warmup_fraction!r}")
-        need(isinstance(self.gate_decay, str) and self.gate_decay in GATE_DECAYS,
-             f"{n('gate_decay')} must be one of {GATE_DECAYS}, got {self.gate_decay!r}")
+        need(
+            0.0 <= self.gate_warmup_fraction < 1.0,
+            f"{n('gate_warmup_fraction')} must be in [0, 1), got {self.gate_warmup_fraction!r}",
+        )
+        need(
+            isinstance(self.gate_decay, str) and self.gate_decay in GATE_DECAYS,
+            f"{n('gate_decay')} must be one of {GATE_DECAYS}, got {self.gate_decay!r}",
+        )
         need(self.zero_one_weight >= 0, f"{n('zero_one_weight')} must be >= 0, got {self.zero_one_weight!r}")
         need(self.unroll_lr is None or self.unroll_lr > 0, f"{n('unroll_lr')} must be > 0, got {self.unroll_lr!r}")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, f"{n('max_grad_norm')} must be > 0 or None")
@@ -389,8 +404,10 @@ class DiffoRAConfig:
             f"{n('keep_ratio')} must be in (0, 1] (the fraction of modules to keep), got {self.keep_ratio!r}",
         )
         names = strategy_names()
-        need(isinstance(self.selection_score, str) and self.selection_score in names,
-             f"{n('selection_score')} must be one of {names}, got {self.selection_score!r}")
+        need(
+            isinstance(self.selection_score, str) and self.selection_score in names,
+            f"{n('selection_score')} must be one of {names}, got {self.selection_score!r}",
+        )
         get_strategy(self.selection_score).check_config(self, n("selection_score"))
         need(
             isinstance(self.rank_allocation, str) and self.rank_allocation in RANK_ALLOCATIONS,
@@ -400,17 +417,28 @@ class DiffoRAConfig:
             isinstance(self.granularity, str) and self.granularity in GRANULARITIES,
             f"{n('granularity')} must be one of {GRANULARITIES}, got {self.granularity!r}",
         )
-        for name, allowed in (("score_normalization", SCORE_NORMALIZATIONS), ("ntk_kernel", NTK_KERNELS),
-                              ("ntk_normalization", NTK_NORMALIZATIONS)):
+        for name, allowed in (
+            ("score_normalization", SCORE_NORMALIZATIONS),
+            ("ntk_kernel", NTK_KERNELS),
+            ("ntk_normalization", NTK_NORMALIZATIONS),
+        ):
             value = getattr(self, name)
             need(isinstance(value, str) and value in allowed, f"{n(name)} must be one of {allowed}, got {value!r}")
-        need(isinstance(self.handoff, str) and self.handoff in HANDOFFS,
-             f"{n('handoff')} must be one of {HANDOFFS}, got {self.handoff!r}")
+        need(
+            isinstance(self.handoff, str) and self.handoff in HANDOFFS,
+            f"{n('handoff')} must be one of {HANDOFFS}, got {self.handoff!r}",
+        )
         if self.handoff == "continue":  # the kept branches carry the search's weights and AdamW moments as they are
-            need(self.weight_sharing, f"{n('handoff')} continue needs {n('weight_sharing')}: the kept modules continue "
-                 "from the search's weights")
-            need(self.rank_allocation == "none", f"{n('handoff')} continue needs {n('rank_allocation')} none: a "
-                 "module whose rank changes has no optimiser state to continue with")
+            need(
+                self.weight_sharing,
+                f"{n('handoff')} continue needs {n('weight_sharing')}: the kept modules continue "
+                "from the search's weights",
+            )
+            need(
+                self.rank_allocation == "none",
+                f"{n('handoff')} continue needs {n('rank_allocation')} none: a "
+                "module whose rank changes has no optimiser state to continue with",
+            )
         need(
             not (self.target_types and self.target_modules),
             f"pass either {n('target_types')} or {n('target_modules')}, not both",
@@ -453,8 +481,9 @@ class FinetuneOptions:
     eval_every: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end of each epoch)."})
     keep_best: bool = field(
         default=False,
-        metadata={"help": "Restore the checkpoint with the best eval metric (selects on the eval set: off by "
-                          "default)."},
+        metadata={
+            "help": "Restore the checkpoint with the best eval metric (selects on the eval set: off by default)."
+        },
     )
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches per optimiser step (the loss of each is divided by this)."}
@@ -476,5 +505,6 @@ class FinetuneOptions:
         if self.eval_every < 0:
             raise ConfigError(f"{n('eval_every')} must be >= 0, got {self.eval_every}")
         if self.gradient_accumulation_steps < 1:
-            raise ConfigError(f"{n('gradient_accumulation_steps')} must be at least 1, got "
-                              f"{self.gradient_accumulation_steps}")
+            raise ConfigError(
+                f"{n('gradient_accumulation_steps')} must be at least 1, got {self.gradient_accumulation_steps}"
+            )

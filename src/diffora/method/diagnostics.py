@@ -21,8 +21,10 @@ if TYPE_CHECKING:  # annotations only (the search imports nothing from here)
 
 #: betas whose range is under this many random-walk lengths ``gate_lr * sqrt(gate_steps)`` are flat
 FLAT_FACTOR = 4.0
-FLAT_WARNING = ("the gates did not separate the modules (beta range {beta_range:.3g} <= {limit:.3g}, what gate-step "
-                "noise alone reaches); the choice is close to arbitrary")
+FLAT_WARNING = (
+    "the gates did not separate the modules (beta range {beta_range:.3g} <= {limit:.3g}, what gate-step "
+    "noise alone reaches); the choice is close to arbitrary"
+)
 
 
 def gate_spread(gates: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
@@ -31,8 +33,12 @@ def gate_spread(gates: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
     if values.numel() == 0:
         return {"gate_min": math.nan, "gate_max": math.nan, "gate_range": 0.0, "gate_std": 0.0}
     std = float(values.std(unbiased=False)) if values.numel() > 1 else 0.0
-    return {"gate_min": float(values.min()), "gate_max": float(values.max()),
-            "gate_range": float(values.max() - values.min()), "gate_std": std}
+    return {
+        "gate_min": float(values.min()),
+        "gate_max": float(values.max()),
+        "gate_range": float(values.max() - values.min()),
+        "gate_std": std,
+    }
 
 
 def flat_limit(gate_lr: float, gate_steps: int) -> float:

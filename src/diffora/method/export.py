@@ -90,7 +90,11 @@ SharedWeights = tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, tu
 
 
 def collect_shared_weights(
-    base_model: nn.Module, selection: Selection, grid: DAMGrid, gates: torch.Tensor, heads: list[str],
+    base_model: nn.Module,
+    selection: Selection,
+    grid: DAMGrid,
+    gates: torch.Tensor,
+    heads: list[str],
     adapter_name: str = "default",
 ) -> SharedWeights:
     """Copy the kept branches' ``A`` and gate-folded ``B`` and the heads' weights out of the searched model."""
@@ -103,8 +107,10 @@ def collect_shared_weights(
             layer = base_model.get_submodule(name)
             i, j = grid.position(name)
             b = layer.lora_B[adapter_name].weight
-            lora[name] = (layer.lora_A[adapter_name].weight.detach().clone(),
-                          b.detach().clone() * gates[i, j].to(device=b.device, dtype=b.dtype))
+            lora[name] = (
+                layer.lora_A[adapter_name].weight.detach().clone(),
+                b.detach().clone() * gates[i, j].to(device=b.device, dtype=b.dtype),
+            )
         head_states: dict[str, tuple[dict, dict]] = {}
         for head in heads:
             wrapper = base_model.get_submodule(head)
@@ -115,8 +121,14 @@ def collect_shared_weights(
 
 
 def build_exported_model(
-    plain_model: nn.Module, config: LoraConfig, shared: SharedWeights, *, adapter_name: str = "default",
-    weight_sharing: bool = True, seed: int = 1, search_scaling: Optional[float] = None,
+    plain_model: nn.Module,
+    config: LoraConfig,
+    shared: SharedWeights,
+    *,
+    adapter_name: str = "default",
+    weight_sharing: bool = True,
+    seed: int = 1,
+    search_scaling: Optional[float] = None,
 ) -> PeftModel:
     """Wrap the search's base model (LoRA layers removed) in a stock PEFT model; copy ``shared`` into it.
 
@@ -135,15 +147,20 @@ def build_exported_model(
                 layer = new_base.get_submodule(name)
                 new_a, new_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
                 if new_a.shape != a.shape:
-                    a, b = transfer_lora_weights(a, b, new_a, new_b, search_scaling or config.lora_alpha / config.r,
-                                                 layer.scaling[adapter_name])
+                    a, b = transfer_lora_weights(
+                        a, b, new_a, new_b, search_scaling or config.lora_alpha / config.r, layer.scaling[adapter_name]
+                    )
                 new_a.copy_(a)
                 new_b.copy_(b)
     return exported
 
 
-def export_search(search: "DAMSearch", selection: Selection, weight_sharing: Optional[bool] = None,
-                  ranks: Optional[dict[str, int]] = None) -> PeftModel:
+def export_search(
+    search: "DAMSearch",
+    selection: Selection,
+    weight_sharing: Optional[bool] = None,
+    ranks: Optional[dict[str, int]] = None,
+) -> PeftModel:
     """A stock ``peft.PeftModel`` with LoRA on the kept modules only.
 
     ``ranks`` (from :func:`diffora.select.ranks.concentrate_ranks`) gives kept modules their own rank, exported as a
@@ -155,36 +172,63 @@ def export_search(search: "DAMSearch", selection: Selection, weight_sharing: Opt
     sharing = config.weight_sharing if weight_sharing is None else weight_sharing
     with torch.no_grad():
         gates = search.gates.values().detach()
-    shared = collect_shared_weights(search.model.get_base_model(), selection, search.grid, gates, search.heads,
-                                    search.adapter_name)
+    shared = collect_shared_weights(
+        search.model.get_base_model(), selection, search.grid, gates, search.heads, search.adapter_name
+    )
     search.hooks.remove()
     plain_model = search.model.unload()  # removes every LoRA layer; heads are plain modules again
     search.exported = True
     lora_config = lora_config_for(
-        selection, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
-        modules_to_save=search.heads, task_type=infer_task_type(search.model_class),
-        fan_in_fan_out=search.fan_in_fan_out, ranks=ranks,
+        selection,
+        rank=config.rank,
+        alpha=config.alpha,
+        dropout=config.dropout,
+        modules_to_save=search.heads,
+        task_type=infer_task_type(search.model_class),
+        fan_in_fan_out=search.fan_in_fan_out,
+        ranks=ranks,
     )
-    return build_exported_model(plain_model, lora_config, shared, adapter_name=search.adapter_name,
-                                weight_sharing=sharing, seed=config.seed + 1,
-                                search_scaling=config.alpha / config.rank)
+    return build_exported_model(
+        plain_model,
+        lora_config,
+        shared,
+        adapter_name=search.adapter_name,
+        weight_sharing=sharing,
+        seed=config.seed + 1,
+        search_scaling=config.alpha / config.rank,
+    )
 
 
-def fresh_lora(model: nn.Module, modules: Sequence[str], *, rank: int, alpha: float, dropout: float, seed: int,
-               heads: Optional[list[str]] = None, ranks: Optional[dict[str, int]] = None) -> PeftModel:
+def fresh_lora(
+    model: nn.Module,
+    modules: Sequence[str],
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    seed: int,
+    heads: Optional[list[str]] = None,
+    ranks: Optional[dict[str, int]] = None,
+) -> PeftModel:
     """LoRA with PEFT's own init on ``modules`` of ``model`` (modified in place), as the export without weight
     sharing builds it: the init is drawn from ``seed + 1`` without disturbing the caller's RNG stream; ``heads``
     default to the detected task heads."""
     config = lora_config_for(
-        list(modules), rank=rank, alpha=alpha, dropout=dropout, ranks=ranks,
+        list(modules),
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        ranks=ranks,
         modules_to_save=heads if heads is not None else detect_task_heads(model),
-        task_type=infer_task_type(type(model).__name__), fan_in_fan_out=uses_conv1d(model, modules),
+        task_type=infer_task_type(type(model).__name__),
+        fan_in_fan_out=uses_conv1d(model, modules),
     )
     return seeded_peft_model(model, config, seed + 1)
 
 
-def seeded_peft_model(model: nn.Module, config: LoraConfig, init_seed: int, *,
-                      adapter_name: str = "default") -> PeftModel:
+def seeded_peft_model(
+    model: nn.Module, config: LoraConfig, init_seed: int, *, adapter_name: str = "default"
+) -> PeftModel:
     """``get_peft_model`` with PEFT's random init drawn from ``init_seed``, leaving the caller's RNG stream where
     it was (so the same seed gives the same adapter whatever ran before)."""
     with torch.random.fork_rng(devices=[]):

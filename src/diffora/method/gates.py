@@ -58,16 +58,19 @@ def new_gate_optimizer(gates: "DAMGates", config: DiffoRAConfig) -> torch.optim.
     gradient's size; ``"coupled"`` adds ``wd * beta`` to the gradient (Adam's ``weight_decay``, DARTS' choice): the
     gate gradients are as small as 1e-7, so a coupled L2 of 1e-3 decides where beta settles."""
     if config.gate_decay == "coupled":
-        return torch.optim.Adam(gates.parameters(), lr=config.gate_lr, betas=(0.5, 0.999),
-                                weight_decay=config.gate_weight_decay)
-    return torch.optim.AdamW(gates.parameters(), lr=config.gate_lr, betas=(0.5, 0.999),
-                             weight_decay=config.gate_weight_decay)
+        return torch.optim.Adam(
+            gates.parameters(), lr=config.gate_lr, betas=(0.5, 0.999), weight_decay=config.gate_weight_decay
+        )
+    return torch.optim.AdamW(
+        gates.parameters(), lr=config.gate_lr, betas=(0.5, 0.999), weight_decay=config.gate_weight_decay
+    )
 
 
 class DAMGates(nn.Module):
     """The architecture parameters ``beta`` (one per DAM entry) and their relaxation to gates.
 
-    Move it with ``.to(device)`` like any module; :class:`~diffora.method.search.DAMSearch` puts it on the model's device.
+    Move it with ``.to(device)`` like any module; :class:`~diffora.method.search.DAMSearch` puts it on the model's
+    device.
     """
 
     def __init__(self, grid: DAMGrid, form: str = "sigmoid2", init: float = 0.0, temperature: float = 1.0) -> None:
@@ -140,8 +143,15 @@ class DAMGates(nn.Module):
     # ------------------------------------------------------------------ per-pass cache
     def _cache_key(self) -> tuple:
         beta = self.beta
-        return (beta.device, beta.data_ptr(), beta._version, beta.requires_grad, self._forced_token,
-                torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        return (
+            beta.device,
+            beta.data_ptr(),
+            beta._version,
+            beta.requires_grad,
+            self._forced_token,
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+        )
 
     def begin_pass(self) -> None:
         """A model forward starts: compute the gate matrix once for all its candidates (outermost entry only)."""
@@ -182,7 +192,6 @@ class DAMGates(nn.Module):
         state = self.__dict__.copy()
         state["_cache"], state["_depth"] = None, 0
         return state
-
 
 
 class GateHooks:

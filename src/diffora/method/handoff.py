@@ -67,8 +67,13 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total: int, warmup_ratio: 
 def continue_config(config: DiffoRAConfig, options: FinetuneOptions) -> DiffoRAConfig:
     """The search configuration of the 'continue' hand-off: the search's weight steps are fine-tune steps, so they
     take the fine-tune's LR, weight decay and gradient clipping."""
-    return dataclasses.replace(config, handoff="continue", weight_lr=options.lr, weight_decay=options.weight_decay,
-                               max_grad_norm=options.max_grad_norm)
+    return dataclasses.replace(
+        config,
+        handoff="continue",
+        weight_lr=options.lr,
+        weight_decay=options.weight_decay,
+        max_grad_norm=options.max_grad_norm,
+    )
 
 
 def search_steps_within(steps: int, total: int) -> int:
@@ -139,9 +144,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sta
     for name, entry in state.items():
         moment = entry.get("exp_avg")
         if torch.is_tensor(moment) and tuple(moment.shape) != tuple(params[name].shape):
-            raise TrainingError(f"the carried optimiser state of {name} has shape {tuple(moment.shape)}, the "
-                                f"parameter {tuple(params[name].shape)}")
+            raise TrainingError(
+                f"the carried optimiser state of {name} has shape {tuple(moment.shape)}, the "
+                f"parameter {tuple(params[name].shape)}"
+            )
     saved = optimizer.state_dict()
-    saved["state"] = {index[name]: {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
-                      for name, entry in state.items()}
+    saved["state"] = {
+        index[name]: {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
+        for name, entry in state.items()
+    }
     optimizer.load_state_dict(saved)  # moves the moments to each parameter's device and dtype

@@ -85,16 +85,25 @@ def nonfinite_code(loss: torch.Tensor) -> int:
 
 
 def loss_message(kind: str, step: int, value: float, ranks: Optional[list[int]] = None) -> str:
-    where = "" if ranks is None else f" on rank {ranks[0]}" if len(ranks) == 1 else \
-        f" on ranks {', '.join(map(str, ranks))}"
-    return (f"the {kind} loss became {value} at {kind} step {step}{where}; lower the learning rate "
-            "or check the data for invalid labels")
+    where = (
+        ""
+        if ranks is None
+        else f" on rank {ranks[0]}"
+        if len(ranks) == 1
+        else f" on ranks {', '.join(map(str, ranks))}"
+    )
+    return (
+        f"the {kind} loss became {value} at {kind} step {step}{where}; lower the learning rate "
+        "or check the data for invalid labels"
+    )
 
 
 def gradient_message(kind: str, step: int) -> str:
     where = " on some rank" if world_size() > 1 else ""
-    return (f"the {kind} gradient became non-finite at {kind} step {step}{where} (the loss was finite); lower the "
-            "learning rate or check the data")
+    return (
+        f"the {kind} gradient became non-finite at {kind} step {step}{where} (the loss was finite); lower the "
+        "learning rate or check the data"
+    )
 
 
 def all_reduce_mean(params: Sequence[torch.Tensor], code: int) -> list[int]:
@@ -110,8 +119,9 @@ def all_reduce_mean(params: Sequence[torch.Tensor], code: int) -> list[int]:
     world, rank = dist.get_world_size(), dist.get_rank()
     device = params[0].device
     dtype = functools.reduce(torch.promote_types, (p.dtype for p in params), torch.float32)
-    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, dtype)
-             for p in params]
+    parts = [
+        (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, dtype) for p in params
+    ]
     has_grad = torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=device)
     codes = torch.zeros(world, dtype=dtype, device=device)
     codes[rank] = code
@@ -123,10 +133,10 @@ def all_reduce_mean(params: Sequence[torch.Tensor], code: int) -> list[int]:
         return reduced_codes
     flat[:total].div_(world)
     offset = 0
-    for p, present in zip(params, flat[total:total + len(params)].tolist()):
+    for p, present in zip(params, flat[total : total + len(params)].tolist()):
         size = p.numel()
         if present > 0:
-            mean = flat[offset:offset + size].view(p.shape)
+            mean = flat[offset : offset + size].view(p.shape)
             if p.grad is None:
                 p.grad = mean.to(device=p.device, dtype=p.dtype).clone()
             else:

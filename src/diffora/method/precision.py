@@ -21,8 +21,9 @@ def check_mixed_precision(mode: str, device: torch.device) -> None:
     if mode not in MIXED_PRECISION:
         raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mode!r}")
     if mode == "fp16" and device.type in FP16_UNSUPPORTED:
-        raise ConfigError(f"mixed_precision='fp16' on {device.type}: float16 mixed precision needs a CUDA "
-                          "device; use bf16 on CPU")
+        raise ConfigError(
+            f"mixed_precision='fp16' on {device.type}: float16 mixed precision needs a CUDA device; use bf16 on CPU"
+        )
 
 
 def new_scaler(mode: str, device: torch.device) -> Optional[torch.amp.GradScaler]:

@@ -17,8 +17,15 @@ from ..errors import ConfigError, DiffoRAError
 from .config import DiffoRAConfig
 
 
-def search_length(n_weight_batches: int, *, epochs: float = 1.0, steps: int = 0, accumulation: int = 1,
-                  minimum: int = 0, cap: Optional[int] = None) -> int:
+def search_length(
+    n_weight_batches: int,
+    *,
+    epochs: float = 1.0,
+    steps: int = 0,
+    accumulation: int = 1,
+    minimum: int = 0,
+    cap: Optional[int] = None,
+) -> int:
     """Search steps: ``steps`` when > 0; else ``epochs`` passes over ``n_weight_batches`` batches, at least one step
     and at least ``minimum``, then at most ``cap`` (0 when ``epochs`` is 0 too: a search that does not run)."""
     if steps > 0:
@@ -47,9 +54,16 @@ def gate_warmup(steps: int, config: DiffoRAConfig) -> int:
     return max(0, min(math.floor(config.gate_warmup_fraction * steps), steps - 1))
 
 
-def check_warmup(steps: int, warmup: int, *, error: type[DiffoRAError] = ConfigError,
-                 hint: str = "raise search_steps or lower gate_warmup_steps") -> None:
+def check_warmup(
+    steps: int,
+    warmup: int,
+    *,
+    error: type[DiffoRAError] = ConfigError,
+    hint: str = "raise search_steps or lower gate_warmup_steps",
+) -> None:
     """Refuse a search that would end before its first gate step (the DAM would learn nothing)."""
     if steps <= warmup:
-        raise error(f"the search has only {steps} steps, not more than its gate warm-up of {warmup} steps, so no "
-                    f"gate step would run and the DAM would learn nothing; {hint}")
+        raise error(
+            f"the search has only {steps} steps, not more than its gate warm-up of {warmup} steps, so no "
+            f"gate step would run and the DAM would learn nothing; {hint}"
+        )

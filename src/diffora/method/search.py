@@ -126,8 +126,7 @@ class DAMSearch:
         wrapped = (attach_lora if self.attached else inject_lora)(model, config, adapter_name)
         self.model, self.config, self.grid = wrapped.model, wrapped.config, wrapped.grid
         self.model_class, self.heads, self.fan_in_fan_out = wrapped.model_class, wrapped.heads, wrapped.fan_in_fan_out
-        self.gates = DAMGates(self.grid, config.gate, config.gate_init, config.temperature).to(
-            model_device(self.model))
+        self.gates = DAMGates(self.grid, config.gate, config.gate_init, config.temperature).to(model_device(self.model))
         self.hooks = GateHooks(self.model, self.grid, self.gates, adapter_name)
         self.weight_params = [p for p in self.model.parameters() if p.requires_grad]
         self.weight_optimizer = torch.optim.AdamW(
@@ -296,7 +295,9 @@ class DAMSearch:
         return unrolled_gate_gradient(
             weight_losses[0] if len(weight_losses) == 1 else weight_losses,
             gate_losses[0] if len(gate_losses) == 1 else gate_losses,
-            self.weight_params, self.gates.beta, xi,
+            self.weight_params,
+            self.gates.beta,
+            xi,
         )
 
     def gate_loss(self, batch: Batch, *, mixed: bool = True) -> torch.Tensor:
@@ -339,9 +340,11 @@ class DAMSearch:
         if torch.is_autocast_enabled(model_device(self.model).type):
             # autocast caches its casts of the LoRA weights until the outermost context exits, so every step of a
             # search inside one context would read the weights as they were at its first forward (B stays 0)
-            raise ConfigError("the search was started inside torch.autocast, whose cast cache would hide every "
-                              "weight update from the later steps; start it outside autocast and pass "
-                              "mixed_precision='bf16' (or load the model in bfloat16) instead")
+            raise ConfigError(
+                "the search was started inside torch.autocast, whose cast cache would hide every "
+                "weight update from the later steps; start it outside autocast and pass "
+                "mixed_precision='bf16' (or load the model in bfloat16) instead"
+            )
         weights, gates = _cycle(weight_data), _cycle(gate_data)
 
         def draw(batches: Iterator[Batch]) -> StepBatch:
@@ -349,8 +352,14 @@ class DAMSearch:
                 return next(batches)
             return MicroBatches([next(batches) for _ in range(accumulation_steps)])
 
-        bar = tqdm(range(self.weight_steps, steps), desc="DAM search", disable=not progress, dynamic_ncols=True,
-                   initial=self.weight_steps, total=steps)
+        bar = tqdm(
+            range(self.weight_steps, steps),
+            desc="DAM search",
+            disable=not progress,
+            dynamic_ncols=True,
+            initial=self.weight_steps,
+            total=steps,
+        )
         for step in bar:
             weight_batch = draw(weights)
             w_loss = self.weight_step(weight_batch)
@@ -416,8 +425,14 @@ def prepare_search(
         mixed_precision: ``"no"`` | ``"bf16"`` | ``"fp16"`` autocast of the forward passes (see :class:`DAMSearch`).
         accelerator: optional ``accelerate.Accelerator`` giving the device and (by default) the mixed precision.
     """
-    return DAMSearch(model, config or DiffoRAConfig(), adapter_name=adapter_name, loss_fn=loss_fn,
-                     mixed_precision=mixed_precision, accelerator=accelerator)
+    return DAMSearch(
+        model,
+        config or DiffoRAConfig(),
+        adapter_name=adapter_name,
+        loss_fn=loss_fn,
+        mixed_precision=mixed_precision,
+        accelerator=accelerator,
+    )
 
 
 # ---------------------------------------------------------------- utilities
@@ -449,8 +464,9 @@ def _cycle(data: Iterable[Batch]) -> Iterator[Batch]:
 def _micro_batches(batch: Any) -> list:
     """``batch`` as a list of micro-batches: a :class:`MicroBatches` or a list of dicts is one; anything else is a
     single batch (so a list batch of tensors for a custom ``loss_fn`` keeps meaning one batch)."""
-    if isinstance(batch, MicroBatches) or (isinstance(batch, list) and batch and
-                                           all(isinstance(b, Mapping) for b in batch)):
+    if isinstance(batch, MicroBatches) or (
+        isinstance(batch, list) and batch and all(isinstance(b, Mapping) for b in batch)
+    ):
         if not batch:
             raise SearchStateError("an empty list of micro-batches")
         return list(batch)

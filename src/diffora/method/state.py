@@ -60,12 +60,18 @@ def load_search_state(search: "DAMSearch", state: dict[str, Any]) -> None:
     search.gate_steps = int(state["gate_steps"])
     # a state without the 'taylor' sums: that score then refuses, the others work
     taylor = state.get("taylor_sum")
-    search.taylor_sum = (taylor.to(search.taylor_sum.device, torch.float32).clone() if taylor is not None
-                         else torch.zeros_like(search.taylor_sum))
+    search.taylor_sum = (
+        taylor.to(search.taylor_sum.device, torch.float32).clone()
+        if taylor is not None
+        else torch.zeros_like(search.taylor_sum)
+    )
     search.taylor_steps = int(state.get("taylor_steps", 0))
     pull = state.get("gate_pull")  # absent in older states: the stability check then reads zeros (and says so)
-    search.gate_pull = (pull.to(search.gate_pull.device, torch.float32).clone() if pull is not None
-                        else torch.zeros_like(search.gate_pull))
+    search.gate_pull = (
+        pull.to(search.gate_pull.device, torch.float32).clone()
+        if pull is not None
+        else torch.zeros_like(search.gate_pull)
+    )
     history = state.get("history", {})
     search.history = type(search.history)(
         list(history.get("weight_losses", [])),

@@ -8,12 +8,24 @@ registry, which must not pull in the search that :mod:`.choose` reads.
 """
 
 _EXPORTS = {
-    "Selection": "quota", "Quota": "quota", "select_modules": "quota", "GRANULARITIES": "quota",
-    "SelectionStrategy": "strategies", "register": "strategies", "get_strategy": "strategies",
-    "strategy_names": "strategies", "normalize_scores": "strategies",
-    "choose_modules": "choose", "selection_scores": "choose", "gate_scores": "choose", "search_kernels": "choose",
-    "allocate_ranks": "choose", "diagnostic": "choose",
-    "ModuleKernels": "strategies.ntk", "greedy_ntk_selection": "strategies.ntk", "module_kernels": "ntk",
+    "Selection": "quota",
+    "Quota": "quota",
+    "select_modules": "quota",
+    "GRANULARITIES": "quota",
+    "SelectionStrategy": "strategies",
+    "register": "strategies",
+    "get_strategy": "strategies",
+    "strategy_names": "strategies",
+    "normalize_scores": "strategies",
+    "choose_modules": "choose",
+    "selection_scores": "choose",
+    "gate_scores": "choose",
+    "search_kernels": "choose",
+    "allocate_ranks": "choose",
+    "diagnostic": "choose",
+    "ModuleKernels": "strategies.ntk",
+    "greedy_ntk_selection": "strategies.ntk",
+    "module_kernels": "ntk",
     "concentrate_ranks": "ranks",
 }
 

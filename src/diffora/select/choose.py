@@ -16,8 +16,9 @@ from .strategies import get_strategy, strategy_names
 from .strategies.ntk import ModuleKernels, ntk_diagnostic
 
 
-def selection_scores(search: Any, score: Optional[str] = None, kernels: Optional[ModuleKernels] = None
-                     ) -> list[list[float]]:
+def selection_scores(
+    search: Any, score: Optional[str] = None, kernels: Optional[ModuleKernels] = None
+) -> list[list[float]]:
     """The ``layers × types`` scores of strategy ``score`` (default: the config's), before ``score_normalization``:
     the gate values (``"gate"``), ``|g - g0|`` (``"movement"``), ``g - g0`` (``"signed"``), the mean of
     ``-g dL_gate/dg`` over the gate steps (``"taylor"``), ..."""
@@ -39,9 +40,15 @@ def gate_scores(search: Any) -> dict[str, list[list[float]]]:
     return out
 
 
-def choose_modules(search: Any, kernels: Optional[ModuleKernels] = None, *, keep_ratio: Optional[float] = None,
-                   granularity: Optional[str] = None, budget_params: Optional[int] = None,
-                   score: Optional[str] = None) -> Selection:
+def choose_modules(
+    search: Any,
+    kernels: Optional[ModuleKernels] = None,
+    *,
+    keep_ratio: Optional[float] = None,
+    granularity: Optional[str] = None,
+    budget_params: Optional[int] = None,
+    score: Optional[str] = None,
+) -> Selection:
     """The kept modules of a finished search (defaults from ``search.config``).
 
     ``kernels`` (:func:`search_kernels`) is needed by strategies that read data kernels (``ntk``); a strategy that
@@ -51,8 +58,13 @@ def choose_modules(search: Any, kernels: Optional[ModuleKernels] = None, *, keep
     strategy = get_strategy(score or config.selection_score)
     strategy.check_config(config)
     strategy.check_ready(search, kernels)
-    return strategy.select(search, config.keep_ratio if keep_ratio is None else keep_ratio,
-                           granularity or config.granularity, kernels=kernels, budget_params=budget_params)
+    return strategy.select(
+        search,
+        config.keep_ratio if keep_ratio is None else keep_ratio,
+        granularity or config.granularity,
+        kernels=kernels,
+        budget_params=budget_params,
+    )
 
 
 def search_kernels(search: Any, batches: Iterable[dict], max_examples: int) -> ModuleKernels:
@@ -62,20 +74,28 @@ def search_kernels(search: Any, batches: Iterable[dict], max_examples: int) -> M
     config = search.config
     ungated = getattr(config, "ntk_ungated", True)
     with search.gates.forced(1.0) if ungated else contextlib.nullcontext():
-        kernels = module_kernels(search.model, search.grid.module_names(), batches, loss_fn=search.loss_fn,
-                                 adapter_name=search.adapter_name, max_examples=max_examples,
-                                 kind=getattr(config, "ntk_kernel", "loss_grad"))
+        kernels = module_kernels(
+            search.model,
+            search.grid.module_names(),
+            batches,
+            loss_fn=search.loss_fn,
+            adapter_name=search.adapter_name,
+            max_examples=max_examples,
+            kind=getattr(config, "ntk_kernel", "loss_grad"),
+        )
     return kernels.normalized(getattr(config, "ntk_normalization", "none"), search.grid)
 
 
 def diagnostic(search: Any, kernels: ModuleKernels, selection: Selection, seed: int = 0) -> dict:
     """``lambda_min`` of the kept set against random sets of the same quota (recorded in ``dam.json``)."""
-    return ntk_diagnostic(kernels, search.grid, selection, selection.keep_ratio, selection.granularity,
-                          search.config.rank, seed=seed)
+    return ntk_diagnostic(
+        kernels, search.grid, selection, selection.keep_ratio, selection.granularity, search.config.rank, seed=seed
+    )
 
 
-def allocate_ranks(search: Any, selection: Selection,
-                   kernels: Optional[ModuleKernels] = None) -> Optional[dict[str, int]]:
+def allocate_ranks(
+    search: Any, selection: Selection, kernels: Optional[ModuleKernels] = None
+) -> Optional[dict[str, int]]:
     """Budget concentration (``rank_allocation``): the kept modules share all candidates' LoRA parameters, in the
     order (and, for ``proportional``, the proportions) of the strategy's ranking."""
     mode = search.config.rank_allocation

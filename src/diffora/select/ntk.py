@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ..method.parallel import model_device
 from ..errors import ConfigError, DataError, ModelError, TrainingError
+from ..method.parallel import model_device
 from .strategies import NTK_KERNELS
 from .strategies.ntk import ModuleKernels
 
@@ -92,7 +92,8 @@ def module_kernels(
                 # allow_unused: a module the targets do not reach has a zero kernel, not an error.
                 per_target = [
                     torch.autograd.grad(t, flat, allow_unused=True, retain_graph=k + 1 < len(targets))
-                    if t.requires_grad else [None] * len(flat)
+                    if t.requires_grad
+                    else [None] * len(flat)
                     for k, t in enumerate(targets)
                 ]
                 if all(gp is None for g in per_target for gp in g):
@@ -102,9 +103,13 @@ def module_kernels(
                         "or merged?)"
                     )
                 for m, (a, b) in enumerate(params):
-                    parts = [torch.zeros(p.numel()) if g[2 * m + x] is None else
-                             g[2 * m + x].detach().reshape(-1).float().cpu()
-                             for g in per_target for x, p in enumerate((a, b))]
+                    parts = [
+                        torch.zeros(p.numel())
+                        if g[2 * m + x] is None
+                        else g[2 * m + x].detach().reshape(-1).float().cpu()
+                        for g in per_target
+                        for x, p in enumerate((a, b))
+                    ]
                     grads[m].append(torch.cat(parts))
                 n += 1
                 if n == max_examples:
@@ -162,8 +167,9 @@ def _checked_loss(loss: torch.Tensor, n: int) -> torch.Tensor:
     return loss.reshape(())
 
 
-def _output_targets(model: nn.Module, example: Batch, n: int,
-                    probes: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+def _output_targets(
+    model: nn.Module, example: Batch, n: int, probes: Optional[torch.Tensor]
+) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
     """The scalars whose gradients form one example's row of the output-Jacobian kernel: every output, or its
     projections on ``probes`` (scaled so the kernel stays the sum over outputs in expectation)."""
     out = model(**example)

@@ -74,8 +74,14 @@ class Quota:
     """How many cells a selection may keep, per row, per column, overall or by LoRA parameters, filled one cell at
     a time. Validates ``keep_ratio``, ``granularity`` and the budget once, with the messages users see."""
 
-    def __init__(self, grid: DAMGrid, keep_ratio: float, granularity: str = "layer", rank: int = 8,
-                 budget_params: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        grid: DAMGrid,
+        keep_ratio: float,
+        granularity: str = "layer",
+        rank: int = 8,
+        budget_params: Optional[int] = None,
+    ) -> None:
         if not 0.0 < keep_ratio <= 1.0:
             raise ConfigError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
         if granularity not in GRANULARITIES:
@@ -175,8 +181,9 @@ def select_modules(
     return quota.fill(ranked_cells(grid, scores)).selection()
 
 
-def random_sets(grid: DAMGrid, keep_ratio: float, granularity: str, rank: int, budget_params: Optional[int],
-                n_sets: int, seed: int) -> list[list[int]]:
+def random_sets(
+    grid: DAMGrid, keep_ratio: float, granularity: str, rank: int, budget_params: Optional[int], n_sets: int, seed: int
+) -> list[list[int]]:
     """Indices (into the row-major cells) of ``n_sets`` random module sets drawn under the same rule: each is a
     random order of the cells poured into a fresh :class:`Quota`. A private generator: the global RNG is untouched."""
     import torch

@@ -22,19 +22,26 @@ from .quota import select_modules
 #: below this chance-corrected agreement the two halves disagree nearly as much as random rankings
 LOW_AGREEMENT = 0.2
 DRAWS = 200
-WARNING = ("the two halves of the gate data keep different modules (agreement {agreement:.2f}, where 0 is what "
-           "random rankings reach); the choice is close to arbitrary")
+WARNING = (
+    "the two halves of the gate data keep different modules (agreement {agreement:.2f}, where 0 is what "
+    "random rankings reach); the choice is close to arbitrary"
+)
 
 
-def random_jaccard(grid: Any, keep_ratio: float, granularity: str, rank: int, *, draws: int = DRAWS,
-                   seed: int = 0) -> float:
+def random_jaccard(
+    grid: Any, keep_ratio: float, granularity: str, rank: int, *, draws: int = DRAWS, seed: int = 0
+) -> float:
     """Mean Jaccard of two kept sets from independent random rankings under the same quota."""
     rng = random.Random(seed)
     rows, cols = grid.shape
     total = 0.0
     for _ in range(draws):
-        masks = [select_modules(grid, [[rng.random() for _ in range(cols)] for _ in range(rows)], keep_ratio,
-                                granularity, rank=rank).mask for _ in range(2)]
+        masks = [
+            select_modules(
+                grid, [[rng.random() for _ in range(cols)] for _ in range(rows)], keep_ratio, granularity, rank=rank
+            ).mask
+            for _ in range(2)
+        ]
         total += jaccard(*masks)
     return total / draws
 
@@ -48,11 +55,11 @@ def half_agreement(search: Any, keep_ratio: Optional[float] = None, granularity:
     pull = getattr(search, "gate_pull", None)
     if pull is None or search.gate_steps < 2 or not bool(pull.abs().sum(dim=(1, 2)).gt(0).all()):
         return {"halves_jaccard": None, "random_jaccard": None, "agreement": None, "stability_warning": None}
-    masks = [select_modules(search.grid, pull[h].tolist(), keep_ratio, granularity, rank=config.rank).mask
-             for h in (0, 1)]
+    masks = [
+        select_modules(search.grid, pull[h].tolist(), keep_ratio, granularity, rank=config.rank).mask for h in (0, 1)
+    ]
     observed = jaccard(*masks)
     chance = random_jaccard(search.grid, keep_ratio, granularity, config.rank, seed=config.seed)
     agreement = (observed - chance) / (1.0 - chance) if chance < 1.0 else 0.0
     warning = WARNING.format(agreement=agreement) if agreement < LOW_AGREEMENT else None
-    return {"halves_jaccard": observed, "random_jaccard": chance, "agreement": agreement,
-            "stability_warning": warning}
+    return {"halves_jaccard": observed, "random_jaccard": chance, "agreement": agreement, "stability_warning": warning}

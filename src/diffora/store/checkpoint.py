@@ -82,8 +82,11 @@ class ResumableLoader:
             # The epoch is used up: resume at the start of the next one. The generator has not been drawn from since
             # this epoch's permutation, so its current state is exactly where the next epoch will start.
             return {"epoch": self.epoch + 1, "position": 0, "epoch_start": self.loader.generator.get_state()}
-        return {"epoch": self.epoch, "position": self.position,
-                "epoch_start": self._epoch_start if self._epoch_start is not None else torch.empty(0, dtype=torch.uint8)}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "epoch_start": self._epoch_start if self._epoch_start is not None else torch.empty(0, dtype=torch.uint8),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])

@@ -167,7 +167,9 @@ def atomic_dir(target: PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """
     final = Path(target)
     if final.exists() and not final.is_dir():
-        raise DiffoRAError(f"cannot write folder '{final}': a file with that name exists; remove it or pick another path")
+        raise DiffoRAError(
+            f"cannot write folder '{final}': a file with that name exists; remove it or pick another path"
+        )
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{final.name}.", suffix=".tmp"))
@@ -277,7 +279,9 @@ def torch_load_safe(path: PathLike) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         first = first.split(". ")[0].rstrip(".")  # torch appends paragraphs of advice to the first sentence
-        raise DiffoRAError(f"'{source}' is not a readable torch file ({first}); re-create it or pass another file") from exc
+        raise DiffoRAError(
+            f"'{source}' is not a readable torch file ({first}); re-create it or pass another file"
+        ) from exc
 
 
 #: the weight files of a saved PEFT adapter, in the order PEFT looks for them
@@ -300,8 +304,10 @@ def check_adapter_weights(folder: PathLike) -> Path:
             else:
                 torch_load_safe(path)
             return path
-    raise DiffoRAError(f"adapter folder '{source}' has no {ADAPTER_WEIGHTS[0]}; pass the adapter folder a run wrote "
-                       "(OUT/adapter), with its weights")
+    raise DiffoRAError(
+        f"adapter folder '{source}' has no {ADAPTER_WEIGHTS[0]}; pass the adapter folder a run wrote "
+        "(OUT/adapter), with its weights"
+    )
 
 
 def load_error_detail(exc: BaseException, limit: int = 240) -> str:

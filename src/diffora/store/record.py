@@ -123,8 +123,15 @@ def plot_dam(record: dict, path: str | Path, title: Optional[str] = None) -> Pat
         for i in range(rows):
             for j in range(cols):
                 if valid[i, j]:
-                    ax.text(j, i, f"{gates[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if gates[i, j] < vmin + 0.6 * (vmax - vmin) else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{gates[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if gates[i, j] < vmin + 0.6 * (vmax - vmin) else "black",
+                    )
     ax.set_title((title + "\n" if title else "") + subtitle, fontsize=9)
     fig.tight_layout()
     path = Path(path)

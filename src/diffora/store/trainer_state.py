@@ -43,8 +43,9 @@ def read_search_state(folder: str) -> tuple[dict, Optional[dict]]:
         with open(path, encoding="utf-8") as handle:
             saved = json.load(handle)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SearchStateError(f"{path} is not valid JSON ({exc.__class__.__name__}); the checkpoint is damaged") \
-            from None
+        raise SearchStateError(
+            f"{path} is not valid JSON ({exc.__class__.__name__}); the checkpoint is damaged"
+        ) from None
     if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
         raise SearchStateError(f"{path} is not a DiffoRA trainer search state (expected format '{STATE_FORMAT}')")
     state = None

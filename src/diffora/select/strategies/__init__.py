@@ -68,11 +68,24 @@ class SelectionStrategy:
         mode = getattr(search.config, "score_normalization", "none")
         return normalize_scores(self.scores(search, kernels), search.grid, mode)
 
-    def select(self, search: Any, keep_ratio: float, granularity: str, *, kernels: Any = None,
-               budget_params: Optional[int] = None) -> Selection:
+    def select(
+        self,
+        search: Any,
+        keep_ratio: float,
+        granularity: str,
+        *,
+        kernels: Any = None,
+        budget_params: Optional[int] = None,
+    ) -> Selection:
         """The kept modules of a finished search."""
-        return select_modules(search.grid, self.ranking(search, kernels), keep_ratio, granularity,
-                              rank=search.config.rank, budget_params=budget_params)
+        return select_modules(
+            search.grid,
+            self.ranking(search, kernels),
+            keep_ratio,
+            granularity,
+            rank=search.config.rank,
+            budget_params=budget_params,
+        )
 
 
 _REGISTRY: dict[str, SelectionStrategy] = {}

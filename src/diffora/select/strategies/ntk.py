@@ -215,8 +215,10 @@ class NTKStrategy(SelectionStrategy):
 
     def check_config(self, config: Any, label: str = "selection_score") -> None:
         if getattr(config, "score_normalization", "none") != "none":
-            raise ConfigError(f"score_normalization normalises per-module scores; {label} 'ntk' chooses a "
-                              "set by its kernel: use ntk_normalization instead")
+            raise ConfigError(
+                f"score_normalization normalises per-module scores; {label} 'ntk' chooses a "
+                "set by its kernel: use ntk_normalization instead"
+            )
 
     def scores(self, search: Any, kernels: Any = None) -> Scores:
         """A kept module's share of ``H(S)``: its kernel's trace (what rank allocation reads)."""
@@ -224,7 +226,13 @@ class NTKStrategy(SelectionStrategy):
         traces = kernels.traces()
         return [[traces.get(name, 0.0) if name else 0.0 for name in row] for row in search.grid.names]
 
-    def select(self, search: Any, keep_ratio: float, granularity: str, *, kernels: Any = None,
-               budget_params: Optional[int] = None) -> Selection:
+    def select(
+        self,
+        search: Any,
+        keep_ratio: float,
+        granularity: str,
+        *,
+        kernels: Any = None,
+        budget_params: Optional[int] = None,
+    ) -> Selection:
         return greedy_ntk_selection(kernels, search.grid, keep_ratio, granularity, search.config.rank, budget_params)
-

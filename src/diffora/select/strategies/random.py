@@ -20,11 +20,18 @@ def random_scores(grid: DAMGrid, keep_ratio: float, seed: int) -> Scores:
     return torch.rand(grid.shape, generator=g).tolist()
 
 
-def random_selection(grid: DAMGrid, keep_ratio: float, seed: int, rank: int, granularity: str = "layer",
-                     budget_params: Optional[int] = None) -> Selection:
+def random_selection(
+    grid: DAMGrid,
+    keep_ratio: float,
+    seed: int,
+    rank: int,
+    granularity: str = "layer",
+    budget_params: Optional[int] = None,
+) -> Selection:
     """A random module set under the quota rule of ``granularity``."""
-    return select_modules(grid, random_scores(grid, keep_ratio, seed), keep_ratio, granularity, rank=rank,
-                          budget_params=budget_params)
+    return select_modules(
+        grid, random_scores(grid, keep_ratio, seed), keep_ratio, granularity, rank=rank, budget_params=budget_params
+    )
 
 
 @register
@@ -38,7 +45,15 @@ class RandomStrategy(SelectionStrategy):
     def scores(self, search: Any, kernels: Any = None) -> Scores:
         return random_scores(search.grid, search.config.keep_ratio, search.config.seed)
 
-    def select(self, search: Any, keep_ratio: float, granularity: str, *, kernels: Any = None,
-               budget_params: Optional[int] = None) -> Selection:
-        return random_selection(search.grid, keep_ratio, search.config.seed, search.config.rank, granularity,
-                                budget_params)
+    def select(
+        self,
+        search: Any,
+        keep_ratio: float,
+        granularity: str,
+        *,
+        kernels: Any = None,
+        budget_params: Optional[int] = None,
+    ) -> Selection:
+        return random_selection(
+            search.grid, keep_ratio, search.config.seed, search.config.rank, granularity, budget_params
+        )
