@@ -15,8 +15,15 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "diffora"
 
-#: modules every stage may use (errors, seeds/threads, atomic files, checkpoints)
-UTILITIES = ("diffora", "diffora.errors", "diffora.runtime", "diffora.store.io", "diffora.store.checkpoint")
+#: modules every stage may use (errors, lazy public names, seeds/threads, atomic files, checkpoints)
+UTILITIES = (
+    "diffora",
+    "diffora.errors",
+    "diffora.lazy",
+    "diffora.runtime",
+    "diffora.store.io",
+    "diffora.store.checkpoint",
+)
 
 #: pipeline order; a module's stage is the first entry that is it or one of its packages
 STAGES = (

@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 
 # The public names load their submodule on first use (PEP 562), so ``import diffora.cli`` imports neither torch's
 # heavy dependants nor peft (and through it bitsandbytes) before the CLI has set up its logging.
+from .lazy import lazy_exports
+
 _EXPORTS = {
     "DAMGrid": "method.candidates",
     "detect_task_heads": "method.candidates",
@@ -42,18 +44,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [

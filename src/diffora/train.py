@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import SearchStateError, TrainingError
+from .errors import DataError, SearchStateError, TrainingError
 from .method.config import FinetuneOptions
 from .method.export import export_search
 from .method.handoff import (
@@ -112,8 +112,14 @@ def finetune(
     if resume and checkpointer is not None:
         saved = checkpointer.load("finetune")
         if saved is not None:
-            s = _LoopState.restore(saved, trainable, optimizer, scheduler, loader)
-            Checkpointer.restore_rng(saved)
+            try:
+                s = _LoopState.restore(saved, trainable, optimizer, scheduler, loader)
+                Checkpointer.restore_rng(saved)
+            except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # another version's or a damaged file
+                raise DataError(
+                    f"{checkpointer.path('finetune')} does not fit this run or this diffora version "
+                    f"({type(exc).__name__}: {exc}); delete it or start over with --overwrite"
+                ) from None
 
     def save() -> None:
         state = s.to_state(trainable, optimizer, scheduler, loader)

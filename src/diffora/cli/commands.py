@@ -594,15 +594,7 @@ def train_job(opts: Options, dam: Optional[str] = None, modules: Optional[list[s
                     f"({load_error_detail(exc)}); drop --weight-sharing or rerun diffora search"
                 ) from None
         else:
-            peft_model = fresh_lora(
-                prep.model,
-                modules,
-                rank=opts.rank,
-                alpha=opts.alpha,
-                dropout=opts.lora_dropout,
-                seed=opts.seed,
-                ranks=record.get("ranks") if record is not None else None,
-            )
+            peft_model = _model_from_record(prep, opts, modules, ranks=record.get("ranks") if record else None)
         result = _finetune(prep, opts, peft_model)
         candidates = sum(1 for row in record["grid"]["names"] for n in row if n) if record else None
         metrics = _metrics(

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from ..data.splits import split_for_search
 from ..errors import ConfigError, DataError, ModelError
 from ..method.config import DiffoRAConfig
-from ..method.export import export_search, infer_task_type, lora_config_for
+from ..method.export import export_search, search_lora_config
 from ..method.parallel import model_device, to_device
 from ..method.schedule import check_warmup, gate_warmup, min_search_length, search_length
 from ..method.search import LossFn, default_loss, prepare_search
@@ -196,16 +196,7 @@ def auto_lora_config(
             batch_size=batch_size,
             source="diffora.integrations.auto_lora_config",
         )
-        lora_config = lora_config_for(
-            selection,
-            rank=config.rank,
-            alpha=config.alpha,
-            dropout=config.dropout,
-            modules_to_save=search.heads,
-            task_type=infer_task_type(search.model_class),
-            fan_in_fan_out=search.fan_in_fan_out,
-            ranks=ranks,
-        )
+        lora_config = search_lora_config(search, selection, ranks)
         state_dict = None
         if return_weights:
             exported = export_search(search, selection, weight_sharing=True, ranks=ranks)

@@ -155,6 +155,21 @@ def build_exported_model(
     return exported
 
 
+def search_lora_config(search: "DAMSearch", selection: Selection, ranks: Optional[dict[str, int]] = None) -> LoraConfig:
+    """The ``LoraConfig`` of a search's selection: its rank, alpha, dropout, heads, task type and Conv1D layout."""
+    config = search.config
+    return lora_config_for(
+        selection,
+        rank=config.rank,
+        alpha=config.alpha,
+        dropout=config.dropout,
+        modules_to_save=search.heads,
+        task_type=infer_task_type(search.model_class),
+        fan_in_fan_out=search.fan_in_fan_out,
+        ranks=ranks,
+    )
+
+
 def export_search(
     search: "DAMSearch",
     selection: Selection,
@@ -178,16 +193,7 @@ def export_search(
     search.hooks.remove()
     plain_model = search.model.unload()  # removes every LoRA layer; heads are plain modules again
     search.exported = True
-    lora_config = lora_config_for(
-        selection,
-        rank=config.rank,
-        alpha=config.alpha,
-        dropout=config.dropout,
-        modules_to_save=search.heads,
-        task_type=infer_task_type(search.model_class),
-        fan_in_fan_out=search.fan_in_fan_out,
-        ranks=ranks,
-    )
+    lora_config = search_lora_config(search, selection, ranks)
     return build_exported_model(
         plain_model,
         lora_config,

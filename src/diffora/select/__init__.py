@@ -7,6 +7,8 @@ The names below load their module on first use (PEP 562): :mod:`diffora.method.c
 registry, which must not pull in the search that :mod:`.choose` reads.
 """
 
+from ..lazy import lazy_exports
+
 _EXPORTS = {
     "Selection": "quota",
     "Quota": "quota",
@@ -30,18 +32,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)

@@ -130,7 +130,11 @@ class Checkpointer:
             return None
         state = torch_load_safe(path)
         if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("phase") != phase:
-            raise DiffoRAError(f"{path} is not a diffora {phase} checkpoint; delete it or start over with --overwrite")
+            found = state.get("format") if isinstance(state, dict) else None
+            raise DiffoRAError(
+                f"{path} is not a diffora {phase} checkpoint (format {found!r}, this version reads {FORMAT!r}); "
+                "delete it or start over with --overwrite"
+            )
         return state
 
     @staticmethod
