@@ -1275,6 +1275,7 @@ LEARN_SHORT = {
     LEARN_OLD: "DiffoRA, old search (σ gates, coupled decay, movement)",
     "type-prior": "type prior (no search)",
     "random[matched=true]": "random, DiffoRA's params",
+    "random-ws[matched=true]": "random + search weights, DiffoRA's params",
     "lora-matched": "LoRA, DiffoRA's params",
     "lora-all-cm": "LoRA-all, equal compute",
     "lora-all": "LoRA-all",
@@ -1282,10 +1283,13 @@ LEARN_SHORT = {
 }
 LEARN_PAIRS = [
     ("diffora", "type-prior", "what the search adds over the type prior"),
+    ("diffora", "random-ws[matched=true]", "the choice of modules alone: random modules, same search weights"),
     ("diffora", "random[matched=true]", "over random modules at equal parameters"),
     ("diffora", "lora-matched", "over LoRA at equal parameters"),
     ("diffora", "lora-all-cm", "over LoRA-all at equal compute"),
     ("diffora", LEARN_OLD, "over the old search"),
+    ("diffora[handoff=continue]", "lora-all", "search counted as training vs LoRA-all, equal total optimiser steps"),
+    ("diffora[handoff=continue]", "diffora", "continue vs restart after the search"),
 ]
 
 
@@ -1316,7 +1320,8 @@ def learn_section(results: Path) -> list[str]:
         "DiffoRA's parameter count: the type prior (no search: the module types DiffoRA keeps most often, in every "
         "layer), random modules (budget rule), LoRA on every module at lower ranks (lora-matched); LoRA-all at "
         "equal compute (its steps plus one per search pass). Differences are paired over seeds (mean ± std, in "
-        "points); *beyond* = the mean difference exceeds its std.",
+        "points); *beyond the seed spread* = the difference of the means exceeds the larger of the two methods' "
+        "seed stds.",
         "",
     ]
     for res in suites:
@@ -1344,16 +1349,17 @@ def learn_section(results: Path) -> list[str]:
                 f"| {LEARN_SHORT.get(m['label'], m['label'])} | {shared.pm(scores)} (n={len(scores)}) | "
                 f"{shared.human(params)} | {'—' if stab is None else f'{stab:.2f}'} |"
             )
-        L += ["", "| DiffoRA minus … | paired difference (points) | verdict |", "|---|---|---|"]
+        L += ["", "| difference | paired difference (points) | verdict |", "|---|---|---|"]
         hib = higher_is_better(metric)
         for a, b, what in LEARN_PAIRS:
             p = shared.paired_stats(_scores(res, a), _scores(res, b), hib)
             if p is None:
                 continue
-            beyond = "beyond the seed std" if abs(p["mean"]) > p["std"] else "within the seed std"
+            beyond = "beyond the seed spread" if p["exceeds"] else "within the seed spread"
             L.append(
-                f"| {LEARN_SHORT.get(b, b)} ({what}) | {_points(p['mean'])} ± {100 * p['std']:.2f} "
-                f"(n={p['n']}) | {beyond} |"
+                f"| {LEARN_SHORT.get(a, a)} − {LEARN_SHORT.get(b, b)} ({what}) | "
+                f"{_points(p['mean_diff'])} ± {100 * p['std_diff']:.2f} "
+                f"(n={len(p['seeds'])}) | {beyond} |"
             )
         prior, ours = _kept_sets(res, "type-prior"), _kept_sets(res, "diffora")
         same = [jaccard(ours[s], prior[s]) for s in ours if s in prior]

@@ -69,9 +69,10 @@ CANDIDATES="$BASE --seeds 0 1 2 --eval-points 1 $HELDOUT_ROWS --methods $CANDIDA
 # issue 20: does the search now learn, and what does it add? Held-out rows of train (never the dev set), the search at
 # its defaults (identity gates, no gate decay, warm-up 10% of a one-epoch search), against the old search
 # (sigmoid(0) = 0.5 gates, DARTS' coupled decay, movement ranking) and the controls at DiffoRA's parameter count:
-# the no-search type prior, budget-matched random sets, lora-matched; lora-all-cm at equal compute.
+# the no-search type prior, budget-matched random sets (fresh, and with the search's weights: the choice of modules
+# alone), lora-matched; lora-all-cm at equal compute.
 LEARN_METHODS=${LEARN_METHODS:-diffora diffora[gate=sigmoid,gate_decay=coupled,gate_weight_decay=0.001,selection_score=movement]
-  type-prior random[matched=true] lora-matched lora-all-cm}
+  type-prior random[matched=true] random-ws[matched=true] lora-matched lora-all-cm}
 LEARN="$BASE --seeds ${LEARN_SEEDS:-0 1 2} --eval-points 1 --max-train-samples 2000 --holdout-rows 872 --eval-on-holdout
   --methods $LEARN_METHODS"
 

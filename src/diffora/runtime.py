@@ -69,7 +69,7 @@ def init_worker_process(threads: int, devices: Any = None) -> None:
     warnings.filterwarnings("ignore")
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python's ``random``, NumPy's global generator and torch (CPU and, if present, all CUDA devices).
 
     With ``deterministic=True`` torch is also asked to use deterministic kernels

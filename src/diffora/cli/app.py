@@ -339,7 +339,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = None
     try:
         command, opts, args = parse(argv)
-        _quiet_libraries(debug)  # before the command imports those libraries, after --help (which needs none)
+        # before the command imports those libraries, after --help (which needs none)
+        _quiet_libraries(debug, quiet=bool(getattr(opts, "quiet", False)))
         from . import commands
 
         if command == "run":
@@ -459,7 +460,7 @@ def _os_error_message(exc: OSError, opts: Any) -> Optional[str]:
     return f"{what}{where}; {fix}, {then}"
 
 
-def _quiet_libraries(debug: bool) -> None:
+def _quiet_libraries(debug: bool, quiet: bool = False) -> None:
     if debug:
         return
     import warnings
@@ -473,7 +474,11 @@ def _quiet_libraries(debug: bool) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
+        transformers.logging.disable_progress_bar()  # the per-load "Loading weights" bars
+        if not quiet:  # but a first download from the hub shows its progress
+            from huggingface_hub.utils import enable_progress_bars
+
+            enable_progress_bars()
     except ImportError:  # pragma: no cover
         pass
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -113,6 +114,10 @@ class _Prepared:
 
     def __init__(self, opts: Options, accelerator: Any, *, need_train: bool = True) -> None:
         self.data: TaskData = load_task_data(opts, need_train=need_train)
+        # a hub model's first download can take minutes: say what is happening (the hub shows its own progress);
+        # on stderr, like the progress bars, so stdout keeps only results (diffora eval prints JSON there)
+        if not opts.quiet and accelerator.is_main_process:
+            print(f"loading model {opts.model} ...", file=sys.stderr, flush=True)
         self.model, self.tokenizer = load_model(opts, self.data, accelerator.device)
         limit = _position_limit(self.model, self.tokenizer)
         if limit is not None and opts.max_length > limit:
@@ -417,7 +422,7 @@ def run_job(opts: Options) -> dict:
     """Search, discretise, export, fine-tune and evaluate; write OUT/{adapter,dam.json,dam.png,metrics.json}."""
     started = time.perf_counter()
     out = check_output_dir(opts.output_dir, opts.overwrite, opts.resume)
-    seed_everything(opts.seed)
+    seed_everything(opts.seed, deterministic=opts.full_determinism)
     accelerator = build_accelerator(opts)
     with _guarded(opts, out, accelerator):
         prep = _Prepared(opts, accelerator)
@@ -499,7 +504,7 @@ def search_job(opts: Options) -> dict:
     """Search and discretise only; write OUT/{dam.json,dam.png,search_adapter/}."""
     started = time.perf_counter()
     out = check_output_dir(opts.output_dir, opts.overwrite)
-    seed_everything(opts.seed)
+    seed_everything(opts.seed, deterministic=opts.full_determinism)
     accelerator = build_accelerator(opts)
     with _guarded(opts, out, accelerator):
         prep = _Prepared(opts, accelerator)
@@ -566,7 +571,7 @@ def train_job(opts: Options, dam: Optional[str] = None, modules: Optional[list[s
                 "written by 'diffora search'"
             )
         modules = list(modules)
-    seed_everything(opts.seed)
+    seed_everything(opts.seed, deterministic=opts.full_determinism)
     accelerator = build_accelerator(opts)
     with _guarded(opts, out, accelerator):
         prep = _Prepared(opts, accelerator)
@@ -626,7 +631,7 @@ def eval_job(opts: Options, adapter: str, output_file: Optional[str] = None, mod
     check_adapter_weights(adapter_dir)  # a damaged file is named before the model is loaded
     if not model_given and peft_config.base_model_name_or_path:
         opts.model = peft_config.base_model_name_or_path
-    seed_everything(opts.seed)
+    seed_everything(opts.seed, deterministic=opts.full_determinism)
     accelerator = build_accelerator(opts)
     with _guarded(opts, None, accelerator):
         prep = _Prepared(opts, accelerator, need_train=False)

@@ -168,7 +168,7 @@ def load_model(opts: Options, data: TaskData, device: Optional[torch.device] = N
         num_labels=data.num_labels if data.kind == "classification" else None,
         trust_remote_code=opts.trust_remote_code,
         seed=opts.seed,
-        dtype=getattr(torch, opts.dtype),
+        dtype=opts.dtype if opts.dtype == "auto" else getattr(torch, opts.dtype),
         load_in_4bit=opts.load_in_4bit,
         device=device,
     )

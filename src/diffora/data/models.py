@@ -434,7 +434,7 @@ def load_model_and_tokenizer(
     task: Task,
     num_labels: int | None = None,
     trust_remote_code: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     seed: int | None = None,
     load_in_4bit: bool = False,
     device: torch.device | str | None = None,
@@ -505,6 +505,8 @@ def load_model_and_tokenizer(
     except errors as exc:
         raise _load_error(resolved, name, exc) from exc
 
+    if dtype == "auto" and not load_in_4bit and model.dtype == torch.float16 and not torch.cuda.is_available():
+        model = model.float()  # float16 kernels are missing or very slow without CUDA
     _ensure_padding(model, tokenizer)
     return model, tokenizer
 
