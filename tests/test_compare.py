@@ -19,9 +19,23 @@ from diffora.cli import app as cli
 from diffora.cli.options import Options
 from diffora.compare import FAMILIES, CompareOptions, compare, jobs, methods, runner
 from diffora.errors import ConfigError
+from diffora.select.strategies.random import random_selection
 
-ALL_METHODS = ["diffora", "diffora[keep_ratio=0.25]", "lora-all", "lora-matched", "random", "random-ws", "lora-qv",
-               "adalora", "eva", "full", "type-prior", "random[matched=true]", "random-ws[within_type=true]"]
+ALL_METHODS = [
+    "diffora",
+    "diffora[keep_ratio=0.25]",
+    "lora-all",
+    "lora-matched",
+    "random",
+    "random-ws",
+    "lora-qv",
+    "adalora",
+    "eva",
+    "full",
+    "type-prior",
+    "random[matched=true]",
+    "random-ws[within_type=true]",
+]
 
 
 def write_csv(path: Path, n: int, seed: int) -> Path:
@@ -42,9 +56,24 @@ def data_files(tmp_path_factory) -> tuple[Path, Path]:
 def small(model: Path, files: tuple[Path, Path], out: Path, **extra) -> dict:
     """Options for a comparison that runs in seconds: 6 fine-tuning steps, a 4-step search, 2 evaluations."""
     train, dev = files
-    return dict(task="classification", train_file=str(train), eval_file=str(dev), model=str(model), max_length=16,
-                batch_size=8, eval_batch_size=16, epochs=1.0, search_steps=4, gate_warmup_steps=1, eval_points=2,
-                workers=0, threads=1, quiet=True, output_dir=str(out), **extra)
+    return dict(
+        task="classification",
+        train_file=str(train),
+        eval_file=str(dev),
+        model=str(model),
+        max_length=16,
+        batch_size=8,
+        eval_batch_size=16,
+        epochs=1.0,
+        search_steps=4,
+        gate_warmup_steps=1,
+        eval_points=2,
+        workers=0,
+        threads=1,
+        quiet=True,
+        output_dir=str(out),
+        **extra,
+    )
 
 
 def finetunes(results: dict) -> dict[str, dict]:
@@ -55,8 +84,9 @@ def finetunes(results: dict) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def every_method(tiny_bert_dir, data_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("every") / "cmp"
-    results = compare(**small(tiny_bert_dir, data_files, out, methods=ALL_METHODS, seeds=[0, 1], timing=True,
-                              timing_rounds=1))
+    results = compare(
+        **small(tiny_bert_dir, data_files, out, methods=ALL_METHODS, seeds=[0, 1], timing=True, timing_rounds=1)
+    )
     return results, out
 
 
@@ -72,8 +102,10 @@ def test_every_method_runs_for_every_seed(every_method):
         assert [p["step"] for p in run["curve"] if p["step"] > 0] == [3, 6]  # every evaluation point is kept
         assert run["trainable_params"] > 0 and run["peak_rss_mib"] > 0
     # one search per seed, shared by diffora, diffora[keep_ratio=0.25], random-ws and lora-matched
-    assert sorted(j for j in results["jobs"] if j.startswith("search")) == ["search[default]@seed0",
-                                                                          "search[default]@seed1"]
+    assert sorted(j for j in results["jobs"] if j.startswith("search")) == [
+        "search[default]@seed0",
+        "search[default]@seed1",
+    ]
     d, d25, ws, rnd = (runs[f"{m}@seed0"] for m in ("diffora", "diffora[keep_ratio=0.25]", "random-ws", "random"))
     assert d["search_seconds"] > 0 and d["curve"][0]["step"] == 0  # weight-shared start evaluated at step 0
     assert d25["lora_params"] < d["lora_params"] < runs["lora-all@seed0"]["lora_params"]
@@ -98,8 +130,9 @@ def test_controls_match_diffora_kept_set_of_the_same_seed(every_method):
     biggest = 8 * max(c for row in grid.param_costs for c in row)
     for seed in (0, 1):
         d = runs[f"diffora@seed{seed}"]
-        prior, rnd, within = (runs[f"{m}@seed{seed}"] for m in ("type-prior", "random[matched=true]",
-                                                                "random-ws[within_type=true]"))
+        prior, rnd, within = (
+            runs[f"{m}@seed{seed}"] for m in ("type-prior", "random[matched=true]", "random-ws[within_type=true]")
+        )
         for control in (prior, rnd):
             assert control["target_lora_params"] == d["lora_params"]
             assert d["lora_params"] - biggest < control["lora_params"] <= d["lora_params"]
@@ -165,8 +198,11 @@ def test_resume_runs_only_the_unfinished_jobs(tiny_bert_dir, data_files, tmp_pat
     assert sorted(rerun) == ["lora-all@seed0", "random-ws@seed0"]  # finished jobs are not run again
     for jid, run in finetunes(reference).items():
         again = resumed["jobs"][jid]
-        assert (again["final"], again["curve"], again["kept_module_names"]) == \
-            (run["final"], run["curve"], run["kept_module_names"])
+        assert (again["final"], again["curve"], again["kept_module_names"]) == (
+            run["final"],
+            run["curve"],
+            run["kept_module_names"],
+        )
     assert len(resumed["invocations"]) == 2
     # a rerun of a finished comparison runs nothing; one with other options is refused in one line
     rerun.clear()
@@ -199,7 +235,8 @@ def test_a_failing_job_is_recorded_and_the_others_finish(tiny_bert_dir, data_fil
     assert rec["lora-qv@seed0"]["error"] == "RuntimeError: simulated failure"  # one line
     assert "Traceback" in rec["lora-qv@seed0"]["traceback"]
     assert rec["diffora[gate=softmax]@seed0"]["error"].startswith(
-        "its search search[gate=softmax]@seed0 failed (ValueError: simulated search failure)")
+        "its search search[gate=softmax]@seed0 failed (ValueError: simulated search failure)"
+    )
     assert "error" not in rec["diffora@seed0"] and "error" not in rec["lora-all@seed0"]
     report = (out / "report.md").read_text()
     assert "## Failed jobs" in report and "`lora-qv@seed0`: RuntimeError: simulated failure" in report
@@ -224,10 +261,26 @@ def test_causal_lm_on_a_tiny_llama(tiny_llama_dir, tmp_path):
     dev.write_text("\n".join(json.dumps(r) for r in rows[24:]) + "\n")
     methods = ["diffora", "lora-all", "lora-matched", "lora-qv", "adalora", "eva"]
     out = tmp_path / "cmp"
-    results = compare(task="causal_lm", train_file=str(train), eval_file=str(dev), prompt_column="prompt",
-                      response_column="response", model=str(tiny_llama_dir), max_length=16, batch_size=4,
-                      eval_batch_size=8, epochs=1.0, search_steps=4, gate_warmup_steps=1, eval_points=2,
-                      methods=methods, seeds=[0], workers=0, quiet=True, output_dir=str(out))
+    results = compare(
+        task="causal_lm",
+        train_file=str(train),
+        eval_file=str(dev),
+        prompt_column="prompt",
+        response_column="response",
+        model=str(tiny_llama_dir),
+        max_length=16,
+        batch_size=4,
+        eval_batch_size=8,
+        epochs=1.0,
+        search_steps=4,
+        gate_warmup_steps=1,
+        eval_points=2,
+        methods=methods,
+        seeds=[0],
+        workers=0,
+        quiet=True,
+        output_dir=str(out),
+    )
     assert not [r for r in results["jobs"].values() if "error" in r]
     assert results["data"]["main_metric"] == "perplexity" and results["data"]["candidates"] == 14
     runs = finetunes(results)
@@ -241,23 +294,47 @@ def test_causal_lm_on_a_tiny_llama(tiny_llama_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("methods, message", [
-    (["diffora", "lora-al"], "unknown method 'lora-al' in --methods; choose from diffora, lora-all"),
-    (["diffora[keep_ratio=0.25,foo=1]"], "method 'diffora[keep_ratio=0.25,foo=1]': unknown option 'foo' for diffora; "
-                                         "diffora takes rank, alpha"),
-    (["lora-all[keep_ratio=0.5]"], "unknown option 'keep_ratio' for lora-all; lora-all takes rank, alpha, lora_dropout, lr"),
-    (["diffora[keep_ratio=2]"], "method 'diffora[keep_ratio=2]': --keep-ratio must be in (0, 1]"),
-    (["diffora[keep_ratio=abc]"], "keep_ratio must be a number, got 'abc'"),
-    (["diffora[keep_ratio]"], "'keep_ratio' is not key=value"),
-    (["eva[eva_rho=0.5]"], "eva_rho must be >= 1"),
-    (["diffora", "diffora"], "--methods lists 'diffora' twice"),
-])
-def test_bad_methods_are_one_line_errors_before_anything_runs(methods, message, tiny_bert_dir, data_files, tmp_path,
-                                                              capsys):
+@pytest.mark.parametrize(
+    "methods, message",
+    [
+        (["diffora", "lora-al"], "unknown method 'lora-al' in --methods; choose from diffora, lora-all"),
+        (
+            ["diffora[keep_ratio=0.25,foo=1]"],
+            "method 'diffora[keep_ratio=0.25,foo=1]': unknown option 'foo' for diffora; diffora takes rank, alpha",
+        ),
+        (
+            ["lora-all[keep_ratio=0.5]"],
+            "unknown option 'keep_ratio' for lora-all; lora-all takes rank, alpha, lora_dropout, lr",
+        ),
+        (["diffora[keep_ratio=2]"], "method 'diffora[keep_ratio=2]': --keep-ratio must be in (0, 1]"),
+        (["diffora[keep_ratio=abc]"], "keep_ratio must be a number, got 'abc'"),
+        (["diffora[keep_ratio]"], "'keep_ratio' is not key=value"),
+        (["eva[eva_rho=0.5]"], "eva_rho must be >= 1"),
+        (["diffora", "diffora"], "--methods lists 'diffora' twice"),
+    ],
+)
+def test_bad_methods_are_one_line_errors_before_anything_runs(
+    methods, message, tiny_bert_dir, data_files, tmp_path, capsys
+):
     train, dev = data_files
     out = tmp_path / "cmp"
-    code = cli.main(["compare", "--task", "classification", "--train-file", str(train), "--eval-file", str(dev),
-                     "--model", str(tiny_bert_dir), "--output-dir", str(out), "--methods", *methods])
+    code = cli.main(
+        [
+            "compare",
+            "--task",
+            "classification",
+            "--train-file",
+            str(train),
+            "--eval-file",
+            str(dev),
+            "--model",
+            str(tiny_bert_dir),
+            "--output-dir",
+            str(out),
+            "--methods",
+            *methods,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not out.exists()
@@ -265,16 +342,42 @@ def test_bad_methods_are_one_line_errors_before_anything_runs(methods, message, 
 
 def test_other_bad_input_is_refused_in_one_line(tiny_bert_dir, data_files, tmp_path, capsys):
     train, dev = data_files
-    base = ["compare", "--task", "classification", "--train-file", str(train), "--eval-file", str(dev),
-            "--model", str(tiny_bert_dir), "--output-dir", str(tmp_path / "cmp"), "--workers", "0", "--quiet"]
+    base = [
+        "compare",
+        "--task",
+        "classification",
+        "--train-file",
+        str(train),
+        "--eval-file",
+        str(dev),
+        "--model",
+        str(tiny_bert_dir),
+        "--output-dir",
+        str(tmp_path / "cmp"),
+        "--workers",
+        "0",
+        "--quiet",
+    ]
     cases = [
         (["--seeds", "0", "0"], "--seeds lists a seed twice"),
         (["--tune-lr", "--eval-on-holdout"], "--tune-lr and --eval-on-holdout both score on the held-out rows"),
         (["--max-length", "500"], "--max-length 500 is more than model"),
         (["--train-file", str(tmp_path / "missing.csv")], "missing.csv"),
         (["--methods", "diffora[selection_score=best]"], "selection_score"),
-        (["--methods", "adalora", "--max-train-samples", "8", "--epochs", "1"],
-         "AdaLoRA needs at least 3 fine-tuning steps"),
+        (
+            ["--methods", "adalora", "--max-train-samples", "8", "--epochs", "1"],
+            "AdaLoRA needs at least 3 fine-tuning steps",
+        ),
+        # what diffora run refuses for the 'continue' hand-off, before any job
+        (["--methods", "diffora[handoff=continue,weight_sharing=false]"], "--handoff continue needs --weight-sharing"),
+        (
+            ["--handoff", "continue", "--methods", "diffora[rank_allocation=uniform]"],
+            "--handoff continue needs --rank-allocation none",
+        ),
+        (
+            ["--handoff", "continue", "--methods", "diffora", "--max-train-samples", "8", "--epochs", "1"],
+            "with --handoff continue the search is at most 0 of the 1 fine-tuning steps",
+        ),
     ]
     for extra, message in cases:
         code = cli.main(base + extra)
@@ -290,8 +393,10 @@ def test_other_bad_input_is_refused_in_one_line(tiny_bert_dir, data_files, tmp_p
 def test_config_file_and_api_take_the_compare_options(tmp_path, data_files, tiny_bert_dir):
     train, dev = data_files
     config = tmp_path / "cmp.yaml"
-    config.write_text(f"task: classification\ntrain-file: {train}\neval-file: {dev}\nmodel: {tiny_bert_dir}\n"
-                      "methods: [diffora, 'random[keep_ratio=0.25]']\nseeds: [3, 4]\ntune-lr-factors: [0.5, 2]\n")
+    config.write_text(
+        f"task: classification\ntrain-file: {train}\neval-file: {dev}\nmodel: {tiny_bert_dir}\n"
+        "methods: [diffora, 'random[keep_ratio=0.25]']\nseeds: [3, 4]\ntune-lr-factors: [0.5, 2]\n"
+    )
     command, opts, args = cli.parse(["compare", "--config", str(config), "--workers", "0"])
     settings = CompareOptions(**args.compare_settings)
     assert command == "compare" and settings.methods == ["diffora", "random[keep_ratio=0.25]"]
@@ -309,34 +414,61 @@ def test_config_file_and_api_take_the_compare_options(tmp_path, data_files, tiny
 # -------------------------------------------------------------------------------- held-out rows, time limit
 def test_learning_rates_are_chosen_on_rows_held_out_from_train(tiny_bert_dir, data_files, tmp_path):
     out = tmp_path / "tuned"
-    results = compare(**small(tiny_bert_dir, data_files, out, methods=["lora-all", "diffora", "full[lr=1e-4]"],
-                              seeds=[0], tune_lr=True, tune_lr_factors=[1.0, 4.0], holdout_rows=12, tune_lr_seeds=1,
-                              tune_lr_extensions=0))
+    results = compare(
+        **small(
+            tiny_bert_dir,
+            data_files,
+            out,
+            methods=["lora-all", "diffora", "full[lr=1e-4]"],
+            seeds=[0],
+            tune_lr=True,
+            tune_lr_factors=[1.0, 4.0],
+            holdout_rows=12,
+            tune_lr_seeds=1,
+            tune_lr_extensions=0,
+        )
+    )
     choice = results["lr_choice"]
     assert choice["holdout_rows"] == 12 and set(choice["methods"]) == {"lora-all", "diffora"}  # full keeps its lr
     tune = {j: r for j, r in results["jobs"].items() if j.startswith("tune:")}
-    assert sorted(tune) == ["tune:diffora@lr=0.0005@seed0", "tune:diffora@lr=0.002@seed0",
-                            "tune:lora-all@lr=0.0005@seed0", "tune:lora-all@lr=0.002@seed0",
-                            "tune:search[default]@seed0"]
+    assert sorted(tune) == [
+        "tune:diffora@lr=0.0005@seed0",
+        "tune:diffora@lr=0.002@seed0",
+        "tune:lora-all@lr=0.0005@seed0",
+        "tune:lora-all@lr=0.002@seed0",
+        "tune:search[default]@seed0",
+    ]
     assert all(r["key"]["split"] == "holdout" for r in tune.values())
-    assert tune["tune:search[default]@seed0"]["weight_split_rows"] + \
-        tune["tune:search[default]@seed0"]["gate_split_rows"] == 48 - 12  # trained without the held-out rows
+    assert (
+        tune["tune:search[default]@seed0"]["weight_split_rows"] + tune["tune:search[default]@seed0"]["gate_split_rows"]
+        == 48 - 12
+    )  # trained without the held-out rows
     for m in ("lora-all", "diffora"):
         assert results["jobs"][f"{m}@seed0"]["lr"] == choice["methods"][m]["chosen"]
         assert results["jobs"][f"{m}@seed0"]["key"]["split"] == "main"
     assert results["jobs"]["full[lr=1e-4]@seed0"]["lr"] == 1e-4
     assert "## Learning rates chosen on held-out training rows" in (out / "report.md").read_text()
 
-    held = compare(**small(tiny_bert_dir, data_files, tmp_path / "held", methods=["lora-all"], seeds=[0],
-                           eval_on_holdout=True, holdout_rows=12))
+    held = compare(
+        **small(
+            tiny_bert_dir,
+            data_files,
+            tmp_path / "held",
+            methods=["lora-all"],
+            seeds=[0],
+            eval_on_holdout=True,
+            holdout_rows=12,
+        )
+    )
     assert held["data"]["eval_rows"] == 12 and held["data"]["train_rows"] == 36
     assert held["data"]["eval_set"] == "held-out split of train"
 
 
 def test_max_minutes_leaves_the_rest_for_a_rerun(tiny_bert_dir, data_files, tmp_path):
     out = tmp_path / "cmp"
-    results = compare(**small(tiny_bert_dir, data_files, out, methods=["lora-all", "random"], seeds=[0],
-                              max_minutes=1e-9))
+    results = compare(
+        **small(tiny_bert_dir, data_files, out, methods=["lora-all", "random"], seeds=[0], max_minutes=1e-9)
+    )
     assert sorted(results["skipped"]) == ["lora-all@seed0", "random@seed0"] and not finetunes(results)
     assert "## Not run" in (out / "report.md").read_text()
     again = compare(**small(tiny_bert_dir, data_files, out, methods=["lora-all", "random"], seeds=[0]))
@@ -356,8 +488,15 @@ def test_worker_processes_give_the_in_process_results(tiny_bert_dir, data_files,
 
 def test_gradient_accumulation_and_bf16_autocast_reach_every_method(tiny_bert_dir, data_files, tmp_path):
     # accelerate holds one precision per process: a bf16 comparison runs in a worker process
-    options = small(tiny_bert_dir, data_files, tmp_path / "cmp", methods=["diffora", "lora-all"], seeds=[0],
-                    gradient_accumulation_steps=2, mixed_precision="bf16")
+    options = small(
+        tiny_bert_dir,
+        data_files,
+        tmp_path / "cmp",
+        methods=["diffora", "lora-all"],
+        seeds=[0],
+        gradient_accumulation_steps=2,
+        mixed_precision="bf16",
+    )
     results = compare(**{**options, "workers": 1})
     assert not [r for r in results["jobs"].values() if "error" in r]
     assert results["data"]["finetune_steps"] == 3  # 6 batches, 2 per optimiser step
@@ -367,10 +506,15 @@ def test_gradient_accumulation_and_bf16_autocast_reach_every_method(tiny_bert_di
 
 
 def test_ntk_selection_and_budget_concentration_as_variants(tiny_bert_dir, data_files, tmp_path):
-    methods = ["diffora", "diffora[selection_score=ntk]", "diffora[rank_allocation=uniform]", "lora-all",
-               "diffora[selection_score=taylor]", "lora-matched[selection_score=taylor]"]
-    results = compare(**small(tiny_bert_dir, data_files, tmp_path / "cmp", methods=methods, seeds=[0],
-                              ntk_examples=8))
+    methods = [
+        "diffora",
+        "diffora[selection_score=ntk]",
+        "diffora[rank_allocation=uniform]",
+        "lora-all",
+        "diffora[selection_score=taylor]",
+        "lora-matched[selection_score=taylor]",
+    ]
+    results = compare(**small(tiny_bert_dir, data_files, tmp_path / "cmp", methods=methods, seeds=[0], ntk_examples=8))
     jobs = {j["method"]: j for j in finetunes(results).values()}
     assert all(j.get("error") is None for j in jobs.values()), jobs
     lora_all = jobs["lora-all"]["lora_params"]
@@ -404,14 +548,28 @@ def test_compute_matched_lora_all_trains_one_step_per_search_pass(tiny_bert_dir,
     assert cm["final"] != plain["final"] or cm["loss_last"] != plain["loss_last"]
 
 
-@pytest.mark.parametrize("n_train,batch,accumulation,steps", [(48, 8, 1, 13), (2000, 16, 1, 163), (100, 16, 3, 5),
-                                                               (1, 4, 1, 1), (3668, 16, 2, 999)])
+@pytest.mark.parametrize(
+    "n_train,batch,accumulation,steps",
+    [(48, 8, 1, 13), (2000, 16, 1, 163), (100, 16, 3, 5), (1, 4, 1, 1), (3668, 16, 2, 999)],
+)
 def test_epochs_for_steps_gives_exactly_the_asked_steps(n_train, batch, accumulation, steps):
-    opts = Options(task="classification", train_file="x.csv", batch_size=batch,
-                   gradient_accumulation_steps=accumulation)
+    opts = Options(
+        task="classification", train_file="x.csv", batch_size=batch, gradient_accumulation_steps=accumulation
+    )
     epochs = jobs.epochs_for_steps(opts, n_train, steps)
-    assert jobs.finetune_steps(Options(task="classification", train_file="x.csv", batch_size=batch, epochs=epochs,
-                                       gradient_accumulation_steps=accumulation), n_train) == steps
+    assert (
+        jobs.finetune_steps(
+            Options(
+                task="classification",
+                train_file="x.csv",
+                batch_size=batch,
+                epochs=epochs,
+                gradient_accumulation_steps=accumulation,
+            ),
+            n_train,
+        )
+        == steps
+    )
 
 
 # ------------------------------------------------------------------------------ the controls, as small units
@@ -445,10 +603,10 @@ def test_type_prior_keeps_the_most_kept_types_in_every_layer(bert_grid):
 def test_random_at_diffora_parameter_count(bert_grid, seed):
     grid, rank = bert_grid, 8
     budget = int(0.64 * 8 * sum(c for row in grid.param_costs for c in row))
-    drawn = jobs.random_selection(grid, 0.5, seed, rank, "budget", budget_params=budget)
+    drawn = random_selection(grid, 0.5, seed, rank, "budget", budget_params=budget)
     biggest = rank * max(c for row in grid.param_costs for c in row)
     assert budget - biggest < drawn.lora_params <= budget
-    plain = jobs.random_selection(grid, 0.5, seed, rank)
+    plain = random_selection(grid, 0.5, seed, rank)
     assert len(plain.modules) == sum(-(-len([n for n in row if n]) // 2) for row in grid.names)  # ceil(rho * M)
     kept = plain.modules
     within = jobs.random_within_types(grid, kept, seed + 7, 0.5, rank)
@@ -456,8 +614,15 @@ def test_random_at_diffora_parameter_count(bert_grid, seed):
     assert sorted(grid.position(m)[1] for m in within.modules) == sorted(grid.position(m)[1] for m in kept)
 
 
-@pytest.mark.parametrize("grid, best, more", [([1e-3, 2e-3, 4e-3], 4e-3, 8e-3), ([1e-3, 2e-3, 4e-3], 1e-3, 5e-4),
-                                              ([1e-3, 2e-3, 4e-3], 2e-3, None), ([5e-4], 5e-4, 1e-3)])
+@pytest.mark.parametrize(
+    "grid, best, more",
+    [
+        ([1e-3, 2e-3, 4e-3], 4e-3, 8e-3),
+        ([1e-3, 2e-3, 4e-3], 1e-3, 5e-4),
+        ([1e-3, 2e-3, 4e-3], 2e-3, None),
+        ([5e-4], 5e-4, 1e-3),
+    ],
+)
 def test_lr_grid_extends_past_the_edge(grid, best, more):
     assert runner.extend_lr_grid(grid, best) == more
 
@@ -470,8 +635,13 @@ def test_tuning_extends_the_grid_until_the_best_lr_is_interior(tmp_path):
     from types import SimpleNamespace
 
     opts = Options(task="classification", train_file="x.csv", output_dir=str(tmp_path / "cmp"), lr=5e-4)
-    settings = CompareOptions(methods=["lora-all", "lora-qv[lr=1e-3]"], seeds=[0], tune_lr=True,
-                              tune_lr_factors=[1.0, 2.0, 4.0], tune_lr_extensions=5)
+    settings = CompareOptions(
+        methods=["lora-all", "lora-qv[lr=1e-3]"],
+        seeds=[0],
+        tune_lr=True,
+        tune_lr_factors=[1.0, 2.0, 4.0],
+        tune_lr_extensions=5,
+    )
     c = runner.Comparison(opts, settings)
     c.methods = methods.parse_methods(settings.methods, opts)
     c.tune_prep = SimpleNamespace(data=SimpleNamespace(main_metric="accuracy"))
@@ -498,8 +668,9 @@ def test_tuning_extends_the_grid_until_the_best_lr_is_interior(tmp_path):
     assert row["interior"] and row["seeds"] == [0, 1] == results["lr_choice"]["seeds"]
     assert row["tried"]["0.016"] == pytest.approx(score(1.6e-2, 0) + 0.005)  # mean over the two seeds
     assert planned[0] == [f"tune:lora-all@lr={lr:g}@seed{s}" for s in (0, 1) for lr in (5e-4, 1e-3, 2e-3)]
-    capped = CompareOptions(methods=["lora-all"], seeds=[0], tune_lr=True, tune_lr_factors=[1.0, 2.0],
-                            tune_lr_extensions=1, tune_lr_seeds=1)
+    capped = CompareOptions(
+        methods=["lora-all"], seeds=[0], tune_lr=True, tune_lr_factors=[1.0, 2.0], tune_lr_extensions=1, tune_lr_seeds=1
+    )
     c.settings, c.methods, results = capped, methods.parse_methods(["lora-all"], opts), {"jobs": {}}
     c.tune(FakeScheduler(), results)
     row = results["lr_choice"]["methods"]["lora-all"]
@@ -507,15 +678,30 @@ def test_tuning_extends_the_grid_until_the_best_lr_is_interior(tmp_path):
 
 
 def test_job_records_are_typed_and_round_trip():
-    spec = jobs.FinetuneJob(id="random@seed0", key={"kind": "finetune", "seed": 0}, split="main",
-                            options={"seed": 0}, label="random[matched=true]", family="random", lr=5e-4,
-                            extra={"matched": True})
+    spec = jobs.FinetuneJob(
+        id="random@seed0",
+        key={"kind": "finetune", "seed": 0},
+        split="main",
+        options={"seed": 0},
+        label="random[matched=true]",
+        family="random",
+        lr=5e-4,
+        extra={"matched": True},
+    )
     spec.search = jobs.SearchRef(state_path="s.pt", seconds=1.5)
     data = spec.to_dict()
-    assert data["kind"] == "finetune" and data["search"] == {"state_path": "s.pt", "seconds": 1.5}
+    assert data["kind"] == "finetune" and data["search"] == {
+        "state_path": "s.pt",
+        "seconds": 1.5,
+        "weight_steps": 0,
+        "total_steps": None,
+    }
     assert jobs.JobSpec.from_dict(data) == spec
-    assert all(hasattr(f, hook) for f in FAMILIES.values()
-               for hook in ("validate", "build", "attach", "during_finetune", "account", "needs_search"))
+    assert all(
+        hasattr(f, hook)
+        for f in FAMILIES.values()
+        for hook in ("validate", "build", "attach", "during_finetune", "account", "needs_search")
+    )
     parsed = methods.parse_method("random[matched=true]", Options())
     assert parsed.needs_search and parsed.extra == {"matched": True}
     assert not methods.parse_method("random", Options()).needs_search
@@ -523,3 +709,91 @@ def test_job_records_are_typed_and_round_trip():
         methods.parse_method("random[matched=true,within_type=true]", Options())
     with pytest.raises(ConfigError, match="matched must be true or false"):
         methods.parse_method("random[matched=maybe]", Options())
+
+
+# ---------------------------------------------------------------------------------- the 'continue' hand-off
+@pytest.fixture(scope="module")
+def still_bert_dir(tiny_bert_dir, tmp_path_factory) -> Path:
+    """The tiny BERT without dropout: a comparison and ``diffora run`` then draw no random numbers while training,
+    so their adapters can be compared bit for bit (their RNG streams differ between the search and the fine-tune)."""
+    from transformers import AutoTokenizer, BertModel
+
+    folder = tmp_path_factory.mktemp("still-bert")
+    BertModel.from_pretrained(tiny_bert_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).save_pretrained(
+        folder
+    )
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(folder)
+    return folder
+
+
+def test_continue_handoff_takes_lora_alls_steps_and_equals_diffora_run(
+    still_bert_dir, data_files, tmp_path, monkeypatch
+):
+    """diffora[handoff=continue]: the search is the first S of LoRA-all's T steps and the fine-tune continues its
+    schedule and AdamW state for T - S steps, giving the adapter `diffora run --handoff continue` gives; the
+    controls on the same search keep restarting, and lora-all-cm matches DiffoRA's compute (T - S + passes)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    trained = {}
+    real = jobs.finetune
+
+    def keep_adapter(model, *args, **kwargs):
+        result = real(model, *args, **kwargs)
+        trained[kwargs["desc"]] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        return result
+
+    monkeypatch.setattr(jobs, "finetune", keep_adapter)
+    methods_ = ["diffora[handoff=continue]", "lora-all", "lora-all-cm[handoff=continue]", "random-ws[handoff=continue]"]
+    options = small(
+        still_bert_dir, data_files, tmp_path / "cmp", methods=methods_, seeds=[0], lr=1e-2, lora_dropout=0.0
+    )
+    results = compare(**options)
+    assert not [r for r in results["jobs"].values() if "error" in r]
+    runs = {r["method"]: r for r in finetunes(results).values()}
+    search = results["jobs"]["search[handoff=continue]@lr=0.01@seed0"]  # a continue search runs at the job's LR
+    assert search["handoff"] == {"mode": "continue", "search_steps": 4, "finetune_steps": 2, "total_steps": 6}
+    assert search["config"]["weight_lr"] == 1e-2
+    d, lora_all = runs["diffora[handoff=continue]"], runs["lora-all"]
+    assert (d["search_steps"], d["finetune_steps"], d["steps"]) == (4, 2, 2)
+    assert d["total_steps"] == lora_all["total_steps"] == lora_all["steps"] == 6
+    assert [p["step"] for p in d["curve"]] == [4, 6]  # the hand-off is evaluated at step S
+    ws, cm = runs["random-ws[handoff=continue]"], runs["lora-all-cm[handoff=continue]"]
+    assert (ws["search_steps"], ws["finetune_steps"], ws["total_steps"]) == (4, 6, 10)  # restarts after the search
+    assert cm["compute_matched"] == {"finetune_steps": 2, "search_passes": 7} and cm["total_steps"] == 9
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "At equal total steps: diffora[handoff=continue], lora-all." in report
+
+    run_options = {
+        k: v
+        for k, v in options.items()
+        if k not in ("methods", "seeds", "eval_points", "workers", "threads", "quiet", "output_dir")
+    }
+    argv = ["run", "--handoff", "continue", "--seed", "0", "--quiet", "--output-dir", str(tmp_path / "run")]
+    for key, value in run_options.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    assert cli.main(argv) == 0
+    theirs = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    ours = trained["diffora[handoff=continue]"]
+    assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+    restarted = trained["random-ws[handoff=continue]"]
+    assert any(not restarted[k].equal(theirs[k]) for k in restarted.keys() & theirs.keys())
+
+
+def test_continue_plans_one_search_per_learning_rate(tmp_path):
+    """Under the 'continue' hand-off the search's weight steps are fine-tune steps at the job's LR: each LR of a
+    method gets its own search; restart searches stay shared across LRs."""
+    opts = Options(task="classification", train_file="x.csv", output_dir=str(tmp_path / "cmp"))
+    c = runner.Comparison(opts, CompareOptions(methods=["diffora[handoff=continue]", "diffora"], seeds=[0]))
+    c.methods = methods.parse_methods(c.settings.methods, opts)
+    planned = c.plan("holdout", [0], lambda m: [1e-3, 2e-3], "tune:")
+    searches = [j for j in planned if j.kind == "search"]
+    assert [j.id for j in searches] == [
+        "tune:search[handoff=continue]@lr=0.001@seed0",
+        "tune:search[handoff=continue]@lr=0.002@seed0",
+        "tune:search[default]@seed0",
+    ]
+    assert [j.spec.options["lr"] for j in searches[:2]] == [1e-3, 2e-3]
+    needs = {j.id: j.needs for j in planned if j.kind == "finetune"}
+    assert needs["tune:diffora[handoff=continue]@lr=0.002@seed0"] == searches[1].id
+    assert needs["tune:diffora@lr=0.001@seed0"] == needs["tune:diffora@lr=0.002@seed0"] == searches[2].id

@@ -20,20 +20,22 @@ process) → :mod:`.runner` (validation, the plan, resume, scheduling, ``results
 """
 
 # Public names load on first use, so `diffora compare --help` (which reads .settings) imports neither torch nor peft.
+from ..lazy import lazy_exports
+
 _EXPORTS = {
-    "FAMILIES": "methods", "Family": "methods", "Method": "methods", "parse_method": "methods", "parse_methods": "methods",
-    "RESULTS_FORMAT": "runner", "compare": "runner", "DEFAULT_METHODS": "settings", "CompareOptions": "settings",
+    "FAMILIES": "methods",
+    "Family": "methods",
+    "Method": "methods",
+    "parse_method": "methods",
+    "parse_methods": "methods",
+    "RESULTS_FORMAT": "runner",
+    "compare": "runner",
+    "DEFAULT_METHODS": "settings",
+    "CompareOptions": "settings",
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)

@@ -47,8 +47,9 @@ def load_split(opts: Options, split: str, holdout_rows: int = 0) -> TaskData:
     rest = order[h:]
     full.train = train.subset(sorted(rest[: opts.max_train_samples] if opts.max_train_samples else rest))
     if full.kind == "classification" and len(set(full.train.labels or [])) < 2:
-        raise DataError("the training rows left after the held-out split have only one class; add data or lower "
-                        "--holdout-rows")
+        raise DataError(
+            "the training rows left after the held-out split have only one class; add data or lower --holdout-rows"
+        )
     return full
 
 
@@ -73,8 +74,9 @@ def context_key(options: dict, split: str, holdout_rows: int) -> str:
     return json.dumps({"options": options, "split": split, "holdout_rows": holdout_rows}, sort_keys=True, default=str)
 
 
-def prepared(opts: Options, split: str, holdout_rows: int, *, data: Optional[TaskData] = None,
-             tokenizer: Any = None) -> Prepared:
+def prepared(
+    opts: Options, split: str, holdout_rows: int, *, data: Optional[TaskData] = None, tokenizer: Any = None
+) -> Prepared:
     """Load (once per process) the data of ``split`` with its tokenizer, and encode it. ``data`` and ``tokenizer``
     may be passed when the caller has them already."""
     key = context_key(data_options(opts), split, holdout_rows)
@@ -84,16 +86,35 @@ def prepared(opts: Options, split: str, holdout_rows: int, *, data: Optional[Tas
         data = load_split(opts, split, holdout_rows)
     if tokenizer is None:
         _, tokenizer = load_model(opts, data)
-    prep = Prepared(data, tokenizer, encode(data.train, tokenizer, data.kind, opts.max_length),
-                    encode(data.eval, tokenizer, data.kind, opts.max_length))
+    prep = Prepared(
+        data,
+        tokenizer,
+        encode(data.train, tokenizer, data.kind, opts.max_length),
+        encode(data.eval, tokenizer, data.kind, opts.max_length),
+    )
     _CACHE[key] = prep
     return prep
 
 
 #: the options that decide the data and its encoding
-DATA_OPTIONS = ("task", "data_dir", "train_file", "eval_file", "text_column", "text_pair_column", "label_column",
-                "prompt_column", "response_column", "num_labels", "max_train_samples", "max_eval_samples",
-                "max_length", "encoding", "model", "trust_remote_code")
+DATA_OPTIONS = (
+    "task",
+    "data_dir",
+    "train_file",
+    "eval_file",
+    "text_column",
+    "text_pair_column",
+    "label_column",
+    "prompt_column",
+    "response_column",
+    "num_labels",
+    "max_train_samples",
+    "max_eval_samples",
+    "max_length",
+    "encoding",
+    "model",
+    "trust_remote_code",
+)
 
 
 def data_options(opts: Options) -> dict:

@@ -15,7 +15,14 @@ whether it exports from a search or needs DiffoRA's kept set of the same seed (:
 
 **One α convention.** Every method's LoRA branch on module ``m`` is scaled ``alpha / r_m`` at that module's own rank
 (PEFT's default for ``LoraConfig(r=..., lora_alpha=alpha)``): ``lora-matched``'s and EVA's per-module ranks follow it,
-and so does DiffoRA's rank concentration once its export writes no ``alpha_pattern``.
+and so does DiffoRA's rank concentration (its export writes a ``rank_pattern`` and no ``alpha_pattern``).
+
+**The 'continue' hand-off** (``diffora[handoff=continue]`` or ``--handoff continue``): the search is the first
+``S`` of the ``T`` steps a LoRA-all fine-tune takes, at the fine-tune's LR (so each LR gets its own search), and
+DiffoRA's fine-tune continues its schedule and AdamW state for ``T - S`` steps: equal total steps with LoRA-all. The
+controls that reuse that search keep restarting after it; ``lora-all-cm`` matches DiffoRA's ``T - S`` fine-tune
+steps plus the search's passes. Every fine-tune records ``search_steps`` (the weight steps of the search its model
+inherits), ``finetune_steps`` and ``total_steps``.
 
 **Controls that isolate the search** (same seed, same options as the DiffoRA they are matched to):
 
@@ -37,17 +44,34 @@ import math
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar, Iterator, Optional
 
 from ..cli.options import Options, option_kinds
 from ..errors import ConfigError
+from ..method.config import DiffoRAConfig, flag_of
 
-#: options that change the DAM search itself (two methods with equal values share one search per seed)
-SEARCH_KEYS = ("rank", "alpha", "lora_dropout", "gate", "order", "gate_fraction", "search_epochs", "search_steps",
-               "search_lr", "gate_lr", "gate_warmup_steps", "zero_one_weight")
 #: options that change only what is kept from a search
-SELECT_KEYS = ("keep_ratio", "granularity", "selection_score", "rank_allocation", "ntk_examples")
+SELECT_KEYS = (
+    "keep_ratio",
+    "granularity",
+    "selection_score",
+    "rank_allocation",
+    "score_normalization",
+    "ntk_kernel",
+    "ntk_normalization",
+    "ntk_ungated",
+    "ntk_examples",
+)
+#: DiffoRAConfig fields that are not variant keys of a search: the job's seed, list-valued targets, the export
+_NOT_SEARCH = ("seed", "target_types", "target_modules", "modules_to_save", "weight_sharing")
+#: options that change the DAM search itself (two methods with equal values share one search per seed): every
+#: DiffoRAConfig flag that is not a selection or export option, and the search length
+SEARCH_KEYS = tuple(
+    flag_of(DiffoRAConfig, f.name)
+    for f in fields(DiffoRAConfig)
+    if f.name not in _NOT_SEARCH and flag_of(DiffoRAConfig, f.name) not in SELECT_KEYS
+) + ("search_epochs", "search_steps")
 LORA_KEYS = ("rank", "alpha", "lora_dropout")
 #: the keys of a control matched to a DiffoRA's kept set
 RANDOM_KEYS = ("matched", "within_type")
@@ -89,6 +113,10 @@ class Built:
     model: Any
     kept: list[str]
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the 'continue' hand-off: the schedule step the fine-tune starts at (the search's S of T) and the kept
+    #: parameters' AdamW state (:func:`diffora.method.handoff.carry_optimizer_state`); 0 and None otherwise
+    start_step: int = 0
+    optimizer_state: Optional[dict[str, Any]] = None
 
 
 # --------------------------------------------------------------------------------------------------- family
@@ -123,7 +151,13 @@ class Family:
         """Give a fine-tune job what it needs from its finished search record."""
         from .jobs import SearchRef
 
-        job.search = SearchRef(state_path=search["state_path"], seconds=float(search["seconds"]))
+        handoff = search.get("handoff") or {}
+        job.search = SearchRef(
+            state_path=search["state_path"],
+            seconds=float(search["seconds"]),
+            weight_steps=int(search["steps"]),
+            total_steps=handoff.get("total_steps"),
+        )
         if self.needs_reference(job.extra):
             job.reference = diffora_reference(Options(**job.options), search)
 
@@ -137,6 +171,10 @@ class Family:
     def starts_from_search(self, opts: Options) -> bool:
         """Whether the model starts from trained weights (then step 0 is evaluated)."""
         return False
+
+    def inherited_search_steps(self, job: Any, opts: Options) -> int:
+        """The search's weight steps that the trained model's weights went through (0: a fresh start)."""
+        return int(job.search.weight_steps) if job.search is not None and self.starts_from_search(opts) else 0
 
     @contextlib.contextmanager
     def during_finetune(self, model: Any, record: dict) -> Iterator[None]:
@@ -153,8 +191,9 @@ class Family:
 
         rows, cols = v.grid.shape
         try:  # fail now, not after the search, when the discretisation cannot keep anything
-            select_modules(v.grid, [[0.0] * cols for _ in range(rows)], v.opts.keep_ratio, v.opts.granularity,
-                           rank=v.opts.rank)
+            select_modules(
+                v.grid, [[0.0] * cols for _ in range(rows)], v.opts.keep_ratio, v.opts.granularity, rank=v.opts.rank
+            )
         except ConfigError as exc:
             raise ConfigError(f"{v.where}: {exc}") from None
 
@@ -175,8 +214,10 @@ class Family:
                 continue
             recorded.append(name)
         if v.opts.selection_score not in recorded:
-            raise ConfigError(f"{v.where}: matching DiffoRA's kept set needs a selection score its search records "
-                              f"({', '.join(recorded)}), not {v.opts.selection_score}")
+            raise ConfigError(
+                f"{v.where}: matching DiffoRA's kept set needs a selection score its search records "
+                f"({', '.join(recorded)}), not {v.opts.selection_score}"
+            )
 
 
 class FixedLoRA(Family):
@@ -202,9 +243,11 @@ class LoraAll(FixedLoRA):
 class LoraAllComputeMatched(LoraAll):
     name = "lora-all-cm"
     keys = SEARCH_KEYS + ("lr",)
-    what = ("compute-matched LoRA-all: every candidate at rank r, trained for DiffoRA's fine-tuning steps plus one "
-            "step per forward/backward pass of its search (same seed, same search options), so the search's warm "
-            "start is not free compute")
+    what = (
+        "compute-matched LoRA-all: every candidate at rank r, trained for DiffoRA's fine-tuning steps plus one "
+        "step per forward/backward pass of its search (same seed, same search options), so the search's warm "
+        "start is not free compute"
+    )
 
     def needs_search(self, values: dict[str, Any]) -> bool:
         return True
@@ -218,10 +261,15 @@ class LoraAllComputeMatched(LoraAll):
     def training_options(self, job: Any, opts: Options, n_train: int) -> tuple[Options, dict]:
         from .jobs import epochs_for_steps, finetune_steps
 
-        base = finetune_steps(opts, n_train)  # DiffoRA's fine-tune + one step per pass, same schedule shape
+        # DiffoRA's fine-tune + one step per pass, same schedule shape; a 'continue' search is the first S of
+        # DiffoRA's T steps, so its fine-tune takes only T - S
+        base = finetune_steps(opts, n_train)
+        if job.search.total_steps is not None:
+            base -= int(job.search.weight_steps)
         compute = {"finetune_steps": base, "search_passes": int(job.search_passes)}
-        return dataclasses.replace(opts, epochs=epochs_for_steps(opts, n_train, base + compute["search_passes"])), \
-            compute
+        return dataclasses.replace(
+            opts, epochs=epochs_for_steps(opts, n_train, base + compute["search_passes"])
+        ), compute
 
 
 class LoraQV(FixedLoRA):
@@ -233,8 +281,10 @@ class LoraQV(FixedLoRA):
         from .jobs import qv_modules
 
         if not qv_modules(v.grid):
-            raise ConfigError(f"{v.where}: model '{v.opts.model}' has no query/value projections among its candidate "
-                              f"types ({', '.join(v.grid.labels)}); drop lora-qv")
+            raise ConfigError(
+                f"{v.where}: model '{v.opts.model}' has no query/value projections among its candidate "
+                f"types ({', '.join(v.grid.labels)}); drop lora-qv"
+            )
 
     def modules(self, ctx: Any) -> list[str]:
         from .jobs import qv_modules
@@ -257,6 +307,11 @@ class Diffora(Family):
     def starts_from_search(self, opts: Options) -> bool:
         return bool(opts.weight_sharing)
 
+    def continues(self, opts: Options) -> bool:
+        """Whether the fine-tune continues the search's schedule and AdamW state ('continue' hand-off) instead of
+        restarting them."""
+        return opts.handoff == "continue"
+
     def select(self, ctx: Any, search: Any) -> tuple[Any, Optional[dict], dict]:
         """The selection, per-module ranks (or None) and record entries of this search."""
         from .jobs import diffora_selection
@@ -265,14 +320,19 @@ class Diffora(Family):
 
     def build(self, ctx: Any) -> Built:
         from ..method.export import export_search
-        from .jobs import load_search
+        from .jobs import continue_from_search, load_search
 
         t0 = time.perf_counter()
         search = load_search(ctx)
         selection, ranks, info = self.select(ctx, search)
-        model = export_search(search, selection, weight_sharing=ctx.opts.weight_sharing, ranks=ranks)
-        info.update(export_seconds=time.perf_counter() - t0, search_seconds=ctx.job.search.seconds)
-        return Built(model, selection.modules, info)
+        if self.continues(ctx.opts):
+            built = continue_from_search(ctx, search, selection)
+        else:
+            built = Built(
+                export_search(search, selection, weight_sharing=ctx.opts.weight_sharing, ranks=ranks), selection.modules
+            )
+        built.info = {**info, "export_seconds": time.perf_counter() - t0, "search_seconds": ctx.job.search.seconds}
+        return built
 
 
 class RandomControl(Family):
@@ -282,8 +342,9 @@ class RandomControl(Family):
 
     def check_variant(self, label: str, values: dict[str, Any]) -> None:
         if values.get("matched") and values.get("within_type"):
-            raise ConfigError(f"method '{label}': matched and within_type both match DiffoRA's parameter count; "
-                              "use one of them")
+            raise ConfigError(
+                f"method '{label}': matched and within_type both match DiffoRA's parameter count; use one of them"
+            )
 
     def needs_reference(self, values: dict[str, Any]) -> bool:
         return bool(values.get("matched") or values.get("within_type"))
@@ -294,14 +355,16 @@ class RandomControl(Family):
             self._check_reference_score(v)
 
     def draw(self, ctx: Any, grid: Any) -> Any:
-        from .jobs import random_selection, random_within_types
+        from ..select.strategies.random import random_selection
+        from .jobs import random_within_types
 
         opts, extra, seed = ctx.opts, ctx.job.extra, ctx.opts.seed
         if extra.get("within_type"):
             return random_within_types(grid, ctx.job.reference["modules"], seed, opts.keep_ratio, opts.rank)
         if extra.get("matched"):
-            return random_selection(grid, opts.keep_ratio, seed, opts.rank, "budget",
-                                    budget_params=int(ctx.job.reference["lora_params"]))
+            return random_selection(
+                grid, opts.keep_ratio, seed, opts.rank, "budget", budget_params=int(ctx.job.reference["lora_params"])
+            )
         return random_selection(grid, opts.keep_ratio, seed, opts.rank, opts.granularity)
 
     def reference_info(self, ctx: Any) -> dict:
@@ -312,9 +375,11 @@ class RandomControl(Family):
 class Random(RandomControl):
     name = "random"
     keys = ("keep_ratio", "granularity") + LORA_KEYS + ("lr",) + RANDOM_KEYS
-    what = ("fresh LoRA on random modules at the same rho (same per-layer rule as DiffoRA); matched=true: random "
-            "scores through the budget rule at DiffoRA's LoRA parameters; within_type=true: DiffoRA's count per "
-            "module type in random layers")
+    what = (
+        "fresh LoRA on random modules at the same rho (same per-layer rule as DiffoRA); matched=true: random "
+        "scores through the budget rule at DiffoRA's LoRA parameters; within_type=true: DiffoRA's count per "
+        "module type in random layers"
+    )
 
     def needs_search(self, values: dict[str, Any]) -> bool:
         return self.needs_reference(values)
@@ -327,11 +392,16 @@ class Random(RandomControl):
 class RandomWS(RandomControl, Diffora):
     name = "random-ws"
     keys = SEARCH_KEYS + ("keep_ratio", "granularity", "lr") + RANDOM_KEYS
-    what = ("random modules (the same draw as `random`) exported from the same search as DiffoRA, with its weights: "
-            "separates the choice of modules from the warm start")
+    what = (
+        "random modules (the same draw as `random`) exported from the same search as DiffoRA, with its weights: "
+        "separates the choice of modules from the warm start"
+    )
 
     def validate(self, v: Validation) -> None:
         RandomControl.validate(self, v)
+
+    def continues(self, opts: Options) -> bool:
+        return False  # a control: its random modules restart the fine-tune from the search's weights
 
     def select(self, ctx: Any, search: Any) -> tuple[Any, Optional[dict], dict]:
         return self.draw(ctx, search.grid), None, self.reference_info(ctx)
@@ -340,8 +410,10 @@ class RandomWS(RandomControl, Diffora):
 class LoraMatched(Family):
     name = "lora-matched"
     keys = SEARCH_KEYS + SELECT_KEYS + ("lr",)
-    what = ("LoRA on every candidate, ranks chosen so its LoRA parameters match DiffoRA's (same seed, same options) "
-            "within 5%")
+    what = (
+        "LoRA on every candidate, ranks chosen so its LoRA parameters match DiffoRA's (same seed, same options) "
+        "within 5%"
+    )
     reports_rho = True
 
     def needs_search(self, values: dict[str, Any]) -> bool:
@@ -369,8 +441,10 @@ class LoraMatched(Family):
 class TypePrior(Family):
     name = "type-prior"
     keys = SEARCH_KEYS + ("keep_ratio", "granularity", "selection_score", "lr")
-    what = ("no search of its own: the module types DiffoRA keeps most often (same seed, same options), in every "
-            "layer, under the budget rule at DiffoRA's LoRA parameters; fresh LoRA")
+    what = (
+        "no search of its own: the module types DiffoRA keeps most often (same seed, same options), in every "
+        "layer, under the budget rule at DiffoRA's LoRA parameters; fresh LoRA"
+    )
     reports_rho = True
 
     def needs_search(self, values: dict[str, Any]) -> bool:
@@ -405,8 +479,10 @@ class AdaLoRA(Family):
 
         steps = [finetune_steps(v.opts, n) for n in v.train_rows]
         if min(steps) < 3:
-            raise ConfigError(f"{v.where}: AdaLoRA needs at least 3 fine-tuning steps (a warm-up, a budgeting and a "
-                              f"final phase), this comparison has {steps[0]}; add data or raise --epochs")
+            raise ConfigError(
+                f"{v.where}: AdaLoRA needs at least 3 fine-tuning steps (a warm-up, a budgeting and a "
+                f"final phase), this comparison has {steps[0]}; add data or raise --epochs"
+            )
 
     def build(self, ctx: Any) -> Built:
         from peft import AdaLoraConfig
@@ -419,12 +495,28 @@ class AdaLoRA(Family):
         target_r = max(1, round(opts.rank * opts.keep_ratio))
         init_r = math.ceil(1.5 * target_r)
         config = AdaLoraConfig(
-            init_r=init_r, target_r=target_r, lora_alpha=opts.alpha, lora_dropout=opts.lora_dropout,
-            tinit=max(1, int(0.1 * total)), tfinal=max(1, int(0.2 * total)), deltaT=max(1, total // 20),
-            total_step=total, target_modules=kept, modules_to_save=ctx.heads or None, task_type=ctx.task_type,
+            init_r=init_r,
+            target_r=target_r,
+            lora_alpha=opts.alpha,
+            lora_dropout=opts.lora_dropout,
+            tinit=max(1, int(0.1 * total)),
+            tfinal=max(1, int(0.2 * total)),
+            deltaT=max(1, total // 20),
+            total_step=total,
+            target_modules=kept,
+            modules_to_save=ctx.heads or None,
+            task_type=ctx.task_type,
         )
-        info = {"adalora": {"init_r": init_r, "target_r": target_r, "tinit": config.tinit, "tfinal": config.tfinal,
-                            "deltaT": config.deltaT, "total_step": total}}
+        info = {
+            "adalora": {
+                "init_r": init_r,
+                "target_r": target_r,
+                "tinit": config.tinit,
+                "tfinal": config.tfinal,
+                "deltaT": config.deltaT,
+                "total_step": total,
+            }
+        }
         return Built(ctx.fresh(config), kept, info)
 
     @contextlib.contextmanager
@@ -453,15 +545,20 @@ class AdaLoRA(Family):
                 base = module.get_base_layer()
                 eff_params += r_eff * (base.in_features + base.out_features + 1)
                 eff_rank[name.replace("base_model.model.", "")] = r_eff
-        record.update(adalora_effective_lora_params=eff_params, adalora_final_ranks=eff_rank,
-                      adalora_total_rank=sum(eff_rank.values()))
+        record.update(
+            adalora_effective_lora_params=eff_params,
+            adalora_final_ranks=eff_rank,
+            adalora_total_rank=sum(eff_rank.values()),
+        )
 
 
 class Eva(Family):
     name = "eva"
     keys = LORA_KEYS + ("eva_rho", "eva_tau", "lr")
-    what = ("PEFT LoRA on every candidate with EVA init (SVD of the layer inputs on training batches, ranks "
-            "redistributed up to eva_rho x r)")
+    what = (
+        "PEFT LoRA on every candidate with EVA init (SVD of the layer inputs on training batches, ranks "
+        "redistributed up to eva_rho x r)"
+    )
 
     def validate(self, v: Validation) -> None:
         from .jobs import eva_check
@@ -471,8 +568,7 @@ class Eva(Family):
     def build(self, ctx: Any) -> Built:
         from .jobs import eva_init
 
-        return eva_init(ctx, float(ctx.job.extra.get("eva_rho", EVA_RHO)), float(ctx.job.extra.get("eva_tau",
-                                                                                                    EVA_TAU)))
+        return eva_init(ctx, float(ctx.job.extra.get("eva_rho", EVA_RHO)), float(ctx.job.extra.get("eva_tau", EVA_TAU)))
 
 
 class Full(Family):
@@ -489,10 +585,22 @@ class Full(Family):
         return Built(ctx.model, [])
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Diffora(), LoraAll(), LoraAllComputeMatched(), LoraMatched(), Random(), RandomWS(), TypePrior(), LoraQV(),
-    AdaLoRA(), Eva(), Full(),
-)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Diffora(),
+        LoraAll(),
+        LoraAllComputeMatched(),
+        LoraMatched(),
+        Random(),
+        RandomWS(),
+        TypePrior(),
+        LoraQV(),
+        AdaLoRA(),
+        Eva(),
+        Full(),
+    )
+}
 
 
 # --------------------------------------------------------------------------------------- DiffoRA's kept set
@@ -502,8 +610,9 @@ def diffora_reference(opts: Options, search: dict) -> dict:
     from ..select.quota import select_modules
 
     grid = DAMGrid.from_dict(search["record"]["grid"])
-    selection = select_modules(grid, search["scores"][opts.selection_score], opts.keep_ratio, opts.granularity,
-                               rank=opts.rank)
+    selection = select_modules(
+        grid, search["scores"][opts.selection_score], opts.keep_ratio, opts.granularity, rank=opts.rank
+    )
     return {"modules": list(selection.modules), "lora_params": int(selection.lora_params)}
 
 
@@ -618,8 +727,10 @@ def parse_method(text: str, base: Options) -> Method:
     entry = str(text).strip()
     match = _METHOD.match(entry)
     if not match:
-        raise ConfigError(f"cannot read method '{entry}'; write a method name, optionally with options in "
-                          "brackets: diffora, 'diffora[keep_ratio=0.25]', 'lora-all[lr=1e-3,rank=4]'")
+        raise ConfigError(
+            f"cannot read method '{entry}'; write a method name, optionally with options in "
+            "brackets: diffora, 'diffora[keep_ratio=0.25]', 'lora-all[lr=1e-3,rank=4]'"
+        )
     name = match.group(1).lower().replace("_", "-")
     if name not in FAMILIES:
         raise ConfigError(f"unknown method '{match.group(1)}' in --methods; choose from {', '.join(FAMILIES)}")
@@ -637,8 +748,9 @@ def parse_method(text: str, base: Options) -> Method:
     overrides = []
     for key, value in pairs:
         if key not in family.keys:
-            raise ConfigError(f"method '{label}': unknown option '{key}' for {name}; {name} takes "
-                              f"{', '.join(family.keys)}")
+            raise ConfigError(
+                f"method '{label}': unknown option '{key}' for {name}; {name} takes {', '.join(family.keys)}"
+            )
         if key in seen:
             raise ConfigError(f"method '{label}' sets {key} twice")
         seen.add(key)
@@ -663,7 +775,7 @@ def parse_methods(texts: list[str], base: Options) -> list[Method]:
 
 def search_label(values: dict[str, Any], base: Options) -> str:
     """A readable name for a search: 'default', or the options that differ from the comparison's."""
-    differ = [f"{k}={values[k]}" for k in SEARCH_KEYS if values[k] != getattr(base, k)]
+    differ = [f"{k}={values[k]}" for k in SEARCH_KEYS if k in values and values[k] != getattr(base, k)]
     return "default" if not differ else ",".join(differ)
 
 

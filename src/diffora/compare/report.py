@@ -16,8 +16,11 @@ from ..store.io import atomic_write_text
 
 # ------------------------------------------------------------------------------------------------ statistics
 def _nums(xs) -> list[float]:
-    return [x for x in xs if isinstance(x, (int, float)) and not isinstance(x, bool)
-            and not (isinstance(x, float) and math.isnan(x))]
+    return [
+        x
+        for x in xs
+        if isinstance(x, (int, float)) and not isinstance(x, bool) and not (isinstance(x, float) and math.isnan(x))
+    ]
 
 
 def mean(xs) -> float:
@@ -72,8 +75,14 @@ def paired_stats(a: dict[int, float], b: dict[int, float], higher_is_better: boo
     a_vals, b_vals = [a[s] for s in seeds], [b[s] for s in seeds]
     sign = 1.0 if higher_is_better else -1.0
     out = {
-        "seeds": seeds, "diffs": diffs, "mean_a": mean(a_vals), "mean_b": mean(b_vals), "std_a": std(a_vals),
-        "std_b": std(b_vals), "mean_diff": mean(diffs), "std_diff": std(diffs),
+        "seeds": seeds,
+        "diffs": diffs,
+        "mean_a": mean(a_vals),
+        "mean_b": mean(b_vals),
+        "std_a": std(a_vals),
+        "std_b": std(b_vals),
+        "mean_diff": mean(diffs),
+        "std_diff": std(diffs),
         "wins": sum(sign * d > 0 for d in diffs),
     }
     out["margin"] = out["mean_a"] - out["mean_b"]
@@ -117,10 +126,19 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def plot_curves(groups: dict[str, list[dict]], metric: str, path: Path, *, title: str, baseline: Optional[float] = None,
-                target: Optional[float] = None, target_label: str = "target", colors: Optional[dict] = None,
-                xlabel: str = "fine-tuning step (DiffoRA: after its search; step 0 = weights inherited from the search)",
-                ylabel: Optional[str] = None) -> Path:
+def plot_curves(
+    groups: dict[str, list[dict]],
+    metric: str,
+    path: Path,
+    *,
+    title: str,
+    baseline: Optional[float] = None,
+    target: Optional[float] = None,
+    target_label: str = "target",
+    colors: Optional[dict] = None,
+    xlabel: str = "fine-tuning step (DiffoRA: after its search; step 0 = weights inherited from the search)",
+    ylabel: Optional[str] = None,
+) -> Path:
     """Mean (over seeds) ``metric`` at every evaluated step, one line per method, band = ±std."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
@@ -133,8 +151,9 @@ def plot_curves(groups: dict[str, list[dict]], metric: str, path: Path, *, title
             es.append(std(vals) if len(_nums(vals)) > 1 else 0.0)
         color = (colors or {}).get(label)
         ax.plot(steps, ys, _style(label), marker="o", ms=3, color=color, label=label)
-        ax.fill_between(steps, [y - e for y, e in zip(ys, es)], [y + e for y, e in zip(ys, es)], color=color,
-                        alpha=0.08)
+        ax.fill_between(
+            steps, [y - e for y, e in zip(ys, es)], [y + e for y, e in zip(ys, es)], color=color, alpha=0.08
+        )
     if target is not None:
         ax.axhline(target, color="black", lw=0.8, ls="-.")
         ax.text(0, target, f" {target_label}", fontsize=7, va="bottom")
@@ -161,8 +180,15 @@ def plot_score_vs_params(panels: list[dict], path: Path, *, colors: Optional[dic
         for label, runs in panel["groups"].items():
             x = mean([r["trainable_params"] for r in runs])
             ys = [r["final"].get(m) for r in runs]
-            ax.errorbar(x, mean(ys), yerr=std(ys) if len(_nums(ys)) > 1 else None, fmt="o", capsize=3,
-                        color=(colors or {}).get(label), label=label)
+            ax.errorbar(
+                x,
+                mean(ys),
+                yerr=std(ys) if len(_nums(ys)) > 1 else None,
+                fmt="o",
+                capsize=3,
+                color=(colors or {}).get(label),
+                label=label,
+            )
         base = panel.get("baseline")
         if base is not None:
             ax.axhline(base, ls=":", color="grey", lw=1)
@@ -203,8 +229,9 @@ def reference_method(results: dict) -> Optional[str]:
     labels = [m["label"] for m in results.get("methods", [])]
     if "diffora" in labels:
         return "diffora"
-    return next((m["label"] for m in results.get("methods", []) if m["family"] == "diffora"),
-                labels[0] if labels else None)
+    return next(
+        (m["label"] for m in results.get("methods", []) if m["family"] == "diffora"), labels[0] if labels else None
+    )
 
 
 def _hib(results: dict) -> bool:
@@ -224,15 +251,21 @@ def comparison_sentence(a: str, b: str, p: Optional[dict], metric: str, higher_i
     if margin == 0:
         head = f"**{a}** and **{b}** score the same {metric} on average over {n} paired seed{'s' * (n > 1)}"
     else:
-        head = (f"**{a}** is {'ahead of' if better else 'behind'} **{b}** by {abs(margin):.{digits}f} {metric} on "
-                f"average over {n} paired seed{'s' * (n > 1)} ({a} better on {p['wins']}/{n})")
+        head = (
+            f"**{a}** is {'ahead of' if better else 'behind'} **{b}** by {abs(margin):.{digits}f} {metric} on "
+            f"average over {n} paired seed{'s' * (n > 1)} ({a} better on {p['wins']}/{n})"
+        )
     if not p["testable"]:
         return head + "; with one seed there is no seed spread to judge it against."
     if p["exceeds"]:
-        return (head + f"; that is more than the seed-to-seed spread ({p['max_std']:.{digits}f}), so the difference "
-                       "is larger than what changing the seed does.")
-    return (head + f"; that is within the seed-to-seed spread ({p['max_std']:.{digits}f}), so these seeds cannot "
-                   "tell the two apart.")
+        return (
+            head + f"; that is more than the seed-to-seed spread ({p['max_std']:.{digits}f}), so the difference "
+            "is larger than what changing the seed does."
+        )
+    return (
+        head + f"; that is within the seed-to-seed spread ({p['max_std']:.{digits}f}), so these seeds cannot "
+        "tell the two apart."
+    )
 
 
 def _rank_text(runs: list[dict]) -> str:
@@ -260,23 +293,34 @@ def results_table(results: dict, groups: dict[str, list[dict]]) -> list[str]:
     ref_params = data.get("lora_all_params")
     lora_all = {r["seed"]: r["finetune_seconds"] for r in groups.get("lora-all", [])}
     gpu = any(r.get("peak_gpu_mib") for runs in groups.values() for r in runs)
-    head = (f"| method | seeds | kept modules | rank | trainable params | % of LoRA-all | **{m}** | "
-            + "".join(f"{o} | " for o in others)
-            + "search / init s | fine-tune s | (search + fine-tune) / LoRA-all fine-tune | peak RSS MiB | "
-            + ("peak GPU MiB | " if gpu else "") + "LR |")
+    head = (
+        f"| method | seeds | kept modules | rank | trainable params | % of LoRA-all | **{m}** | "
+        + "".join(f"{o} | " for o in others)
+        + "search / init s | fine-tune s | (search + fine-tune) / LoRA-all fine-tune | peak RSS MiB | "
+        + ("peak GPU MiB | " if gpu else "")
+        + "LR |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     lr_of = {x["label"]: x for x in results.get("methods", [])}
     for label in [x["label"] for x in results.get("methods", [])]:
         runs = groups.get(label, [])
-        failed = sum(1 for r in results["jobs"].values()
-                     if r.get("kind") == "finetune" and "error" in r and r.get("id", "").rsplit("@seed", 1)[0] == label
-                     and r.get("id") in results.get("plan", []))
+        failed = sum(
+            1
+            for r in results["jobs"].values()
+            if r.get("kind") == "finetune"
+            and "error" in r
+            and r.get("id", "").rsplit("@seed", 1)[0] == label
+            and r.get("id") in results.get("plan", [])
+        )
         if not runs:
             lines.append(f"| {label} | 0{f' ({failed} failed)' if failed else ''} |" + " — |" * (head.count("|") - 3))
             continue
         params = mean([r["trainable_params"] for r in runs])
-        ratios = [(r.get("search_seconds", 0.0) + r["finetune_seconds"]) / lora_all[r["seed"]]
-                  for r in runs if r["seed"] in lora_all and lora_all[r["seed"]] > 0]
+        ratios = [
+            (r.get("search_seconds", 0.0) + r["finetune_seconds"]) / lora_all[r["seed"]]
+            for r in runs
+            if r["seed"] in lora_all and lora_all[r["seed"]] > 0
+        ]
         search = median([r.get("search_seconds") for r in runs]) if any(r.get("search_seconds") for r in runs) else None
         kept = "all" if runs[0].get("family") == "full" else fmt(mean([r["kept_modules"] for r in runs]), 1)
         info = lr_of.get(label, {})
@@ -288,7 +332,9 @@ def results_table(results: dict, groups: dict[str, list[dict]]) -> list[str]:
             + "".join(f"{pm([r['final'].get(o) for r in runs], 4)} | " for o in others)
             + f"{fmt(search, 1) if search else '—'} | {fmt(median([r['finetune_seconds'] for r in runs]), 1)} | "
             f"{fmt(median(ratios), 2) if ratios else '—'} | {fmt(max(r['peak_rss_mib'] or 0 for r in runs), 0)} | "
-            + (f"{fmt(max(r.get('peak_gpu_mib') or 0 for r in runs), 0)} | " if gpu else "") + f"{lr} |")
+            + (f"{fmt(max(r.get('peak_gpu_mib') or 0 for r in runs), 0)} | " if gpu else "")
+            + f"{lr} |"
+        )
     return lines
 
 
@@ -298,11 +344,14 @@ def paired_section(results: dict, groups: dict[str, list[dict]]) -> list[str]:
     hib = _hib(results)
     if ref is None or ref not in groups:
         return [f"No run of {ref or 'DiffoRA'} finished, so there are no paired comparisons."]
-    lines = [f"Each row compares **{ref}** (A) with another method (B) on the seeds both finished: A − B per seed, "
-             f"its mean, and how often A is better ({'higher' if hib else 'lower'} {m} is better). *Beyond the seed "
-             "spread* means |mean A − mean B| > the larger of the two methods' standard deviations over those seeds.",
-             "", "| A vs B | per-seed A − B | mean A − B | std of A − B | A better | max seed std | beyond the seed "
-                 "spread? |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Each row compares **{ref}** (A) with another method (B) on the seeds both finished: A − B per seed, "
+        f"its mean, and how often A is better ({'higher' if hib else 'lower'} {m} is better). *Beyond the seed "
+        "spread* means |mean A − mean B| > the larger of the two methods' standard deviations over those seeds.",
+        "",
+        "| A vs B | per-seed A − B | mean A − B | std of A − B | A better | max seed std | beyond the seed spread? |",
+        "|---|---|---|---|---|---|---|",
+    ]
     sentences = []
     a = {r["seed"]: r["final"].get(m) for r in groups[ref]}
     for label in groups:
@@ -312,9 +361,11 @@ def paired_section(results: dict, groups: dict[str, list[dict]]) -> list[str]:
         sentences.append("- " + comparison_sentence(ref, label, p, m, hib))
         if p is None:
             continue
-        lines.append(f"| {ref} vs {label} | {', '.join(f'{d:+.4f}' for d in p['diffs'])} | {p['mean_diff']:+.4f} | "
-                     f"{fmt(p['std_diff'], 4)} | {p['wins']}/{len(p['diffs'])} | {fmt(p['max_std'], 4)} | "
-                     f"{('yes' if p['exceeds'] else 'no') if p['testable'] else 'one seed: no spread'} |")
+        lines.append(
+            f"| {ref} vs {label} | {', '.join(f'{d:+.4f}' for d in p['diffs'])} | {p['mean_diff']:+.4f} | "
+            f"{fmt(p['std_diff'], 4)} | {p['wins']}/{len(p['diffs'])} | {fmt(p['max_std'], 4)} | "
+            f"{('yes' if p['exceeds'] else 'no') if p['testable'] else 'one seed: no spread'} |"
+        )
     return lines + [""] + sentences
 
 
@@ -330,19 +381,27 @@ def dam_heatmaps(results: dict, out: Path) -> list[Path]:
     for jid, rec in sorted(results["jobs"].items()):
         if rec.get("kind") != "search" or "error" in rec or jid.startswith("tune:") or "record" not in rec:
             continue
-        users = [m for m in methods if m["family"] in ("diffora", "lora-matched", "random-ws", "type-prior")
-                 and _search_label_of(m, opts) == rec.get("label")]
+        users = [
+            m
+            for m in methods
+            if m["family"] in ("diffora", "lora-matched", "random-ws", "type-prior")
+            and _search_label_of(m, opts) == rec.get("label")
+        ]
         chosen = next((m for m in users if m["family"] == "diffora"), users[0] if users else None)
         o = {**opts, **(chosen["overrides"] if chosen else {})}
         record = dict(rec["record"])
         grid = DAMGrid.from_dict(record["grid"])
-        selection = select_modules(grid, rec["scores"][o["selection_score"]], o["keep_ratio"], o["granularity"],
-                                   rank=o["rank"])
+        selection = select_modules(
+            grid, rec["scores"][o["selection_score"]], o["keep_ratio"], o["granularity"], rank=o["rank"]
+        )
         record["selection"] = selection.to_dict()
         label = "".join(c if c.isalnum() or c in "._=-" else "_" for c in rec.get("label", "default"))
-        name = f"dam_{label}_seed{rec['seed']}.png"
-        title = (f"{results['data']['task']}: {jid} ({rec['steps']} search iterations, {rec['gate_steps']} gate "
-                 f"steps); kept = {chosen['label'] if chosen else 'rho ' + str(o['keep_ratio'])}")
+        lr = (rec.get("key") or {}).get("search", {}).get("lr")  # a 'continue' search: one per fine-tuning LR
+        name = f"dam_{label}{f'_lr={lr:g}' if lr is not None else ''}_seed{rec['seed']}.png"
+        title = (
+            f"{results['data']['task']}: {jid} ({rec['steps']} search iterations, {rec['gate_steps']} gate "
+            f"steps); kept = {chosen['label'] if chosen else 'rho ' + str(o['keep_ratio'])}"
+        )
         paths.append(plot_dam(record, out / name, title=title))
     return paths
 
@@ -350,23 +409,64 @@ def dam_heatmaps(results: dict, out: Path) -> list[Path]:
 def _search_label_of(method: dict, opts: dict) -> str:
     from .methods import SEARCH_KEYS
 
-    values = {**{k: opts[k] for k in SEARCH_KEYS}, **{k: v for k, v in method["overrides"].items() if k in SEARCH_KEYS}}
-    differ = [f"{k}={values[k]}" for k in SEARCH_KEYS if values[k] != opts[k]]
+    # results written before a key existed lack it: such a key cannot differ
+    values = {
+        **{k: opts[k] for k in SEARCH_KEYS if k in opts},
+        **{k: v for k, v in method["overrides"].items() if k in SEARCH_KEYS},
+    }
+    differ = [f"{k}={values[k]}" for k in SEARCH_KEYS if k in values and values[k] != opts.get(k)]
     return "default" if not differ else ",".join(differ)
+
+
+def steps_section(results: dict, groups: dict[str, list[dict]]) -> list[str]:
+    """Optimiser steps on the weights per method (search weight steps its model inherits + fine-tune steps), and
+    which methods took as many as LoRA-all's fine-tune."""
+    reference = results["data"]["finetune_steps"]
+    lines = ["| method | search steps | fine-tune steps | total | vs LoRA-all's |", "|---|---|---|---|---|"]
+    equal, more = [], []
+    for label, runs in groups.items():
+        if any("total_steps" not in r for r in runs):  # results written before the step counts were recorded
+            continue
+        total = median([r["total_steps"] for r in runs])
+        lines.append(
+            f"| {label} | {fmt(median([r['search_steps'] for r in runs]), 0)} | "
+            f"{fmt(median([r['finetune_steps'] for r in runs]), 0)} | {fmt(total, 0)} | "
+            f"{fmt(total / reference, 2)}× |"
+        )
+        (equal if all(r["total_steps"] == reference for r in runs) else more).append(label)
+    if not equal and not more:
+        return []
+    text = (
+        f"Optimiser steps on the weights each trained model went through: the weight steps of the search it "
+        f"inherits its weights from, then its fine-tune. LoRA-all's fine-tune takes {reference}. "
+    )
+    if equal:
+        text += f"At equal total steps: {', '.join(equal)}. "
+    if more:
+        text += (
+            f"Other totals: {', '.join(more)} (the search's weight steps before a fine-tune that restarts, or "
+            "compute matching)."
+        )
+    return [text.strip(), "", *lines]
 
 
 def timing_lines(timing: dict) -> list[str]:
     med, ra = timing["median_seconds"], timing["ratios"]
-    return ["Medians of interleaved rounds in one process on the same batches (the first round is warm-up):", "",
-            "| PEFT LoRA step s | plain fwd+bwd s | DiffoRA weight step s | DiffoRA gate step s | search iteration s | "
-            "exported DiffoRA step s | search it. / LoRA step | search it. / (LoRA step + gate step) | "
-            "search it. / (LoRA step + fwd+bwd) | exported step / LoRA step |", "|" + "---|" * 10,
-            f"| {med['lora_step']:.4f} | {med['fwd_bwd']:.4f} | {med['weight_step']:.4f} | {med['gate_step']:.4f} | "
-            f"{med['search_iteration']:.4f} | {med['final_step']:.4f} | {ra['search_iteration_over_lora_step']:.2f} | "
-            f"{ra['search_iteration_over_lora_step_plus_gate_step']:.2f} | "
-            f"{ra['search_iteration_over_lora_step_plus_fwd_bwd']:.2f} | {ra['final_step_over_lora_step']:.2f} |", "",
-            "A search iteration is one weight step plus one gate step: two forward/backward passes, so about 2× a "
-            "LoRA step is its floor."]
+    return [
+        "Medians of interleaved rounds in one process on the same batches (the first round is warm-up):",
+        "",
+        "| PEFT LoRA step s | plain fwd+bwd s | DiffoRA weight step s | DiffoRA gate step s | search iteration s | "
+        "exported DiffoRA step s | search it. / LoRA step | search it. / (LoRA step + gate step) | "
+        "search it. / (LoRA step + fwd+bwd) | exported step / LoRA step |",
+        "|" + "---|" * 10,
+        f"| {med['lora_step']:.4f} | {med['fwd_bwd']:.4f} | {med['weight_step']:.4f} | {med['gate_step']:.4f} | "
+        f"{med['search_iteration']:.4f} | {med['final_step']:.4f} | {ra['search_iteration_over_lora_step']:.2f} | "
+        f"{ra['search_iteration_over_lora_step_plus_gate_step']:.2f} | "
+        f"{ra['search_iteration_over_lora_step_plus_fwd_bwd']:.2f} | {ra['final_step_over_lora_step']:.2f} |",
+        "",
+        "A search iteration is one weight step plus one gate step: two forward/backward passes, so about 2× a "
+        "LoRA step is its floor.",
+    ]
 
 
 def write_report(results: dict, out: Path) -> Path:
@@ -376,37 +476,61 @@ def write_report(results: dict, out: Path) -> Path:
     groups = finished_runs(results)
     m = data["main_metric"]
     base = (data.get("majority_baseline") or {}).get(m)
-    where = (f"{data['eval_rows']:,} rows held out from the training data (the eval set was not used)"
-             if data["eval_set"] != "eval" else f"{data['eval_rows']:,} eval rows")
-    lines = [f"# diffora compare: {data['task']} on `{opts['model']}`", "",
-             "Every method ran through the same data, seeds, schedule and training loop (`diffora.train.finetune`): "
-             f"{data['train_rows']:,} training rows, scored on {where}; {data['finetune_steps']} fine-tuning steps "
-             f"({opts['epochs']:g} epoch(s), batch {opts['batch_size']}, max length {opts['max_length']}, AdamW, "
-             f"linear warm-up {opts['warmup_ratio']:g} then linear decay), evaluated every "
-             f"{data['eval_every'] or 'epoch'} step(s); seeds {', '.join(map(str, s['seeds']))}. Scores are the "
-             f"**last** evaluation{' (--keep-best: the best one, picked on the scored rows)' if opts['keep_best'] else ''},"
-             " mean ± sample std over seeds. DiffoRA's time includes its search, EVA's its SVD initialisation.", "",
-             f"Model: {data['candidates']} candidate modules ({data['grid']['layers']} layers × "
-             f"{', '.join(data['grid']['types'])}); LoRA rank {opts['rank']}, alpha {opts['alpha']:g}. "
-             f"LoRA on all candidates has {data['lora_all_params']:,} trainable parameters (with the task head).", "",
-             f"Command: `{results['command']}`", ""]
+    where = (
+        f"{data['eval_rows']:,} rows held out from the training data (the eval set was not used)"
+        if data["eval_set"] != "eval"
+        else f"{data['eval_rows']:,} eval rows"
+    )
+    lines = [
+        f"# diffora compare: {data['task']} on `{opts['model']}`",
+        "",
+        "Every method ran through the same data, seeds, schedule and training loop (`diffora.train.finetune`): "
+        f"{data['train_rows']:,} training rows, scored on {where}; {data['finetune_steps']} fine-tuning steps "
+        f"({opts['epochs']:g} epoch(s), batch {opts['batch_size']}, max length {opts['max_length']}, AdamW, "
+        f"linear warm-up {opts['warmup_ratio']:g} then linear decay), evaluated every "
+        f"{data['eval_every'] or 'epoch'} step(s); seeds {', '.join(map(str, s['seeds']))}. Scores are the "
+        f"**last** evaluation{' (--keep-best: the best one, picked on the scored rows)' if opts['keep_best'] else ''},"
+        " mean ± sample std over seeds. DiffoRA's time includes its search, EVA's its SVD initialisation.",
+        "",
+        f"Model: {data['candidates']} candidate modules ({data['grid']['layers']} layers × "
+        f"{', '.join(data['grid']['types'])}); LoRA rank {opts['rank']}, alpha {opts['alpha']:g}. "
+        f"LoRA on all candidates has {data['lora_all_params']:,} trainable parameters (with the task head).",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+    ]
     if base is not None:
         lines += [f"Majority-class {m}: {base:.4f}.", ""]
     lines += ["## Results", "", *results_table(results, groups), ""]
     lines += ["## Paired differences", "", *paired_section(results, groups), ""]
+    steps = steps_section(results, groups)
+    if steps:
+        lines += ["## Optimiser steps", "", *steps, ""]
     if results.get("lr_choice"):
         c = results["lr_choice"]
         seeds = c.get("seeds") or [c["seed"]]
-        on = (f"seed {seeds[0]}" if len(seeds) == 1 else
-              f"seeds {', '.join(map(str, seeds))}; each LR's score is the mean over them")
-        grown = (f" While a method's best LR was the largest or smallest tried, one more beyond it was tried (at most "
-                 f"{c['max_extensions']} times)." if c.get("max_extensions") else "")
-        lines += ["## Learning rates chosen on held-out training rows", "",
-                  f"Each method trained at its default LR times {', '.join(f'{f:g}' for f in s['tune_lr_factors'])} on "
-                  f"the training rows left after holding out {c['holdout_rows']:,} ({on}), scored on the "
-                  f"held-out rows ({c['metric']}); the best LR was then used above.{grown} The eval set played no "
-                  "part.", "",
-                  "| method | default LR | tried: held-out score | chosen |", "|---|---|---|---|"]
+        on = (
+            f"seed {seeds[0]}"
+            if len(seeds) == 1
+            else f"seeds {', '.join(map(str, seeds))}; each LR's score is the mean over them"
+        )
+        grown = (
+            f" While a method's best LR was the largest or smallest tried, one more beyond it was tried (at most "
+            f"{c['max_extensions']} times)."
+            if c.get("max_extensions")
+            else ""
+        )
+        lines += [
+            "## Learning rates chosen on held-out training rows",
+            "",
+            f"Each method trained at its default LR times {', '.join(f'{f:g}' for f in s['tune_lr_factors'])} on "
+            f"the training rows left after holding out {c['holdout_rows']:,} ({on}), scored on the "
+            f"held-out rows ({c['metric']}); the best LR was then used above.{grown} The eval set played no "
+            "part.",
+            "",
+            "| method | default LR | tried: held-out score | chosen |",
+            "|---|---|---|---|",
+        ]
         for label, row in c["methods"].items():
             tried = ", ".join(f"{lr}: {v:.4f}" for lr, v in row["tried"].items()) or row.get("note", "—")
             edge = " (edge of the grid)" if row.get("interior") is False else ""
@@ -416,27 +540,45 @@ def write_report(results: dict, out: Path) -> Path:
         lines += ["## Step-time ratios", "", *timing_lines(results["timing"]), ""]
     failed = [r for jid, r in results["jobs"].items() if "error" in r]
     if failed:
-        lines += ["## Failed jobs", "", *[f"- `{r['id']}`: {r['error']}" for r in failed],
-                  "", "Rerun the same command to retry them; finished jobs are kept.", ""]
+        lines += [
+            "## Failed jobs",
+            "",
+            *[f"- `{r['id']}`: {r['error']}" for r in failed],
+            "",
+            "Rerun the same command to retry them; finished jobs are kept.",
+            "",
+        ]
     if results.get("skipped"):
-        lines += ["## Not run", "", f"`--max-minutes` ran out before {len(results['skipped'])} job(s): "
-                  + ", ".join(f"`{j}`" for j in results["skipped"]) + ". Rerun the same command to run them.", ""]
+        lines += [
+            "## Not run",
+            "",
+            f"`--max-minutes` ran out before {len(results['skipped'])} job(s): "
+            + ", ".join(f"`{j}`" for j in results["skipped"])
+            + ". Rerun the same command to run them.",
+            "",
+        ]
     images = []
     if groups:
         plot_curves(groups, m, out / "curves.png", title=f"{data['task']}: learning curves", baseline=base)
-        plot_score_vs_params([{"title": data["task"], "groups": groups, "metric": m, "baseline": base}],
-                             out / "score_vs_params.png")
+        plot_score_vs_params(
+            [{"title": data["task"], "groups": groups, "metric": m, "baseline": base}], out / "score_vs_params.png"
+        )
         images += [("learning curves", "curves.png"), ("score vs trainable parameters", "score_vs_params.png")]
     images += [(f"DAM {p.stem}", p.name) for p in dam_heatmaps(results, out)]
     if images:
         lines += ["## Plots", "", *[f"![{alt}]({name})\n" for alt, name in images]]
     machine, versions = results["machine"], results["versions"]
-    lines += ["## Machine and versions", "",
-              f"{machine['cpu']}, {machine['cores']} cores, {machine.get('memory_gib')} GiB"
-              + (f", GPUs: {', '.join(machine['gpus'])}" if machine.get("gpus") else ", no GPU")
-              + f"; {machine['workers']} worker process(es) × {machine['threads_per_worker'] or 'default'} torch "
-              f"thread(s). " + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None and k != "src_dirty")
-              + f". Wall time of all invocations: {results.get('wall_seconds', 0) / 60:.1f} min.", ""]
+    lines += [
+        "## Machine and versions",
+        "",
+        f"{machine['cpu']}, {machine['cores']} cores, {machine.get('memory_gib')} GiB"
+        + (f", GPUs: {', '.join(machine['gpus'])}" if machine.get("gpus") else ", no GPU")
+        + f"; {machine['workers']} worker process(es) × {machine['threads_per_worker'] or 'default'} torch "
+        f"thread(s). "
+        + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None and k != "src_dirty")
+        + f". Wall time of all invocations: {results.get('wall_seconds', 0) / 60:.1f} min.",
+        "",
+    ]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path

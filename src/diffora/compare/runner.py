@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 from ..cli.options import Options
 from ..errors import ConfigError, DataError
+from ..method.schedule import check_warmup, gate_warmup
 from ..store.io import atomic_write_json
 from .data import Prepared, load_split, prepared
 from .methods import Method, Validation, parse_methods, search_key, search_label
@@ -44,8 +45,13 @@ OUTPUT_NAMES = ("results.json", "report.md", "curves.png", "score_vs_params.png"
 
 
 # ---------------------------------------------------------------------------------------------------- API
-def compare(options: Optional[Options] = None, settings: Optional[CompareOptions] = None, *,
-            command: Optional[str] = None, **kwargs: Any) -> dict:
+def compare(
+    options: Optional[Options] = None,
+    settings: Optional[CompareOptions] = None,
+    *,
+    command: Optional[str] = None,
+    **kwargs: Any,
+) -> dict:
     """Compare DiffoRA with LoRA, AdaLoRA, EVA and random module selection on one task; returns ``results.json``.
 
     ``options`` holds the data, model and training options (as ``diffora run``), ``settings`` the comparison's own
@@ -62,8 +68,10 @@ def compare(options: Optional[Options] = None, settings: Optional[CompareOptions
     setting_names = {f.name for f in fields(CompareOptions)}
     unknown = sorted(set(kwargs) - option_names - setting_names)
     if unknown:
-        raise ConfigError(f"compare() got unknown option(s) {unknown}; options are the fields of diffora.cli.options.Options "
-                          "and diffora.compare.CompareOptions")
+        raise ConfigError(
+            f"compare() got unknown option(s) {unknown}; options are the fields of diffora.cli.options.Options "
+            "and diffora.compare.CompareOptions"
+        )
     opt_kw = {k: v for k, v in kwargs.items() if k in option_names}
     set_kw = {k: v for k, v in kwargs.items() if k in setting_names}
     if options is None:
@@ -118,7 +126,7 @@ class Comparison:
         from ..cli.loading import load_model
         from ..data.splits import split_for_search
         from ..method.candidates import detect_task_heads, find_candidates
-        from .jobs import finetune_steps, search_steps
+        from .jobs import continue_steps, finetune_steps, search_config, search_steps
 
         opts, s = self.opts, self.settings
         self.methods: list[Method] = parse_methods(s.methods, opts)
@@ -146,25 +154,38 @@ class Comparison:
         for method in self.methods:
             mopts = method.options(opts)
             where = f"method '{method.label}'"
-            method.kind.validate(Validation(where=where, opts=mopts, values=method.values, grid=self.grid, model=model,
-                                            train_rows=[len(p.train_items) for p in preps]))
+            method.kind.validate(
+                Validation(
+                    where=where,
+                    opts=mopts,
+                    values=method.values,
+                    grid=self.grid,
+                    model=model,
+                    train_rows=[len(p.train_items) for p in preps],
+                )
+            )
             if method.needs_search:
                 for prep in preps:
                     w_idx, _ = split_for_search(len(prep.train_items), mopts.gate_fraction, 0)
                     steps = search_steps(mopts, len(w_idx))
-                    if steps <= mopts.gate_warmup_steps:
-                        raise DataError(
-                            f"{where}: the search has only {steps} steps, not more than --gate-warmup-steps "
-                            f"{mopts.gate_warmup_steps}, so no gate step would run; add data, raise --search-epochs/"
-                            "--search-steps or lower --gate-warmup-steps")
+                    hint = f"{where}: add data, raise --search-epochs/--search-steps or lower --gate-warmup-steps"
+                    if mopts.handoff == "continue":  # as diffora run: the search is S < T of the fine-tune's steps
+                        steps, total = continue_steps(mopts, len(prep.train_items), len(w_idx))
+                        hint = (
+                            f"{where}: with --handoff continue the search is at most {total - 1} of the "
+                            f"{total} fine-tuning steps; add data, raise --epochs or lower --gate-warmup-steps"
+                        )
+                    check_warmup(steps, gate_warmup(steps, search_config(mopts)), error=DataError, hint=hint)
         del model
 
     def _check_length(self, model: Any, tokenizer: Any) -> None:
         limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
         known = [int(v) for v in limits if isinstance(v, int) and 0 < v < 1_000_000]
         if known and self.opts.max_length > min(known):
-            raise ConfigError(f"--max-length {self.opts.max_length} is more than model '{self.opts.model}' can take "
-                              f"({min(known)} tokens); pass --max-length {min(known)} or less")
+            raise ConfigError(
+                f"--max-length {self.opts.max_length} is more than model '{self.opts.model}' can take "
+                f"({min(known)} tokens); pass --max-length {min(known)} or less"
+            )
 
     def _check_output_dir(self) -> Optional[dict]:
         """The finished jobs of an earlier run of this comparison, or None for a fresh start."""
@@ -189,16 +210,21 @@ class Comparison:
                 raise ConfigError(
                     f"'{out}' holds a comparison with other options ({', '.join(changed)}; {k} was {before.get(k)!r}, "
                     f"now {now.get(k)!r}); rerun with the same options to continue it, pass --overwrite to start "
-                    "over, or choose another --output-dir")
+                    "over, or choose another --output-dir"
+                )
             return saved
         if out.exists() and any(out.iterdir()):
-            raise ConfigError(f"output directory '{out}' exists and holds no comparison (no {RESULTS_FILE}); choose "
-                              "another --output-dir")
+            raise ConfigError(
+                f"output directory '{out}' exists and holds no comparison (no {RESULTS_FILE}); choose "
+                "another --output-dir"
+            )
         probe = out.resolve().parent
         while not probe.exists():
             probe = probe.parent
         if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-            raise ConfigError(f"cannot create '{out}' ('{probe}' is not a writable folder); choose another --output-dir")
+            raise ConfigError(
+                f"cannot create '{out}' ('{probe}' is not a writable folder); choose another --output-dir"
+            )
         return None
 
     def _remove_outputs(self) -> None:
@@ -214,8 +240,12 @@ class Comparison:
 
     def fingerprint(self) -> dict:
         s = self.settings
-        return {**{k: v for k, v in vars(self.opts).items() if k not in VOLATILE},
-                "eval_points": s.eval_points, "holdout_rows": s.holdout_rows, "eval_on_holdout": s.eval_on_holdout}
+        return {
+            **{k: v for k, v in vars(self.opts).items() if k not in VOLATILE},
+            "eval_points": s.eval_points,
+            "holdout_rows": s.holdout_rows,
+            "eval_on_holdout": s.eval_on_holdout,
+        }
 
     # ......................................................................................... the job plan
     def lr_of(self, method: Method, tuned: Optional[dict] = None) -> tuple[float, str]:
@@ -241,27 +271,52 @@ class Comparison:
             if not method_lrs:
                 continue
             for s_index, seed in enumerate(seeds):
-                needs = None
-                if method.needs_search:
-                    values = method.search_values(self.opts)
-                    label = search_label(values, self.opts)
-                    sid = f"{prefix}search[{label}]@seed{seed}"
-                    if sid not in searches:
-                        (self.out / "searches").mkdir(parents=True, exist_ok=True)
-                        search_opts = dataclasses.replace(self.opts, **values)
-                        key = {"kind": "search", "split": split, "seed": seed, "search": json.loads(search_key(values))}
-                        spec = SearchJob(id=sid, key=key, split=split, holdout_rows=s.holdout_rows,
-                                         options=self.worker_options(search_opts, seed),
-                                         state_path=str(self.out / "searches" / f"{_safe(sid)}.pt"), label=label)
-                        searches[sid] = Job(spec, order=(0, s_index, m_index))
-                        jobs.append(searches[sid])
-                    needs = sid
                 for lr in method_lrs:
+                    needs = None
+                    if method.needs_search:
+                        values = method.search_values(self.opts)
+                        label = search_label(values, self.opts)
+                        sid = f"{prefix}search[{label}]"
+                        if values["handoff"] == "continue":
+                            # the search's weight steps are the first steps of the fine-tune at this LR
+                            values["lr"] = lr
+                            sid += f"@lr={lr:g}"
+                        sid += f"@seed{seed}"
+                        if sid not in searches:
+                            (self.out / "searches").mkdir(parents=True, exist_ok=True)
+                            search_opts = dataclasses.replace(self.opts, **values)
+                            key = {
+                                "kind": "search",
+                                "split": split,
+                                "seed": seed,
+                                "search": json.loads(search_key(values)),
+                            }
+                            spec = SearchJob(
+                                id=sid,
+                                key=key,
+                                split=split,
+                                holdout_rows=s.holdout_rows,
+                                options=self.worker_options(search_opts, seed),
+                                state_path=str(self.out / "searches" / f"{_safe(sid)}.pt"),
+                                label=label,
+                            )
+                            searches[sid] = Job(spec, order=(0, s_index, m_index))
+                            jobs.append(searches[sid])
+                        needs = sid
                     jid = f"{prefix}{method.label}" + (f"@lr={lr:g}" if prefix else "") + f"@seed{seed}"
                     key = {"kind": "finetune", "split": split, "seed": seed, "label": method.label, "lr": lr}
-                    spec = FinetuneJob(id=jid, key=key, split=split, holdout_rows=s.holdout_rows,
-                                       options=self.worker_options(mopts, seed), label=method.label,
-                                       family=method.family, lr=lr, eval_points=s.eval_points, extra=method.extra)
+                    spec = FinetuneJob(
+                        id=jid,
+                        key=key,
+                        split=split,
+                        holdout_rows=s.holdout_rows,
+                        options=self.worker_options(mopts, seed),
+                        label=method.label,
+                        family=method.family,
+                        lr=lr,
+                        eval_points=s.eval_points,
+                        extra=method.extra,
+                    )
                     jobs.append(Job(spec, needs=needs, order=(1, s_index, m_index)))
         return jobs
 
@@ -295,8 +350,9 @@ class Comparison:
             if not grown or runner.stopped:
                 return chosen
 
-    def tuned_lrs(self, results: dict, grids: dict[str, list[float]], seeds: list[int],
-                  extensions: dict[str, int]) -> tuple[dict[str, float], dict[str, dict]]:
+    def tuned_lrs(
+        self, results: dict, grids: dict[str, list[float]], seeds: list[int], extensions: dict[str, int]
+    ) -> tuple[dict[str, float], dict[str, dict]]:
         """The LR of each tuned method: the best mean held-out score over the tuning seeds (ties: nearest the
         default LR), and the table ``results.json`` records."""
         from ..evaluation.metrics import higher_is_better
@@ -315,23 +371,37 @@ class Comparison:
                         value = rec["final"].get(metric)
                         if value is not None and not (isinstance(value, float) and math.isnan(value)):
                             per_seed.setdefault(lr, {})[seed] = value
-            row: dict[str, Any] = {"grid": [float(lr) for lr in grids[method.label]], "seeds": seeds,
-                                   "extensions": extensions[method.label]}
+            row: dict[str, Any] = {
+                "grid": [float(lr) for lr in grids[method.label]],
+                "seeds": seeds,
+                "extensions": extensions[method.label],
+            }
             if not per_seed:
-                row.update(tried={}, chosen=default, default=default,
-                           note="no tuning job finished: the default LR is used")
+                row.update(
+                    tried={}, chosen=default, default=default, note="no tuning job finished: the default LR is used"
+                )
                 chosen[method.label] = default
                 table[method.label] = row
                 continue
             tried = {lr: sum(v.values()) / len(v) for lr, v in per_seed.items()}
             best = choose_lr(tried, default, higher_is_better(metric))
             chosen[method.label] = best
-            row.update(tried={f"{lr:g}": v for lr, v in sorted(tried.items())}, chosen=best, default=default,
-                       per_seed={f"{lr:g}": {str(k): x for k, x in v.items()} for lr, v in sorted(per_seed.items())},
-                       interior=extend_lr_grid(grids[method.label], best) is None)
+            row.update(
+                tried={f"{lr:g}": v for lr, v in sorted(tried.items())},
+                chosen=best,
+                default=default,
+                per_seed={f"{lr:g}": {str(k): x for k, x in v.items()} for lr, v in sorted(per_seed.items())},
+                interior=extend_lr_grid(grids[method.label], best) is None,
+            )
             table[method.label] = row
-        results["lr_choice"] = {"metric": metric, "seed": seeds[0], "seeds": seeds, "holdout_rows": self.holdout_rows,
-                                "max_extensions": self.settings.tune_lr_extensions, "methods": table}
+        results["lr_choice"] = {
+            "metric": metric,
+            "seed": seeds[0],
+            "seeds": seeds,
+            "holdout_rows": self.holdout_rows,
+            "max_extensions": self.settings.tune_lr_extensions,
+            "methods": table,
+        }
         return chosen, table
 
     def candidate_lrs(self, method: Method) -> list[float]:
@@ -352,15 +422,28 @@ class Comparison:
         runner = Scheduler(self, results)
         try:
             if s.timing:
-                timing = TimingJob(id="timing", key={"kind": "timing", "rounds": s.timing_rounds},
-                                   split=self.main_split, holdout_rows=s.holdout_rows,
-                                   options=self.worker_options(self.opts, 0), rounds=s.timing_rounds)
+                timing = TimingJob(
+                    id="timing",
+                    key={"kind": "timing", "rounds": s.timing_rounds},
+                    split=self.main_split,
+                    holdout_rows=s.holdout_rows,
+                    options=self.worker_options(self.opts, 0),
+                    rounds=s.timing_rounds,
+                )
                 runner.run([Job(timing, order=(-1,))])
             tuned = self.tune(runner, results) if s.tune_lr else None
             lr_info = {m.label: self.lr_of(m, tuned) for m in self.methods}
             results["methods"] = [
-                {"label": m.label, "family": m.family, "overrides": dict(m.overrides), "lr": lr_info[m.label][0],
-                 "lr_source": lr_info[m.label][1], "what": m.kind.what} for m in self.methods]
+                {
+                    "label": m.label,
+                    "family": m.family,
+                    "overrides": dict(m.overrides),
+                    "lr": lr_info[m.label][0],
+                    "lr_source": lr_info[m.label][1],
+                    "what": m.kind.what,
+                }
+                for m in self.methods
+            ]
             main_jobs = self.plan(self.main_split, s.seeds, lambda m: [lr_info[m.label][0]])
             results["plan"] = [j.id for j in main_jobs]
             runner.run(main_jobs)
@@ -388,25 +471,40 @@ class Comparison:
         now = _dt.datetime.now().isoformat(timespec="seconds")
         results = {
             "format": RESULTS_FORMAT,
-            "command": self.command, "started": saved.get("started", now),
-            "invocations": saved.get("invocations", []) + [{"command": self.command, "started": now,
-                                                              "commit": _versions().get("git_commit")}],
-            "machine": _machine(self.workers(), self.threads()), "versions": _versions(),
-            "options": vars(self.opts), "settings": dataclasses.asdict(s), "fingerprint": self.fingerprint(),
+            "command": self.command,
+            "started": saved.get("started", now),
+            "invocations": saved.get("invocations", [])
+            + [{"command": self.command, "started": now, "commit": _versions().get("git_commit")}],
+            "machine": _machine(self.workers(), self.threads()),
+            "versions": _versions(),
+            "options": vars(self.opts),
+            "settings": dataclasses.asdict(s),
+            "fingerprint": self.fingerprint(),
             "methods": saved.get("methods", []),
             "data": {
-                "task": data.name, "kind": data.kind, "metrics": list(data.metrics), "main_metric": data.main_metric,
-                "train_rows": len(self.prep.train_items), "eval_rows": len(self.prep.eval_items),
+                "task": data.name,
+                "kind": data.kind,
+                "metrics": list(data.metrics),
+                "main_metric": data.main_metric,
+                "train_rows": len(self.prep.train_items),
+                "eval_rows": len(self.prep.eval_items),
                 "eval_set": "held-out split of train" if s.eval_on_holdout else "eval",
                 "holdout_rows": self.holdout_rows or None,
-                "majority_baseline": baseline, "finetune_steps": self.ft_steps,
+                "majority_baseline": baseline,
+                "finetune_steps": self.ft_steps,
                 "eval_every": eval_every(self.opts, self.ft_steps, s.eval_points),
-                "model": self.opts.model, "candidates": len(self.grid.module_names()),
+                "model": self.opts.model,
+                "candidates": len(self.grid.module_names()),
                 "grid": {"layers": len(self.grid.layers), "types": list(self.grid.labels)},
                 "lora_all_lora_params": all_modules(self.grid, self.opts.rank).lora_params,
-                "head_params": self.head_params, "model_params": self.total_params,
+                "head_params": self.head_params,
+                "model_params": self.total_params,
             },
-            "jobs": {}, "plan": [], "skipped": [], "timing": None, "lr_choice": saved.get("lr_choice"),
+            "jobs": {},
+            "plan": [],
+            "skipped": [],
+            "timing": None,
+            "lr_choice": saved.get("lr_choice"),
         }
         results["data"]["lora_all_params"] = results["data"]["lora_all_lora_params"] + self.head_params
         for jid, rec in (saved.get("jobs") or {}).items():
@@ -479,8 +577,9 @@ class Scheduler:
         self.workers = comparison.workers()
         self.threads = comparison.threads()
         self.pool: Optional[cf.ProcessPoolExecutor] = None
-        self.deadline = (comparison.started + 60 * comparison.settings.max_minutes
-                         if comparison.settings.max_minutes else None)
+        self.deadline = (
+            comparison.started + 60 * comparison.settings.max_minutes if comparison.settings.max_minutes else None
+        )
         self.bar: Any = None
         self.stopped = False  # --max-minutes ran out: start nothing more
         if self.workers == 0 and self.threads > 0:
@@ -507,8 +606,12 @@ class Scheduler:
                 devices = ctx.Queue()
                 for i in range(self.workers):
                     devices.put(i % torch.cuda.device_count())
-            self.pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
-                                               initializer=init_worker_process, initargs=(self.threads, devices))
+            self.pool = cf.ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=ctx,
+                initializer=init_worker_process,
+                initargs=(self.threads, devices),
+            )
         return self.pool
 
     def close(self) -> None:
@@ -536,14 +639,21 @@ class Scheduler:
                     waiting.add(j.id)
         if not waiting:
             return
-        self.bar = tqdm(total=len(jobs), initial=len(jobs) - len(waiting), desc="diffora compare", unit="job",
-                        dynamic_ncols=True, disable=self.c.opts.quiet)
+        self.bar = tqdm(
+            total=len(jobs),
+            initial=len(jobs) - len(waiting),
+            desc="diffora compare",
+            unit="job",
+            dynamic_ncols=True,
+            disable=self.c.opts.quiet,
+        )
         running: dict[Any, Job] = {}
 
         def ready() -> list[Job]:
             busy = waiting | {j.id for j in running.values()}  # a search still to run or running blocks its jobs
-            return sorted((j for j in jobs if j.id in waiting and not (j.needs and j.needs in busy)),
-                          key=lambda j: j.order)
+            return sorted(
+                (j for j in jobs if j.id in waiting and not (j.needs and j.needs in busy)), key=lambda j: j.order
+            )
 
         def start(job: Job) -> None:
             waiting.discard(job.id)
@@ -571,8 +681,10 @@ class Scheduler:
                     waiting.clear()
                     self.stopped = True
                     if not self.c.opts.quiet:
-                        self.bar.write(f"diffora compare: --max-minutes {self.c.settings.max_minutes:g} reached; "
-                                       f"{len(skipped)} job(s) left for a rerun of the same command")
+                        self.bar.write(
+                            f"diffora compare: --max-minutes {self.c.settings.max_minutes:g} reached; "
+                            f"{len(skipped)} job(s) left for a rerun of the same command"
+                        )
                     self.c.save(self.results)
                     queue = []
                 while queue and len(running) < max(1, self.workers):
@@ -592,8 +704,11 @@ class Scheduler:
                     try:
                         rec = fut.result()
                     except BrokenProcessPool:
-                        rec = {"kind": job.kind, "error": "the worker process died (out of memory?); rerun the same "
-                                                          "command to retry this job"}
+                        rec = {
+                            "kind": job.kind,
+                            "error": "the worker process died (out of memory?); rerun the same "
+                            "command to retry this job",
+                        }
                         self.pool = None
                     self._record(job, rec)
                 self._show(list(running.values()))
@@ -634,8 +749,11 @@ def describe(job: Job, rec: dict, results: dict) -> str:
         return f"  timing: a search iteration costs {r:.2f} PEFT LoRA steps"
     m = results["data"]["main_metric"]
     value = rec.get("final", {}).get(m)
-    return (f"  {job.id}: {m} {value:.4f}, fine-tune {rec['finetune_seconds']:.0f}s"
-            if isinstance(value, (int, float)) else f"  {job.id}: done")
+    return (
+        f"  {job.id}: {m} {value:.4f}, fine-tune {rec['finetune_seconds']:.0f}s"
+        if isinstance(value, (int, float))
+        else f"  {job.id}: done"
+    )
 
 
 # ------------------------------------------------------------------------------------------ machine, versions
@@ -658,14 +776,25 @@ def _machine(workers: int, threads: int) -> dict:
         mem = round(psutil.virtual_memory().total / 2**30, 1)
     except ImportError:  # pragma: no cover
         pass
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
     try:
         load = list(os.getloadavg())
     except OSError:  # pragma: no cover - not on every platform
         load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "gpu": bool(gpus), "gpus": gpus,
-            "python": platform.python_version(), "platform": platform.platform(), "workers": workers,
-            "threads_per_worker": threads, "load_average_at_start": load}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem,
+        "gpu": bool(gpus),
+        "gpus": gpus,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "workers": workers,
+        "threads_per_worker": threads,
+        "load_average_at_start": load,
+    }
 
 
 def _versions() -> dict:
@@ -679,11 +808,33 @@ def _versions() -> dict:
     commit, dirty = None, None
     if (root / ".git").exists():
         try:
-            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, check=False, timeout=10).stdout.strip() or None
-            dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "src"], capture_output=True,
-                                        text=True, check=False, timeout=10).stdout.strip())
+            commit = (
+                subprocess.run(
+                    ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                    timeout=10,
+                ).stdout.strip()
+                or None
+            )
+            dirty = bool(
+                subprocess.run(
+                    ["git", "-C", str(root), "status", "--porcelain", "src"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                    timeout=10,
+                ).stdout.strip()
+            )
         except (OSError, subprocess.SubprocessError):
             pass
-    return {"diffora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": sys.version.split()[0], "git_commit": commit, "src_dirty": dirty}
+    return {
+        "diffora": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": sys.version.split()[0],
+        "git_commit": commit,
+        "src_dirty": dirty,
+    }
