@@ -127,6 +127,10 @@ suite() {
             diffora[lr=1e-3] lora-all[lr=1e-3] diffora[lr=2e-3] lora-all[lr=2e-3] adalora --output-dir $OUT/tweets_lr" ;;
     sst2_lora_lr) echo "$DIFFORA compare $HOLDOUT $COMMON --seeds 0 --eval-points 1 --methods lora-all[lr=2e-3]
             lora-all[lr=5e-3] lora-all[lr=1e-2] --output-dir $OUT/sst2_lora_lr" ;;
+    # the hand-off that counts the search as training, at equal total optimiser steps with LoRA-all (same protocol)
+    learn_tweets_continue) echo "$DIFFORA compare --task tweets $BASE --seeds ${LEARN_SEEDS:-0 1 2} --eval-points 1
+            --max-train-samples 2000 --holdout-rows 872 --eval-on-holdout --methods diffora[handoff=continue] lora-all
+            --output-dir $OUT/learn_tweets_continue" ;;
     learn_tweets) echo "$DIFFORA compare --task tweets $LEARN --output-dir $OUT/learn_tweets" ;;
     learn_sst2) echo "$DIFFORA compare --task sst2 --data-dir $GLUE/SST-2 $LEARN --output-dir $OUT/learn_sst2" ;;
     learn_bbc) echo "$DIFFORA compare --task bbc-news $LEARN --output-dir $OUT/learn_bbc" ;;
@@ -137,7 +141,7 @@ suite() {
   esac
 }
 
-SUITES=(mrpc tweets sst2 fair_sst2 fair_tweets fair_mrpc fair_cola fair_bbc fairlr_sst2 fairlr_tweets fairlr_mrpc fairlr_bbc fairlr_cola fair3_sst2 fair3_tweets fair3_mrpc fair3_bbc fair3_cola tweets_candidates mrpc_candidates smollm2 sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr tweets_lr learn_tweets learn_sst2 learn_bbc learn_mrpc)
+SUITES=(mrpc tweets sst2 fair_sst2 fair_tweets fair_mrpc fair_cola fair_bbc fairlr_sst2 fairlr_tweets fairlr_mrpc fairlr_bbc fairlr_cola fair3_sst2 fair3_tweets fair3_mrpc fair3_bbc fair3_cola tweets_candidates mrpc_candidates smollm2 sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr tweets_lr learn_tweets learn_tweets_continue learn_sst2 learn_bbc learn_mrpc)
 print=0
 if [[ "${1:-}" == "--print" ]]; then print=1; shift; fi
 names=("$@")

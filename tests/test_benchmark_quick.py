@@ -42,6 +42,11 @@ SUITES = [
     "sst2_adalora_lr",
     "sst2_lora_lr",
     "tweets_lr",
+    "learn_tweets",
+    "learn_tweets_continue",
+    "learn_sst2",
+    "learn_bbc",
+    "learn_mrpc",
 ]
 
 
@@ -109,6 +114,19 @@ def test_every_suite_is_a_valid_compare_invocation():
                 "diffora[rank_allocation=uniform]",
                 "diffora[selection_score=ntk,rank_allocation=uniform]",
             } == {m.label for m in methods}
+        elif suite == "learn_tweets_continue":  # the search counted as training, at LoRA-all's total steps
+            assert settings.eval_on_holdout and settings.holdout_rows == 872 and settings.seeds == [0, 1, 2]
+            assert {m.label for m in methods} == {"diffora[handoff=continue]", "lora-all"}
+        elif suite.startswith("learn_"):  # issue 20: the new search, the old one and the controls that isolate it
+            assert settings.eval_on_holdout and settings.holdout_rows == 872 and settings.seeds == [0, 1, 2]
+            assert {
+                "diffora",
+                "type-prior",
+                "random[matched=true]",
+                "random-ws[matched=true]",
+                "lora-matched",
+                "lora-all-cm",
+            } < {m.label for m in methods}
         else:
             assert settings.eval_on_holdout and settings.holdout_rows == 872  # never the dev set
     assert (
