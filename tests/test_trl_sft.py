@@ -253,7 +253,7 @@ def tokenized(tokenizer, n: int, seed: int):
     )
 
 
-def inplace_run(folder: Path, out: Path, resume: str | None = None, with_trainer: bool = False):
+def inplace_run(folder: Path, out: Path, resume: str | None = None, with_trainer: bool = False, total: int = TOTAL):
     from peft import LoraConfig
     from transformers import TrainerCallback
 
@@ -270,7 +270,7 @@ def inplace_run(folder: Path, out: Path, resume: str | None = None, with_trainer
     model, tokenizer = load(folder)
     recorder = Recorder()
     callback = DiffoRACallback(CONFIG, gate_dataset=tokenized(tokenizer, 16, seed=9), search_steps=SEARCH)
-    args = sft_config(str(out), TOTAL, bf16=False, gradient_checkpointing=False, save_strategy="steps", save_steps=2)
+    args = sft_config(str(out), total, bf16=False, gradient_checkpointing=False, save_strategy="steps", save_steps=2)
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True, task_type="CAUSAL_LM")
     # the recorder sits before the DiffoRA callback, like the report_to integrations the Trainer adds first
     callbacks = [recorder] if with_trainer else [recorder, callback]
@@ -313,6 +313,20 @@ def test_in_place_search_resumes_exactly_mid_search(tiny_llama_dir, tmp_path):
         tiny_llama_dir, tmp_path / "full", resume=str(tmp_path / "full" / "checkpoint-2")
     )
     assert kept_resumed == kept
+    a = {k: v for k, v in full.model.state_dict().items() if "lora_" in k}
+    b = {k: v for k, v in resumed.model.state_dict().items() if "lora_" in k}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_in_place_search_resumes_exactly_after_narrowing(tiny_llama_dir, tmp_path):
+    """A checkpoint taken after the model was narrowed: the resumed run narrows the fresh model the same way and ends
+    with the same LoRA weights."""
+    total = SEARCH + 4  # checkpoint-6 comes two steps after the narrowing at step 4
+    full, _, _, kept = inplace_run(tiny_llama_dir, tmp_path / "full", total=total)
+    resumed, _, _, kept_resumed = inplace_run(
+        tiny_llama_dir, tmp_path / "full", resume=str(tmp_path / "full" / "checkpoint-6"), total=total
+    )
+    assert kept_resumed == kept and resumed.state.global_step == total
     a = {k: v for k, v in full.model.state_dict().items() if "lora_" in k}
     b = {k: v for k, v in resumed.model.state_dict().items() if "lora_" in k}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
