@@ -14,6 +14,9 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 transformers.logging.set_verbosity_error()
+# the tests' own model loads must not print "Loading weights" bars into the stderr that CLI tests capture (the CLI
+# hides them itself, but only once it has parsed its arguments)
+transformers.logging.disable_progress_bar()
 # Tiny models gain nothing from a second thread, and on a busy 2-core machine two threads per process thrash.
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", category=FutureWarning)

@@ -340,7 +340,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         command, opts, args = parse(argv)
         # before the command imports those libraries, after --help (which needs none)
-        _quiet_libraries(debug, quiet=bool(getattr(opts, "quiet", False)))
+        _quiet_libraries(debug)
         from . import commands
 
         if command == "run":
@@ -460,7 +460,7 @@ def _os_error_message(exc: OSError, opts: Any) -> Optional[str]:
     return f"{what}{where}; {fix}, {then}"
 
 
-def _quiet_libraries(debug: bool, quiet: bool = False) -> None:
+def _quiet_libraries(debug: bool) -> None:
     if debug:
         return
     import warnings
@@ -474,11 +474,7 @@ def _quiet_libraries(debug: bool, quiet: bool = False) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()  # the per-load "Loading weights" bars
-        if not quiet:  # but a first download from the hub shows its progress
-            from huggingface_hub.utils import enable_progress_bars
-
-            enable_progress_bars()
+        transformers.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -112,12 +111,12 @@ def _say(opts: Options, accelerator: Any, text: str) -> None:
 class _Prepared:
     """Data, model, tokenizer and loaders shared by the jobs."""
 
-    def __init__(self, opts: Options, accelerator: Any, *, need_train: bool = True) -> None:
+    def __init__(self, opts: Options, accelerator: Any, *, need_train: bool = True, announce: bool = True) -> None:
         self.data: TaskData = load_task_data(opts, need_train=need_train)
-        # a hub model's first download can take minutes: say what is happening (the hub shows its own progress);
-        # on stderr, like the progress bars, so stdout keeps only results (diffora eval prints JSON there)
-        if not opts.quiet and accelerator.is_main_process:
-            print(f"loading model {opts.model} ...", file=sys.stderr, flush=True)
+        # a hub model's first download can take minutes: say what is happening (not for eval, whose stdout is JSON;
+        # stderr is kept for the one-line errors)
+        if announce:
+            _say(opts, accelerator, f"loading model {opts.model} ...")
         self.model, self.tokenizer = load_model(opts, self.data, accelerator.device)
         limit = _position_limit(self.model, self.tokenizer)
         if limit is not None and opts.max_length > limit:
@@ -634,7 +633,7 @@ def eval_job(opts: Options, adapter: str, output_file: Optional[str] = None, mod
     seed_everything(opts.seed, deterministic=opts.full_determinism)
     accelerator = build_accelerator(opts)
     with _guarded(opts, None, accelerator):
-        prep = _Prepared(opts, accelerator, need_train=False)
+        prep = _Prepared(opts, accelerator, need_train=False, announce=False)
         try:
             model = PeftModel.from_pretrained(prep.model, str(adapter_dir))
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
