@@ -1443,7 +1443,9 @@ def _learn_goals(suites: list[dict]) -> list[str]:
     for task, p in cont:
         L.append(
             f"* DiffoRA ≥ LoRA-all at equal total optimiser steps ({task}, `--handoff continue`): "
-            f"{_points(p['mean_diff'])} ± {100 * p['std_diff']:.2f} — {verdict(p['mean_diff'] >= 0)}."
+            f"{_points(p['mean_diff'])} ± {100 * p['std_diff']:.2f} — {verdict(p['mean_diff'] >= 0)}"
+            + ("" if p["mean_diff"] >= 0 or p["exceeds"] else " (a tie within the seed spread)")
+            + "."
         )
     if not cont:
         L.append("* DiffoRA ≥ LoRA-all at equal total optimiser steps: not measured yet.")
