@@ -407,14 +407,8 @@ class RandomWS(RandomControl, Diffora):
         return self.draw(ctx, search.grid), None, self.reference_info(ctx)
 
 
-class LoraMatched(Family):
-    name = "lora-matched"
-    keys = SEARCH_KEYS + SELECT_KEYS + ("lr",)
-    what = (
-        "LoRA on every candidate, ranks chosen so its LoRA parameters match DiffoRA's (same seed, same options) "
-        "within 5%"
-    )
-    reports_rho = True
+class MatchedControl(Family):
+    """A control built from DiffoRA's kept set of the same seed (its parameter count, or its module types)."""
 
     def needs_search(self, values: dict[str, Any]) -> bool:
         return True
@@ -425,6 +419,16 @@ class LoraMatched(Family):
     def validate(self, v: Validation) -> None:
         self._check_quota(v)
         self._check_reference_score(v)
+
+
+class LoraMatched(MatchedControl):
+    name = "lora-matched"
+    keys = SEARCH_KEYS + SELECT_KEYS + ("lr",)
+    what = (
+        "LoRA on every candidate, ranks chosen so its LoRA parameters match DiffoRA's (same seed, same options) "
+        "within 5%"
+    )
+    reports_rho = True
 
     def build(self, ctx: Any) -> Built:
         from ..select.ranks import rank_pattern_for
@@ -438,7 +442,7 @@ class LoraMatched(Family):
         return Built(model, kept, {"matched_ranks": sorted(set(ranks.values())), "target_lora_params": target})
 
 
-class TypePrior(Family):
+class TypePrior(MatchedControl):
     name = "type-prior"
     keys = SEARCH_KEYS + ("keep_ratio", "granularity", "selection_score", "lr")
     what = (
@@ -446,16 +450,6 @@ class TypePrior(Family):
         "layer, under the budget rule at DiffoRA's LoRA parameters; fresh LoRA"
     )
     reports_rho = True
-
-    def needs_search(self, values: dict[str, Any]) -> bool:
-        return True
-
-    def needs_reference(self, values: dict[str, Any]) -> bool:
-        return True
-
-    def validate(self, v: Validation) -> None:
-        self._check_quota(v)
-        self._check_reference_score(v)
 
     def build(self, ctx: Any) -> Built:
         ref = ctx.job.reference
