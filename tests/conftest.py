@@ -210,3 +210,15 @@ def synthetic_sentiment(n: int, seed: int) -> list[tuple[str, int]]:
         rng.shuffle(words)
         rows.append((" ".join(words), label))
     return rows
+
+
+def write_sentiment_csvs(folder: Path, train_rows: int, dev_rows: int) -> Path:
+    """``folder/train.csv`` (seed 1) and ``folder/dev.csv`` (seed 2) of :func:`synthetic_sentiment`; returns it."""
+    import csv
+
+    for name, n, seed in (("train.csv", train_rows, 1), ("dev.csv", dev_rows, 2)):
+        with open(folder / name, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            writer.writerows(synthetic_sentiment(n, seed))
+    return folder

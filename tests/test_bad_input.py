@@ -14,7 +14,6 @@ remaining tests cover the safety rules (``trust_remote_code``, config-file write
 
 from __future__ import annotations
 
-import csv
 import errno
 import json
 import os
@@ -28,7 +27,7 @@ from typing import Callable, Optional
 
 import pytest
 import torch
-from conftest import REPO, synthetic_sentiment
+from conftest import REPO, write_sentiment_csvs
 
 from diffora.cli.app import main
 
@@ -161,12 +160,7 @@ def _snapshot(path: Path) -> Optional[dict[str, bytes | None]]:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("bad-input-data")
-    for name, n, seed in (("train.csv", 64, 1), ("dev.csv", 24, 2)):
-        with open(folder / name, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            writer.writerows(synthetic_sentiment(n, seed))
+    folder = write_sentiment_csvs(tmp_path_factory.mktemp("bad-input-data"), 64, 24)
     return folder
 
 

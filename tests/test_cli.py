@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -10,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import glue_dir, synthetic_sentiment
+from conftest import glue_dir, write_sentiment_csvs
 
 SHARED = ["--max-length", "32", "--batch-size", "8", "--eval-batch-size", "32", "--quiet"]
 SEARCH = ["--search-epochs", "1", "--gate-warmup-steps", "3", "--search-lr", "1e-2"]
@@ -30,12 +29,7 @@ def diffora(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def sentiment_files(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("sentiment")
-    for name, n, seed in (("train.csv", 240, 1), ("dev.csv", 80, 2)):
-        with open(folder / name, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            writer.writerows(synthetic_sentiment(n, seed))
+    folder = write_sentiment_csvs(tmp_path_factory.mktemp("sentiment"), 240, 80)
     return folder / "train.csv", folder / "dev.csv"
 
 

@@ -4,14 +4,13 @@ stderr that names the file, no traceback, and nothing written."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
-from conftest import synthetic_sentiment
+from conftest import write_sentiment_csvs
 
 from diffora.cli.app import main
 
@@ -32,12 +31,7 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("damaged-data")
-    for name, n, seed in (("train.csv", 48, 1), ("dev.csv", 16, 2)):
-        with open(folder / name, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            writer.writerows(synthetic_sentiment(n, seed))
+    folder = write_sentiment_csvs(tmp_path_factory.mktemp("damaged-data"), 48, 16)
     return folder
 
 

@@ -4,7 +4,6 @@ hand-off is the one schedule's; and ``diffora run --handoff continue`` records i
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import VOCAB, random_batch, synthetic_sentiment, tiny_model
+from conftest import VOCAB, random_batch, tiny_model, write_sentiment_csvs
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -205,12 +204,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_
 
 @pytest.fixture(scope="module")
 def continue_job(tiny_bert_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("handoff-data")
-    for name, n, seed in (("train.csv", 160, 1), ("dev.csv", 48, 2)):
-        with open(folder / name, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            writer.writerows(synthetic_sentiment(n, seed))
+    folder = write_sentiment_csvs(tmp_path_factory.mktemp("handoff-data"), 160, 48)
     args = [
         "run",
         "--task",

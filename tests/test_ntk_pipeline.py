@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -10,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import random_batch, synthetic_sentiment, tiny_model
+from conftest import random_batch, tiny_model, write_sentiment_csvs
 
 from diffora import choose_modules
 from diffora.method.export import export_search
@@ -42,12 +41,7 @@ def diffora(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> list[str]:
-    folder = tmp_path_factory.mktemp("sentiment")
-    for name, n, seed in (("train.csv", 120, 1), ("dev.csv", 40, 2)):
-        with open(folder / name, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            writer.writerows(synthetic_sentiment(n, seed))
+    folder = write_sentiment_csvs(tmp_path_factory.mktemp("sentiment"), 120, 40)
     return [
         "--task",
         "classification",

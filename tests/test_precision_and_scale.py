@@ -4,7 +4,6 @@ for real here; CUDA-only paths (fp16 loss scaling, 4-bit) are refused on the CPU
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, minilm_dir, synthetic_sentiment, tiny_model
+from conftest import VOCAB, minilm_dir, tiny_model, write_sentiment_csvs
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 FAST = [
@@ -59,12 +58,7 @@ def one_line_error(result: subprocess.CompletedProcess, code: int, *words: str) 
 
 @pytest.fixture(scope="module")
 def sentiment(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("sentiment")
-    for name, n, seed in (("train.csv", 96, 1), ("dev.csv", 32, 2)):
-        with open(folder / name, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            writer.writerows(synthetic_sentiment(n, seed))
+    folder = write_sentiment_csvs(tmp_path_factory.mktemp("sentiment"), 96, 32)
     return folder / "train.csv", folder / "dev.csv"
 
 

@@ -3,7 +3,6 @@ final dam.json, adapter tensors and metrics are bit-identical to an uninterrupte
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -14,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import synthetic_sentiment
+from conftest import write_sentiment_csvs
 from safetensors.torch import load_file
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -23,12 +22,7 @@ VOLATILE_METRICS = {"search_seconds", "finetune_seconds", "total_seconds", "peak
 
 @pytest.fixture(scope="module")
 def job(tiny_bert_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("resume-data")
-    for name, n, seed in (("train.csv", 240, 1), ("dev.csv", 64, 2)):
-        with open(folder / name, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            writer.writerows(synthetic_sentiment(n, seed))
+    folder = write_sentiment_csvs(tmp_path_factory.mktemp("resume-data"), 240, 64)
     args = [
         "run",
         "--task",
