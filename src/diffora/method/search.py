@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, SearchStateError, TrainingError
 from .config import DiffoRAConfig
-from .diagnostics import search_diagnostics
+from .diagnostics import label_counts, search_diagnostics
 from .gates import DAMGates, GateHooks, new_gate_optimizer
 from .parallel import (
     gradient_message,
@@ -81,6 +81,9 @@ class SearchHistory:
     weight_losses: list[float] = field(default_factory=list)
     gate_losses: list[float] = field(default_factory=list)
     gate_snapshots: list[tuple[int, list[list[float]]]] = field(default_factory=list)
+    #: per gate step, how many of its examples carry each class label ([] when the labels are not class indices):
+    #: the class-frequency baseline of the held-out check (:func:`diffora.method.diagnostics.heldout_check`)
+    gate_label_counts: list[list[int]] = field(default_factory=list)
 
 
 class DAMSearch:
@@ -258,6 +261,7 @@ class DAMSearch:
             self.gate_optimizer.step()
         self.gate_steps += 1
         self.history.gate_losses.append(value)
+        self.history.gate_label_counts.append(label_counts(gate_batch))
         return value
 
     def _accumulate(self, grad: Optional[torch.Tensor]) -> None:

@@ -32,6 +32,7 @@ def search_state(search: "DAMSearch") -> dict[str, Any]:
             "weight_losses": list(search.history.weight_losses),
             "gate_losses": list(search.history.gate_losses),
             "gate_snapshots": list(search.history.gate_snapshots),
+            "gate_label_counts": [list(c) for c in search.history.gate_label_counts],
         },
         # fp16 only: the loss scales (without them a resumed run would restart at 2**16 and re-overflow)
         **({"weight_scaler": search.weight_scaler.state_dict()} if search.weight_scaler is not None else {}),
@@ -77,4 +78,6 @@ def load_search_state(search: "DAMSearch", state: dict[str, Any]) -> None:
         list(history.get("weight_losses", [])),
         list(history.get("gate_losses", [])),
         [tuple(s) for s in history.get("gate_snapshots", [])],
+        # absent in older states: the held-out check then compares with the first gate steps' loss instead
+        [list(c) for c in history.get("gate_label_counts", [])],
     )
