@@ -222,3 +222,11 @@ def write_sentiment_csvs(folder: Path, train_rows: int, dev_rows: int) -> Path:
             writer.writerow(["text", "label"])
             writer.writerows(synthetic_sentiment(n, seed))
     return folder
+
+
+#: fast CLI flags per command (a command refuses the options it does not read): short inputs, a few steps
+FAST_FLAGS = {
+    "search": ["--max-length", "32", "--batch-size", "8", "--search-steps", "6", "--gate-warmup-steps", "2", "--quiet"],
+    "train": ["--max-length", "32", "--batch-size", "8", "--epochs", "1", "--quiet"],
+}
+FAST_FLAGS["run"] = [*FAST_FLAGS["search"][:-1], "--epochs", "1", "--quiet"]

@@ -27,29 +27,13 @@ from typing import Callable, Optional
 
 import pytest
 import torch
-from conftest import REPO, write_sentiment_csvs
+from conftest import FAST_FLAGS, REPO, write_sentiment_csvs
 
 from diffora.cli.app import main
 
-FAST = [
-    "--max-length",
-    "32",
-    "--batch-size",
-    "8",
-    "--search-steps",
-    "6",
-    "--gate-warmup-steps",
-    "2",
-    "--epochs",
-    "1",
-    "--quiet",
-]
+FAST = FAST_FLAGS["run"]
 #: the fast flags each command takes (a command refuses the options it does not use)
-FAST_FOR = {
-    "run": FAST,
-    "search": ["--max-length", "32", "--batch-size", "8", "--search-steps", "6", "--gate-warmup-steps", "2", "--quiet"],
-    "train": ["--max-length", "32", "--batch-size", "8", "--epochs", "1", "--quiet"],
-}
+FAST_FOR = FAST_FLAGS
 
 
 # ------------------------------------------------------------------------------------------------------ harness

@@ -49,6 +49,10 @@ SUITES = [
     "learn_mrpc",
     "wall_tweets",
     "learn_smollm2",
+    "learnlr_sst2",
+    "learnlr_tweets",
+    "learnlr_bbc",
+    "learnlr_mrpc",
 ]
 
 
@@ -92,6 +96,10 @@ def test_every_suite_is_a_valid_compare_invocation():
                 "eva",
                 "full",
             }
+        elif suite.startswith("learnlr_"):  # fairlr's protocol for the new search (AdaLoRA/EVA: fairlr's runs)
+            assert settings.tune_lr and settings.tune_lr_factors == [1.0, 2.0, 4.0] and settings.holdout_rows == 872
+            assert settings.seeds == [0, 1, 2] and not settings.eval_on_holdout and not opts.search_steps
+            assert [m.label for m in methods] == ["diffora"]
         elif suite.startswith("fairlr_"):  # every method's LR chosen on rows held out from train, then 3 seeds
             assert settings.tune_lr and settings.tune_lr_factors == [1.0, 2.0, 4.0] and settings.holdout_rows == 872
             assert settings.seeds == [0, 1, 2] and not settings.eval_on_holdout

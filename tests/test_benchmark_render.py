@@ -146,3 +146,28 @@ def test_fair_goals_are_judged_from_the_paired_scores():
     assert "holds on 4 of 4 → **holds**" in lines
     lines = "\n".join(render.fair_goals(suites[:3] + [flat]))
     assert "holds on 4 of 4" not in lines and "(only 3 of 4 tasks have run)" in lines
+
+
+def test_wall_share_and_the_heldout_table(tmp_path):
+    """The wall goal's break-even search share solves S*c_search + (T - S)*c_final = T; the held-out table reads
+    what benchmarks/heldout_check.py writes and marks a warned search."""
+    import json
+
+    render = load_benchmark("render")
+    share = render._max_search_share({"search_iteration_over_lora_step": 2.0, "final_step_over_lora_step": 0.9})
+    assert share == pytest.approx(0.1 / 1.1)
+    assert 0.1 / 1.1 * 2.0 + (1 - 0.1 / 1.1) * 0.9 == pytest.approx(1.0)
+    assert render._max_search_share({"search_iteration_over_lora_step": 0.8, "final_step_over_lora_step": 0.7}) == 1.0
+    run = {
+        "heldout_loss": 0.69,
+        "heldout_reference": 0.68,
+        "heldout_signal": False,
+        "beta_range": 1.0,
+        "flat_limit": 2.0,
+        "agreement": None,
+        "warning": "close to arbitrary",
+    }
+    (tmp_path / "heldout_check.json").write_text(json.dumps({"runs": {"shuffled@seed0": run}}))
+    lines = render.heldout_check_lines(tmp_path)
+    assert "| shuffled@seed0 | 0.690 vs 0.680 | no | 1.00 / 2.00 | — | yes |" in lines
+    assert render.heldout_check_lines(tmp_path / "nothing") == []

@@ -10,23 +10,11 @@ from typing import Optional
 
 import pytest
 import torch
-from conftest import write_sentiment_csvs
+from conftest import FAST_FLAGS, write_sentiment_csvs
 
 from diffora.cli.app import main
 
-FAST = [
-    "--max-length",
-    "32",
-    "--batch-size",
-    "8",
-    "--search-steps",
-    "6",
-    "--gate-warmup-steps",
-    "2",
-    "--epochs",
-    "1",
-    "--quiet",
-]
+FAST = FAST_FLAGS["run"]
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,14 @@ hand-off is the one schedule's; and ``diffora run --handoff continue`` records i
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 import warnings
 
 import pytest
 import torch
 from conftest import VOCAB, random_batch, tiny_model, write_sentiment_csvs
+from kill_resume import cli, interrupt, resume_and_compare
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
@@ -199,7 +195,6 @@ def test_continue_needs_the_schedule_and_a_shared_export():
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -234,14 +229,7 @@ def continue_job(tiny_bert_dir, tmp_path_factory):
         "4",
     ]
     reference = tmp_path_factory.mktemp("handoff-ref") / "out"
-    done = subprocess.run(
-        [sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(reference)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    cli(args, reference)
     return args, reference
 
 
@@ -266,37 +254,5 @@ def test_run_with_continue_takes_lora_alls_steps_and_records_them(continue_job):
 def test_continue_resumes_bit_identically_after_kill9(continue_job, tmp_path, phase):
     args, reference = continue_job
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-    target = out / "checkpoints" / f"{phase}.pt"
-    deadline = time.time() + 300
-    while not target.exists():
-        assert proc.poll() is None, f"the run ended before a {phase} checkpoint: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    time.sleep(0.2)
-    if phase == "search":
-        assert not (out / "checkpoints" / "finetune.pt").exists(), "search finished too fast to interrupt"
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=120) == -9
-    assert not (out / "metrics.json").exists(), "the run must not have finished"
-    done = subprocess.run(
-        [sys.executable, "-m", "diffora.cli", *args, "--output-dir", str(out), "--resume"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert (out / "dam.json").read_bytes() == (reference / "dam.json").read_bytes()
-    ours = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    theirs = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
-    assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
-    m_ours, m_ref = (json.loads((d / "metrics.json").read_text()) for d in (out, reference))
-    for key in ("eval", "finetune_steps", "search_steps", "total_steps", "learning_curve"):
-        assert m_ours[key] == m_ref[key], key
+    interrupt(args, out, phase, signal.SIGKILL)
+    resume_and_compare(args, out, reference)
