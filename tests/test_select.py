@@ -157,6 +157,18 @@ def test_within_type_quota_keeps_the_same_fraction_of_every_type():
     assert choose_modules(search) == by_type
 
 
+def test_explicit_type_counts_replace_rho_and_are_checked():
+    g = grid()
+    chosen = select_modules(g, TYPE_DOMINATED, 1 / 3, "type", rank=1, type_counts=[0, 2, 1])
+    assert [sum(row[j] for row in chosen.mask) for j in range(3)] == [0, 2, 1]
+    best_two = sorted(range(3), key=lambda i: -TYPE_DOMINATED[i][1])[:2]  # column 1's two best layers
+    assert sorted(i for i in range(3) if chosen.mask[i][1]) == sorted(best_two)
+    with pytest.raises(ConfigError, match="type_counts needs granularity 'type'"):
+        select_modules(g, TYPE_DOMINATED, 1 / 3, "layer", rank=1, type_counts=[1, 1, 1])
+    with pytest.raises(ConfigError, match="exceed the candidates per type"):
+        select_modules(g, TYPE_DOMINATED, 1 / 3, "type", rank=1, type_counts=[4, 0, 0])
+
+
 # -------------------------------------------------------------------------------------- score normalisation
 def test_per_type_normalization_z_scores_each_column_and_can_change_the_selection():
     g = grid()

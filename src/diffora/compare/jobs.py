@@ -182,26 +182,11 @@ def eva_check(grid: DAMGrid, model: Any, rank: int, rho: float, where: str) -> N
 
 def random_within_types(grid: DAMGrid, kept: list[str], seed: int, keep_ratio: float, rank: int) -> Selection:
     """As many modules of each type as ``kept`` holds, in the layers with the highest random scores."""
-    scores = random_scores(grid, keep_ratio, seed)
-    rows, cols = grid.shape
-    per_type = [0] * cols
+    counts = [0] * grid.shape[1]
     for name in kept:
-        per_type[grid.position(name)[1]] += 1
-    mask = [[False] * cols for _ in range(rows)]
-    for j in range(cols):
-        layers = sorted((i for i in range(rows) if grid.names[i][j] is not None), key=lambda i: (-scores[i][j], i))
-        for i in layers[: per_type[j]]:
-            mask[i][j] = True
-    cells = [(i, j, name) for i, row in enumerate(grid.names) for j, name in enumerate(row) if name is not None]
-    cost = {(i, j): rank * grid.param_costs[i][j] for i, j, _ in cells}
-    return Selection(
-        mask=mask,
-        modules=[name for i, j, name in cells if mask[i][j]],
-        keep_ratio=keep_ratio,
-        granularity="within_type",
-        lora_params=sum(cost[i, j] for i, j, _ in cells if mask[i][j]),
-        total_lora_params=sum(cost.values()),
-    )
+        counts[grid.position(name)[1]] += 1
+    scores = random_scores(grid, keep_ratio, seed)
+    return select_modules(grid, scores, keep_ratio, "type", rank=rank, type_counts=counts)
 
 
 def all_modules(grid: DAMGrid, rank: int) -> Selection:

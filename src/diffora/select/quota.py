@@ -81,6 +81,7 @@ class Quota:
         granularity: str = "layer",
         rank: int = 8,
         budget_params: Optional[int] = None,
+        type_counts: Optional[Sequence[int]] = None,
     ) -> None:
         if not 0.0 < keep_ratio <= 1.0:
             raise ConfigError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
@@ -104,6 +105,18 @@ class Quota:
             for i, j, _ in self.cells:
                 sizes[self._group((i, j))] = sizes.get(self._group((i, j)), 0) + 1
             self._left = {g: ceil_count(keep_ratio, n) for g, n in sizes.items()}
+            if type_counts is not None:  # explicit counts per module type (e.g. another selection's), not rho's
+                if granularity != "type" or len(type_counts) != grid.shape[1]:
+                    raise ConfigError(
+                        f"type_counts needs granularity 'type' and one count per module type "
+                        f"({grid.shape[1]}), got {granularity!r} and {len(type_counts)}"
+                    )
+                if any(not 0 <= k <= sizes.get(j, 0) for j, k in enumerate(type_counts)):
+                    raise ConfigError(
+                        f"type_counts {list(type_counts)} exceed the candidates per type "
+                        f"{[sizes.get(j, 0) for j in range(grid.shape[1])]}"
+                    )
+                self._left = {j: int(k) for j, k in enumerate(type_counts)}
             self.budget = None
         else:
             self.budget = budget_params if budget_params is not None else keep_ratio * self.total
@@ -166,6 +179,7 @@ def select_modules(
     granularity: str = "layer",
     rank: int = 8,
     budget_params: Optional[int] = None,
+    type_counts: Optional[Sequence[int]] = None,
 ) -> Selection:
     """Keep the best-scoring DAM entries.
 
@@ -176,8 +190,9 @@ def select_modules(
         granularity: ``"layer"``, ``"type"``, ``"global"`` or ``"budget"``.
         rank: LoRA rank, to count parameters.
         budget_params: for ``"budget"``, an explicit LoRA-parameter budget instead of ``rho`` of the total.
+        type_counts: for ``"type"``, how many entries each module type keeps instead of ``ceil(rho * L_m)``.
     """
-    quota = Quota(grid, keep_ratio, granularity, rank, budget_params)
+    quota = Quota(grid, keep_ratio, granularity, rank, budget_params, type_counts)
     return quota.fill(ranked_cells(grid, scores)).selection()
 
 
