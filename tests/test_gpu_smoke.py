@@ -29,3 +29,28 @@ def test_smoke_script_cpu_path_on_minilm(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     runs = json.loads((tmp_path / "smoke.json").read_text())["runs"]
     assert [(r["processes"], r["world_size"], r["stock_peft_reload"]) for r in runs] == [(1, 1, True), (2, 2, True)]
+
+
+def test_random_init_fills_a_config_only_folder_once(tiny_bert_dir, tmp_path):
+    """--random-init: a folder with a config and a tokenizer gets seeded weights that transformers loads; a folder
+    that already holds weights is left alone (a real model is never overwritten)."""
+    import importlib.util
+    import shutil
+
+    import torch
+    import transformers
+
+    spec = importlib.util.spec_from_file_location("gpu_smoke", SCRIPT)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    folder = tmp_path / "cfg"
+    shutil.copytree(tiny_bert_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    assert not list(folder.glob("*.safetensors"))
+    smoke._random_init(folder, causal=False)
+    weights = folder / "model.safetensors"
+    assert weights.exists()
+    first = weights.stat().st_mtime_ns
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    smoke._random_init(folder, causal=False)  # same seed, so only the file's write time shows a rewrite
+    assert weights.stat().st_mtime_ns == first
