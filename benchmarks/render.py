@@ -1314,7 +1314,8 @@ def learn_section(results: Path) -> list[str]:
     L = [
         "## Does the search learn? (issue 20)",
         "",
-        "Held-out rows of each task's training data (872 of 2,000; never the dev set), 1 epoch, LR 5e-4 (MRPC: 2e-3, "
+        "Held-out rows of each task's training data (872 of 2,000; never the dev set), 1 epoch (`learn3_*`: 3 "
+        "epochs, the same protocol), LR 5e-4 (MRPC: 2e-3, "
         "the LR fairlr_mrpc chose on held-out rows; at 5e-4 every method sat at the majority class), seeds as counted "
         "in each row (n). "
         "DiffoRA runs the new search defaults: gates g = 2σ(β) that start at 1 (the search model at step 0 is "
@@ -1327,7 +1328,8 @@ def learn_section(results: Path) -> list[str]:
         "seed stds.",
         "",
     ]
-    for res in suites:
+    three = load_fair(results, "learn3_")
+    for res in suites + three:
         task, metric = res["data"]["task"], res["data"]["main_metric"]
         groups = shared.finished_runs(res)
         n_jobs = sum(1 for r in res["jobs"].values() if r.get("kind") != "search")
@@ -1336,7 +1338,8 @@ def learn_section(results: Path) -> list[str]:
         name = Path(suite.group(1)).name if suite else task
         where = "held-out rows" if res["settings"].get("eval_on_holdout") else f"{res['data'].get('eval_set')} set"
         L += [
-            f"### {name}: {task} ({metric}, {where}, LR {res['options'].get('lr'):g}; {done} runs finished)",
+            f"### {name}: {task} ({metric}, {where}, {_epochs(res)}, LR {res['options'].get('lr'):g}; "
+            f"{done} runs finished)",
             "",
             "| method | score | LoRA params | kept-set Jaccard across seeds |",
             "|---|---|---|---|",
@@ -1355,16 +1358,18 @@ def learn_section(results: Path) -> list[str]:
                 f"| {LEARN_SHORT.get(m['label'], m['label'])} | {shared.pm(scores)} (n={len(scores)}) | "
                 f"{shared.human(params)} | {'—' if stab is None else f'{stab:.2f}'} |"
             )
-        L += ["", "| difference | paired difference (points) | verdict |", "|---|---|---|"]
         hib = higher_is_better(metric)
+        unit = "points" if hib else f"{metric}, lower is better"
+        L += ["", f"| difference | paired difference ({unit}) | verdict |", "|---|---|---|"]
         for a, b, what in LEARN_PAIRS:
             p = shared.paired_stats(_scores(res, a), _scores(res, b), hib)
             if p is None:
                 continue
             beyond = "beyond the seed spread" if p["exceeds"] else "within the seed spread"
+            scale = 100 if hib else 1  # accuracies in points; a perplexity stays in its own units
             L.append(
                 f"| {LEARN_SHORT.get(a, a)} − {LEARN_SHORT.get(b, b)} ({what}) | "
-                f"{_points(p['mean_diff'])} ± {100 * p['std_diff']:.2f} "
+                f"{scale * p['mean_diff']:+.2f} ± {scale * p['std_diff']:.2f} "
                 f"(n={len(p['seeds'])}) | {beyond} |"
             )
         prior, ours = _kept_sets(res, "type-prior"), _kept_sets(res, "diffora")
@@ -1402,8 +1407,13 @@ def learn_section(results: Path) -> list[str]:
     L += learnlr_lines(results)[0]
     L += _continue_vs_restart(suites)
     L += heldout_check_lines(results)
-    L += _learn_goals(suites, results)
+    L += _learn_goals(suites, results, three)
     return L
+
+
+def _epochs(res: dict) -> str:
+    n = res["options"].get("epochs")
+    return f"{n:g} epoch" + ("" if n == 1 else "s")
 
 
 def _heldout_cell(res: dict, key: str, diagnostics: dict) -> str:
@@ -1599,7 +1609,7 @@ def smollm2_learn_lines(suites: list[dict]) -> list[str]:
     return out
 
 
-def _learn_goals(suites: list[dict], results: Path) -> list[str]:
+def _learn_goals(suites: list[dict], results: Path, three: Optional[list[dict]] = None) -> list[str]:
     """Issue 20's goals, each marked holds / missed / not measured, from the learn_* suites that have run."""
     restart = [
         r for r in suites if _scores(r, "diffora") and _scores(r, "type-prior") and r["data"].get("kind") != "causal_lm"
@@ -1678,10 +1688,41 @@ def _learn_goals(suites: list[dict], results: Path) -> list[str]:
             f"* ≥ {name} at its tuned LR (learnlr vs fairlr, mean over {len(peer[label])} task(s)): "
             f"{_points(avg)} — {'**holds**' if avg >= 0 else '**missed**'}."
         )
-    L += [
-        "* 5 seeds and 3 epochs with the new search: not run (3 seeds, 1 epoch).",
-        "",
-    ]
+    seeds = {r["data"]["task"]: len(_scores(r, "diffora")) for r in restart}
+    short = [t for t, n in seeds.items() if n < 5]
+    L.append(
+        "* 5 seeds at 1 epoch: "
+        + ", ".join(f"{t} {n}" for t, n in seeds.items())
+        + (f" — **not complete** ({', '.join(short)} short)." if short else " — run.")
+    )
+    L += _three_epoch_lines(three or [])
+    return L + [""]
+
+
+def _three_epoch_lines(three: list[dict]) -> list[str]:
+    """One goal line per 3-epoch suite: DiffoRA's paired differences to the controls that isolate the search."""
+    if not three:
+        return ["* 3 epochs with the new search: not run."]
+    L = []
+    for res in three:
+        parts = []
+        for peer, name in (
+            ("type-prior", "type prior"),
+            ("random-ws[matched=true]", "random-ws"),
+            ("lora-matched", "lora-matched"),
+            ("lora-all-cm", "LoRA-all at equal compute"),
+        ):
+            p = shared.paired_stats(
+                _scores(res, "diffora"), _scores(res, peer), higher_is_better(res["data"]["main_metric"])
+            )
+            if p is not None:
+                where = "beyond" if p["exceeds"] else "within"
+                parts.append(
+                    f"− {name} {_points(p['mean_diff'])} ± {100 * p['std_diff']:.2f} (n={len(p['seeds'])}, {where} "
+                    "the seed spread)"
+                )
+        task = res["data"]["task"]
+        L.append(f"* 3 epochs, {task}: DiffoRA " + ("; ".join(parts) if parts else "no paired runs yet") + ".")
     return L
 
 

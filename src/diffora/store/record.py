@@ -77,8 +77,9 @@ def load_record(path: str | Path) -> dict:
         raise DataError(f"cannot read search record {path} ({exc.strerror}); pass the dam.json file") from None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or "grid" not in record:
         found = record.get("format") if isinstance(record, dict) else None
-        raise DataError(f"{path} is not a diffora search record (format {found!r}, this version reads "
-                        f"'{RECORD_FORMAT}')")
+        raise DataError(
+            f"{path} is not a diffora search record (format {found!r}, this version reads '{RECORD_FORMAT}')"
+        )
     names = record["grid"].get("names") if isinstance(record["grid"], dict) else None
     if not isinstance(names, list) or not all(isinstance(row, list) for row in names):
         raise DataError(f"{path}: the search record's 'grid' is damaged; pass a dam.json written by 'diffora search'")
