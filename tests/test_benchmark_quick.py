@@ -47,6 +47,9 @@ SUITES = [
     "learn_sst2",
     "learn_bbc",
     "learn_mrpc",
+    "learn3_tweets",
+    "learn3_sst2",
+    "ablate_tweets",
     "wall_tweets",
     "learn_smollm2",
     "learnlr_sst2",
@@ -82,7 +85,7 @@ def test_every_suite_is_a_valid_compare_invocation():
             assert {"lora-matched", "lora-all-cm"} < {m.label for m in methods}
             continue
         assert opts.max_length == 64 and opts.batch_size == 16
-        assert opts.epochs == (3 if suite.startswith("fair3_") else 1)
+        assert opts.epochs == (3 if suite.startswith(("fair3_", "learn3_")) else 1)
         if suite in ("mrpc", "tweets", "sst2"):
             assert settings.timing and settings.seeds == [0, 1, 2] and len(methods) == 12
             assert {m.family for m in methods} == {
@@ -145,6 +148,19 @@ def test_every_suite_is_a_valid_compare_invocation():
                 "lora-matched",
                 "lora-all-cm",
             } < {m.label for m in methods}
+        elif suite.startswith("learn3_"):  # issue 20 at 3 epochs: the new search against its controls
+            assert settings.eval_on_holdout and settings.holdout_rows == 872 and settings.seeds == [0, 1, 2]
+            assert {m.label for m in methods} == {
+                "diffora",
+                "type-prior",
+                "random-ws[matched=true]",
+                "lora-matched",
+                "lora-all-cm",
+            }
+        elif suite == "ablate_tweets":  # the rankings that could not differ before, each against the default
+            assert settings.eval_on_holdout and settings.holdout_rows == 872 and settings.seeds == [0, 1, 2]
+            labels = {m.label for m in methods}
+            assert {"diffora", "diffora[order=second]", "random-ws[matched=true]"} < labels and len(labels) == 8
         else:
             assert settings.eval_on_holdout and settings.holdout_rows == 872  # never the dev set
     assert (
