@@ -1402,6 +1402,7 @@ def learn_section(results: Path) -> list[str]:
         L.append("")
         if done < n_jobs:
             L += [f"*{n_jobs - done} of {n_jobs} fine-tune jobs had not finished when this was rendered.*", ""]
+    L += ablate_lines(results)
     L += wall_lines(results)[0]
     L += wall_lines(results, "wall_gpu_smollm2")[0]
     L += learnlr_lines(results)[0]
@@ -1409,6 +1410,42 @@ def learn_section(results: Path) -> list[str]:
     L += heldout_check_lines(results)
     L += _learn_goals(suites, results, three)
     return L
+
+
+def ablate_lines(results: Path) -> list[str]:
+    """ablate_tweets: each ranking/search variant against the default search of the same run, paired by seed."""
+    path = results / "ablate_tweets" / "results.json"
+    if not path.exists():
+        return []
+    res = json.loads(path.read_text())
+    metric = res["data"]["main_metric"]
+    hib = higher_is_better(metric)
+    base = _kept_sets(res, "diffora")
+    L = [
+        "### ablate_tweets: the rankings that could not differ before, with the new search",
+        "",
+        "Held-out tweets rows (872 of 2,000), 1 epoch, each variant against the default search of the same run "
+        "(same seeds; the selection variants reuse its search, `order=second` runs its own). Paired differences in "
+        "points; *beyond* = the difference of the means exceeds the larger seed std.",
+        "",
+        f"| variant | {metric} | − default (points) | verdict | kept set vs the default's (Jaccard, same seed) |",
+        "|---|---|---|---|---|",
+    ]
+    for m in res["methods"]:
+        label = m["label"]
+        scores = list(_scores(res, label).values())
+        if not scores:
+            continue
+        p = None if label == "diffora" else shared.paired_stats(_scores(res, label), _scores(res, "diffora"), hib)
+        diff = "—" if p is None else f"{_points(p['mean_diff'])} ± {100 * p['std_diff']:.2f} (n={len(p['seeds'])})"
+        verdict = "—" if p is None else ("beyond the seed spread" if p["exceeds"] else "within the seed spread")
+        if p is not None and len(p["seeds"]) < 2:
+            diff, verdict = f"{_points(p['mean_diff'])} (n=1)", "one seed"
+        sets = _kept_sets(res, label)
+        same = [jaccard(sets[k], base[k]) for k in sets if k in base]
+        overlap = "—" if label == "diffora" or not same else f"{mean(same):.2f}"
+        L.append(f"| {label} | {shared.pm(scores)} (n={len(scores)}) | {diff} | {verdict} | {overlap} |")
+    return L + [""]
 
 
 def _epochs(res: dict) -> str:
