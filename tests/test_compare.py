@@ -119,6 +119,7 @@ def test_every_method_runs_for_every_seed(every_method):
     assert e["eva_batches"] >= 1 and sum(e["eva_ranks"].values()) == 8 * 12  # EVA redistributes r x modules
     assert runs["full@seed0"]["lr"] == 5e-5 and d["lr"] == 5e-4
     assert results["timing"]["ratios"]["search_iteration_over_lora_step"] > 0
+    assert results["timing"]["ratios"]["joint_step_over_lora_step"] > 0
 
 
 def test_controls_match_diffora_kept_set_of_the_same_seed(every_method):

@@ -38,7 +38,7 @@ from ..method.handoff import (
     search_steps_within,
 )
 from ..method.schedule import search_length
-from ..method.search import prepare_search
+from ..method.search import SINGLE_LEVEL_CHECK_BATCHES, prepare_search
 from ..runtime import seed_everything
 from ..select.choose import allocate_ranks, choose_modules, gate_scores, search_kernels
 from ..select.quota import Selection, select_modules
@@ -136,8 +136,13 @@ GATE_STEP_PASSES = {"first": 1, "second": 4}
 
 def search_passes(search: dict) -> int:
     """Forward/backward passes of a finished search (its record): one per weight step, GATE_STEP_PASSES per gate
-    step. A compute-matched method gets one optimiser step per pass."""
-    return int(search["steps"]) + GATE_STEP_PASSES[search["config"]["order"]] * int(search["gate_steps"])
+    step. A single-level search's gate steps share its weight steps' backward; its held-out check scores
+    2 x SINGLE_LEVEL_CHECK_BATCHES batches forward-only, counted as a third of a pass each (rounded up). A
+    compute-matched method gets one optimiser step per pass."""
+    config = search["config"]
+    if config.get("search_levels", "bi") == "single":
+        return int(search["steps"]) + math.ceil(2 * SINGLE_LEVEL_CHECK_BATCHES / 3)
+    return int(search["steps"]) + GATE_STEP_PASSES[config["order"]] * int(search["gate_steps"])
 
 
 def epochs_for_steps(opts: Options, n_train: int, steps: int) -> float:
@@ -630,8 +635,8 @@ def step_counts(search_steps: int, finetune_steps: int) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------- timing
 def run_timing(job: TimingJob) -> dict:
     """Median step times, interleaved round by round on the same batches: PEFT LoRA step (reference), plain
-    forward+backward (the cost any gate step must pay), DiffoRA weight step, gate step, search iteration, and a
-    fine-tuning step of the exported DiffoRA model."""
+    forward+backward (the cost any gate step must pay), DiffoRA weight step, gate step, search iteration, the
+    single-level search's joint step, and a fine-tuning step of the exported DiffoRA model."""
     from peft import get_peft_model
 
     opts = job_options(job)
@@ -670,7 +675,8 @@ def run_timing(job: TimingJob) -> dict:
     lora.train()
     final.train()
     times: dict[str, list[float]] = {
-        k: [] for k in ("lora_step", "fwd_bwd", "weight_step", "gate_step", "search_iteration", "final_step")
+        k: []
+        for k in ("lora_step", "fwd_bwd", "weight_step", "gate_step", "search_iteration", "joint_step", "final_step")
     }
 
     def sync() -> None:
@@ -703,6 +709,7 @@ def run_timing(job: TimingJob) -> dict:
         timed("weight_step", lambda: search.weight_step(wb))
         timed("gate_step", lambda: search.gate_step(gb, wb))
         timed("search_iteration", lambda: (search.weight_step(wb), search.gate_step(gb, wb)))
+        timed("joint_step", lambda: search.joint_step(wb))  # a single-level search iteration
         timed("final_step", lambda: lora_step(wb, final, final_opt))
     med = {k: statistics.median(v[1:]) for k, v in times.items()}  # the first round is warm-up
     return {
@@ -720,6 +727,7 @@ def run_timing(job: TimingJob) -> dict:
             "gate_step_over_fwd_bwd": med["gate_step"] / med["fwd_bwd"],
             "weight_step_over_lora_step": med["weight_step"] / med["lora_step"],
             "final_step_over_lora_step": med["final_step"] / med["lora_step"],
+            "joint_step_over_lora_step": med["joint_step"] / med["lora_step"],
         },
     }
 

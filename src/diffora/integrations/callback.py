@@ -83,6 +83,12 @@ _HINT = "raise search_steps or lower DiffoRAConfig.gate_warmup_steps"
 #: model kwargs of a host forward that are not part of the batch (dropped from the second-order weight batch)
 _CALL_OPTIONS = ("num_items_in_batch", "fused_lm_head", "return_dict", "use_cache")
 
+_SINGLE_LEVEL = (
+    "search_levels='single' steps the gates in the same backward as the weights, inside diffora's own search loop "
+    "(diffora run/search, auto_lora_config, narrow_lora); here the host trainer steps the weights, so use "
+    "search_levels='bi'"
+)
+
 
 class DiffoRACallback(TrainerCallback):
     """Runs the DAM search's gate steps and bookkeeping inside a host ``Trainer``'s ``train()``.
@@ -135,6 +141,8 @@ class DiffoRACallback(TrainerCallback):
         evaluate_gate_split: bool = False,
         checkpoint_info: Optional[dict] = None,
     ) -> None:
+        if search.config.search_levels == "single":
+            raise ConfigError(_SINGLE_LEVEL)
         if search_steps is not None and (isinstance(search_steps, bool) or not isinstance(search_steps, int)):
             raise ConfigError(f"search_steps must be a whole number of optimiser steps, got {search_steps!r}")
         if search_steps is not None:
@@ -410,6 +418,8 @@ class InPlaceSearch(DiffoRACallback):
                 "held out of the training data, formatted like the host's train rows"
             )
         check_options(config, kernels_available=False)
+        if config.search_levels == "single":
+            raise ConfigError(_SINGLE_LEVEL)
         if config.rank_allocation != "none":
             raise ConfigError(
                 "rank_allocation changes LoRA shapes, which the host's optimiser cannot follow in the "

@@ -28,6 +28,7 @@ GATE_DECAYS = ("decoupled", "coupled")
 SEARCH_ORDERS = ("first", "second")
 RANK_ALLOCATIONS = ("none", "uniform", "proportional")
 HANDOFFS = ("restart", "continue")
+SEARCH_LEVELS = ("bi", "single")
 
 
 def __getattr__(name: str) -> Any:
@@ -221,6 +222,16 @@ class DiffoRAConfig:
             "help": "'first' = alternating first-order updates; 'second' = DARTS unrolled (finite-difference HVP)."
         },
     )
+    search_levels: str = field(
+        default="bi",
+        metadata={
+            "help": "'bi' = bi-level (the paper's): weight steps on the weight split alternate with gate steps on the "
+            "held-out gate split, two forward/backward passes per search step; 'single' = single-level (ours): one "
+            "backward on a weight batch steps LoRA, head and gates together, so a search step costs a LoRA step "
+            "(the gate split then only scores the held-out check, on a few batches at the warm-up's end and the "
+            "search's end)."
+        },
+    )
     gate_fraction: float = field(
         default=0.3,
         metadata={"help": "Fraction of the training data held out for gate steps (the rest trains weights)."},
@@ -378,6 +389,15 @@ class DiffoRAConfig:
         need(
             isinstance(self.order, str) and self.order in SEARCH_ORDERS,
             f"{n('order')} must be one of {SEARCH_ORDERS}, got {self.order!r}",
+        )
+        need(
+            isinstance(self.search_levels, str) and self.search_levels in SEARCH_LEVELS,
+            f"{n('search_levels')} must be one of {SEARCH_LEVELS}, got {self.search_levels!r}",
+        )
+        need(
+            not (self.search_levels == "single" and self.order == "second"),
+            f"{n('order')} second unrolls the weight step inside the gate step of a bi-level search; "
+            f"{n('search_levels')} single has no inner problem to unroll (use {n('order')} first)",
         )
         need(0.0 < self.gate_fraction < 1.0, f"{n('gate_fraction')} must be in (0, 1), got {self.gate_fraction!r}")
         need(self.weight_lr > 0, f"{n('weight_lr')} must be > 0, got {self.weight_lr!r}")

@@ -65,6 +65,11 @@ class MicroBatches(list):
 StepBatch = Union[Batch, Sequence[Batch]]
 
 
+#: gate-split batches the single-level search scores for the held-out check, at the warm-up's end and at its end
+#: (the check's window is the last quarter of the recorded losses: these last batches)
+SINGLE_LEVEL_CHECK_BATCHES = 6
+
+
 def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """The model's own loss (``labels`` must be in the batch)."""
     out = model(**batch)
@@ -165,17 +170,28 @@ class DAMSearch:
         mean over *tokens*, whose count differs between micro-batches even at equal numbers of rows.
         Returns the (mean) loss.
         """
+        return self._train_step(batch, gates=False)
+
+    def joint_step(self, batch: StepBatch) -> float:
+        """The single-level step (``search_levels='single'``): one backward on a weight-split batch, then an AdamW
+        step on LoRA A/B and the head and an Adam step on the betas, both from those gradients. Costs one weight
+        step; counts as a weight step and a gate step. Returns the (mean) training loss."""
+        return self._train_step(batch, gates=True)
+
+    def _train_step(self, batch: StepBatch, *, gates: bool) -> float:
         self.check_live()
         self.model.train()
         batches = _micro_batches(batch)
         n = len(batches)
         scaler = self.weight_scaler
+        beta = self.gates.beta
         self.weight_optimizer.zero_grad(set_to_none=True)
+        self.gate_optimizer.zero_grad(set_to_none=True)
         losses: list[torch.Tensor] = []
         code = 0
-        with _no_grad_for(self.gates.beta):
+        with contextlib.nullcontext() if gates else _no_grad_for(beta):
             for micro in batches:
-                loss = self._loss(micro)
+                loss = self.gate_loss(micro) if gates else self._loss(micro)
                 losses.append(loss.detach())
                 code = nonfinite_code(loss)
                 if code:  # no backward: the step is abandoned once every rank knows
@@ -184,23 +200,50 @@ class DAMSearch:
                     loss = loss / n
                 (scaler.scale(loss) if scaler is not None else loss).backward()
         value = sum(float(v) for v in losses) / len(losses)
-        sync_gradients(self.weight_params, "weight", self.weight_steps, code, value)
+        params = self.weight_params + [beta] if gates else self.weight_params
+        sync_gradients(params, "weight", self.weight_steps, code, value)
         if scaler is not None:
             scaler.unscale_(self.weight_optimizer)  # clip the true gradients, not the scaled ones
+            if gates:
+                scaler.unscale_(self.gate_optimizer)
         if self.config.max_grad_norm is not None:
+            # the betas are not clipped: in a gate step they never are, and Adam normalises their step anyway
             norm = torch.nn.utils.clip_grad_norm_(self.weight_params, self.config.max_grad_norm)
             # after the all-reduce every rank holds the same gradients, so all see the same norm and agree
             if scaler is None and not bool(torch.isfinite(norm)):
                 raise TrainingError(gradient_message("weight", self.weight_steps))
+        if gates:
+            if scaler is None and beta.grad is not None and not bool(torch.isfinite(beta.grad).all()):
+                raise TrainingError(gradient_message("gate", self.gate_steps))
+            self._accumulate(beta.grad)  # unscaled, before the step moves the betas
         if scaler is not None:
             scaler.step(self.weight_optimizer)  # skipped when the scaled gradients overflowed
+            if gates:
+                scaler.step(self.gate_optimizer)
             scaler.update()
         else:
             self.weight_optimizer.step()
+            if gates:
+                self.gate_optimizer.step()
         if self.weight_scheduler is not None:
             self.weight_scheduler.step()
         self.weight_steps += 1
         self.history.weight_losses.append(value)
+        if gates:
+            self.gate_steps += 1
+        return value
+
+    @torch.no_grad()
+    def record_heldout(self, batch: StepBatch) -> float:
+        """The single-level search's held-out check: the loss on a gate-split batch, recorded where a bi-level search
+        records its gate losses (:func:`diffora.method.diagnostics.heldout_check` reads them); nothing moves."""
+        self.check_live()
+        self.model.eval()
+        batches = _micro_batches(batch)
+        value = sum(float(self._loss(micro)) for micro in batches) / len(batches)
+        self.model.train()
+        self.history.gate_losses.append(value)
+        self.history.gate_label_counts.append(label_counts(batch))
         return value
 
     def record_weight_step(self, loss: float) -> None:
@@ -364,13 +407,23 @@ class DAMSearch:
             initial=self.weight_steps,
             total=steps,
         )
+        single = self.config.search_levels == "single"
+        ran = False
         for step in bar:
+            ran = True
+            if single and step == warmup:  # the held-out check's reference, before the gates move
+                for _ in range(SINGLE_LEVEL_CHECK_BATCHES):
+                    self.record_heldout(draw(gates))
             weight_batch = draw(weights)
-            w_loss = self.weight_step(weight_batch)
+            if single and step >= warmup:
+                w_loss = self.joint_step(weight_batch)
+            else:
+                w_loss = self.weight_step(weight_batch)
             postfix = {"w_loss": f"{w_loss:.4f}"}
             if step >= warmup:
-                g_loss = self.gate_step(draw(gates), weight_batch)
-                postfix["g_loss"] = f"{g_loss:.4f}"
+                if not single:
+                    g_loss = self.gate_step(draw(gates), weight_batch)
+                    postfix["g_loss"] = f"{g_loss:.4f}"
                 g = self.gates.values().detach()[self.gates.valid]
                 postfix["gates"] = f"{float(g.min()):.2f}..{float(g.max()):.2f}"
             if (step + 1) % snapshot_every == 0 or step + 1 == steps:
@@ -378,6 +431,9 @@ class DAMSearch:
             bar.set_postfix(postfix)
             if callback is not None:
                 callback(self, step)
+        if single and ran:
+            for _ in range(SINGLE_LEVEL_CHECK_BATCHES):
+                self.record_heldout(draw(gates))
         warning = search_diagnostics(self)["warning"]
         if warning:
             logger.warning(warning)
