@@ -171,3 +171,47 @@ def test_wall_share_and_the_heldout_table(tmp_path):
     lines = render.heldout_check_lines(tmp_path)
     assert "| shuffled@seed0 | 0.690 vs 0.680 | no | 1.00 / 2.00 | — | yes |" in lines
     assert render.heldout_check_lines(tmp_path / "nothing") == []
+
+
+def test_single_level_table_pairs_each_method_with_its_bilevel_counterpart(tmp_path):
+    """single_*: a single-level run is compared with the bi-level search of the same hand-off (seed by seed), the
+    'continue' runs with LoRA-all; the wall column appears only for a suite that ran one job at a time."""
+    import json
+
+    render = load_benchmark("render")
+    single = "diffora[handoff=continue,search_levels=single]"
+    scores = {
+        "diffora[handoff=continue]": (0.80, 0.81, 0.82),
+        single: (0.70, 0.71, 0.72),
+        "lora-all": (0.80, 0.80, 0.80),
+        "diffora": (0.84, 0.85, 0.86),
+        "diffora[search_levels=single]": (0.84, 0.86, 0.86),
+    }
+    seconds = {"lora-all": 10.0, single: 8.0}
+    for suite, workers in (("single_tweets", 1), ("single_sst2", 2)):
+        res = _fair_results(suite.split("_")[1], scores, seconds)
+        res["settings"] = {"workers": workers}
+        res["timing"] = {
+            "rounds": 10,
+            "ratios": {
+                "joint_step_over_lora_step": 1.02,
+                "search_iteration_over_lora_step": 1.9,
+                "final_step_over_lora_step": 0.9,
+            },
+        }
+        for jid, job in res["jobs"].items():  # same kept sets for every method, so every Jaccard is 1
+            job["kept_module_names"] = ["a", "b"]
+        (tmp_path / suite).mkdir()
+        (tmp_path / suite / "results.json").write_text(json.dumps(res))
+    lines, wall = render.single_lines(tmp_path)
+    text = "\n".join(lines)
+    # 8 s fine-tune + 0 s search over LoRA-all's 10 s, single_tweets only
+    assert wall == pytest.approx(0.8)
+    row = next(x for x in lines if x.startswith(f"| tweets | {single} |"))
+    assert "**-10.00 ± 0.00** (beyond)" in row and "| 1.00 |" in row and row.endswith("| 0.80× |")
+    sst2 = next(x for x in lines if x.startswith(f"| sst2 | {single} |"))
+    assert sst2.endswith("| — |")  # two workers shared the cores: no wall ratio
+    restart = next(x for x in lines if x.startswith("| tweets | diffora[search_levels=single] |"))
+    assert "+0.33 ± 0.58 (within)" in restart and restart.count("—") == 1  # no LoRA-all column for restart
+    assert "a single-level iteration 1.02, a bi-level one 1.90" in text
+    assert render.single_lines(tmp_path / "nothing") == ([], None)
