@@ -224,6 +224,45 @@ def write_sentiment_csvs(folder: Path, train_rows: int, dev_rows: int) -> Path:
     return folder
 
 
+def sentiment_run_args(folder: Path, model_dir: Path, *extra: str) -> list[str]:
+    """``diffora run`` on :func:`write_sentiment_csvs`' files in ``folder`` with the model in ``model_dir``, short
+    inputs (32 tokens, batches of 8), then ``extra``."""
+    return [
+        "run",
+        "--task",
+        "classification",
+        "--train-file",
+        str(folder / "train.csv"),
+        "--eval-file",
+        str(folder / "dev.csv"),
+        "--model",
+        str(model_dir),
+        "--max-length",
+        "32",
+        "--batch-size",
+        "8",
+        *extra,
+    ]
+
+
+#: a short ``diffora run --handoff continue`` with checkpoints every 2 steps (the kill -9 tests' runs)
+CONTINUE_FLAGS = [
+    "--search-epochs",
+    "2",
+    "--epochs",
+    "2",
+    "--lr",
+    "1e-2",
+    "--handoff",
+    "continue",
+    "--checkpoint-every",
+    "2",
+    "--quiet",
+    "--seed",
+    "4",
+]
+
+
 #: fast CLI flags per command (a command refuses the options it does not read): short inputs, a few steps
 FAST_FLAGS = {
     "search": ["--max-length", "32", "--batch-size", "8", "--search-steps", "6", "--gate-warmup-steps", "2", "--quiet"],

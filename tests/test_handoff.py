@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import VOCAB, random_batch, tiny_model, write_sentiment_csvs
+from conftest import CONTINUE_FLAGS, VOCAB, random_batch, sentiment_run_args, tiny_model, write_sentiment_csvs
 from kill_resume import cli, interrupt, resume_and_compare
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
@@ -200,34 +200,7 @@ def test_continue_needs_the_schedule_and_a_shared_export():
 @pytest.fixture(scope="module")
 def continue_job(tiny_bert_dir, tmp_path_factory):
     folder = write_sentiment_csvs(tmp_path_factory.mktemp("handoff-data"), 160, 48)
-    args = [
-        "run",
-        "--task",
-        "classification",
-        "--train-file",
-        str(folder / "train.csv"),
-        "--eval-file",
-        str(folder / "dev.csv"),
-        "--model",
-        str(tiny_bert_dir),
-        "--max-length",
-        "32",
-        "--batch-size",
-        "8",
-        "--search-epochs",
-        "2",
-        "--epochs",
-        "2",
-        "--lr",
-        "1e-2",
-        "--handoff",
-        "continue",
-        "--checkpoint-every",
-        "2",
-        "--quiet",
-        "--seed",
-        "4",
-    ]
+    args = sentiment_run_args(folder, tiny_bert_dir, *CONTINUE_FLAGS)
     reference = tmp_path_factory.mktemp("handoff-ref") / "out"
     cli(args, reference)
     return args, reference

@@ -8,27 +8,16 @@ import subprocess
 import sys
 
 import pytest
-from conftest import write_sentiment_csvs
+from conftest import sentiment_run_args, write_sentiment_csvs
 from kill_resume import ENV, cli, interrupt, resume_and_compare
 
 
 @pytest.fixture(scope="module")
 def job(tiny_bert_dir, tmp_path_factory):
     folder = write_sentiment_csvs(tmp_path_factory.mktemp("resume-data"), 240, 64)
-    args = [
-        "run",
-        "--task",
-        "classification",
-        "--train-file",
-        str(folder / "train.csv"),
-        "--eval-file",
-        str(folder / "dev.csv"),
-        "--model",
-        str(tiny_bert_dir),
-        "--max-length",
-        "32",
-        "--batch-size",
-        "8",
+    args = sentiment_run_args(
+        folder,
+        tiny_bert_dir,
         "--search-epochs",
         "3",
         "--gate-warmup-steps",
@@ -46,7 +35,7 @@ def job(tiny_bert_dir, tmp_path_factory):
         "--quiet",
         "--seed",
         "5",
-    ]
+    )
     reference = tmp_path_factory.mktemp("reference") / "out"
     cli(args, reference)
     return args, reference

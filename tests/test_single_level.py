@@ -8,7 +8,14 @@ import signal
 
 import pytest
 import torch
-from conftest import random_batch, randomize_lora_b, tiny_model, write_sentiment_csvs
+from conftest import (
+    CONTINUE_FLAGS,
+    random_batch,
+    randomize_lora_b,
+    sentiment_run_args,
+    tiny_model,
+    write_sentiment_csvs,
+)
 from kill_resume import cli, interrupt, resume_and_compare
 
 from diffora import DiffoRAConfig, prepare_search
@@ -106,36 +113,7 @@ def test_compute_matching_counts_a_single_level_gate_step_as_no_extra_pass():
 @pytest.fixture(scope="module")
 def single_job(tiny_bert_dir, tmp_path_factory):
     folder = write_sentiment_csvs(tmp_path_factory.mktemp("single-data"), 160, 48)
-    args = [
-        "run",
-        "--task",
-        "classification",
-        "--train-file",
-        str(folder / "train.csv"),
-        "--eval-file",
-        str(folder / "dev.csv"),
-        "--model",
-        str(tiny_bert_dir),
-        "--max-length",
-        "32",
-        "--batch-size",
-        "8",
-        "--search-epochs",
-        "2",
-        "--epochs",
-        "2",
-        "--lr",
-        "1e-2",
-        "--handoff",
-        "continue",
-        "--search-levels",
-        "single",
-        "--checkpoint-every",
-        "2",
-        "--quiet",
-        "--seed",
-        "4",
-    ]
+    args = sentiment_run_args(folder, tiny_bert_dir, *CONTINUE_FLAGS, "--search-levels", "single")
     reference = tmp_path_factory.mktemp("single-ref") / "out"
     cli(args, reference)
     return args, reference
