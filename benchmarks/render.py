@@ -1508,9 +1508,7 @@ def single_lines(results: Path) -> tuple[list[str], Optional[float]]:
             wall = "—"
             runs = [r for r in groups.get(label, []) if r["seed"] in base]
             if timed and runs and label != "lora-all":
-                ratio = median(
-                    [((r.get("search_seconds") or 0.0) + r["finetune_seconds"]) / base[r["seed"]] for r in runs]
-                )
+                ratio = median(_wall_ratios(runs, base))
                 wall = f"{ratio:.2f}×"
                 if label == SINGLE_PAIRS[0][0]:
                     single_wall = ratio
@@ -1591,6 +1589,11 @@ WALL_SUITES = {
 }
 
 
+def _wall_ratios(runs: list[dict], base: dict[int, float]) -> list[float]:
+    """(search + fine-tune) / LoRA-all's fine-tune seconds of the same seed, per run (``base``: seed -> seconds)."""
+    return [((r.get("search_seconds") or 0.0) + r["finetune_seconds"]) / base[r["seed"]] for r in runs]
+
+
 def wall_lines(results: Path, suite: str = "wall_tweets") -> tuple[list[str], Optional[float]]:
     """A wall suite: (search + fine-tune) / LoRA-all's fine-tune of the same total steps, per seed (one job at a
     time), and the ratio the interleaved step timings predict; returns the lines and the default's median ratio."""
@@ -1614,7 +1617,7 @@ def wall_lines(results: Path, suite: str = "wall_tweets") -> tuple[list[str], Op
         runs = [r for r in groups.get(label, []) if r["seed"] in base]
         if not runs:
             continue
-        ratios = [((r.get("search_seconds") or 0.0) + r["finetune_seconds"]) / base[r["seed"]] for r in runs]
+        ratios = _wall_ratios(runs, base)
         p = shared.paired_stats(_scores(res, label), _scores(res, "lora-all"))
         steps = runs[0].get("steps")
         med = median(ratios)

@@ -408,12 +408,16 @@ class DAMSearch:
             total=steps,
         )
         single = self.config.search_levels == "single"
+
+        def heldout_check() -> None:
+            for _ in range(SINGLE_LEVEL_CHECK_BATCHES):
+                self.record_heldout(draw(gates))
+
         ran = False
         for step in bar:
             ran = True
             if single and step == warmup:  # the held-out check's reference, before the gates move
-                for _ in range(SINGLE_LEVEL_CHECK_BATCHES):
-                    self.record_heldout(draw(gates))
+                heldout_check()
             weight_batch = draw(weights)
             if single and step >= warmup:
                 w_loss = self.joint_step(weight_batch)
@@ -432,8 +436,7 @@ class DAMSearch:
             if callback is not None:
                 callback(self, step)
         if single and ran:
-            for _ in range(SINGLE_LEVEL_CHECK_BATCHES):
-                self.record_heldout(draw(gates))
+            heldout_check()
         warning = search_diagnostics(self)["warning"]
         if warning:
             logger.warning(warning)
