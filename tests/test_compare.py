@@ -211,6 +211,15 @@ def test_resume_runs_only_the_unfinished_jobs(tiny_bert_dir, data_files, tmp_pat
     assert rerun == []
     with pytest.raises(ConfigError, match="holds a comparison with other options .*epochs"):
         compare(**small(tiny_bert_dir, data_files, out, methods=methods, seeds=[0]) | {"epochs": 2.0})
+    # results written before an option existed continue while it keeps its default, and only then
+    saved = json.loads((out / "results.json").read_text())
+    del saved["fingerprint"]["search_levels"]
+    del saved["jobs"]["search[default]@seed0"]["key"]["search"]["search_levels"]
+    (out / "results.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="other options .*search_levels was 'bi', now 'single'"):
+        compare(**small(tiny_bert_dir, data_files, out, methods=methods, seeds=[0]) | {"search_levels": "single"})
+    compare(**small(tiny_bert_dir, data_files, out, methods=methods, seeds=[0, 1]))  # a seed added: seed 0 kept
+    assert sorted(rerun) == ["diffora@seed1", "lora-all@seed1", "random-ws@seed1", "search[default]@seed1"]
 
 
 # ------------------------------------------------------------------------------------------------ failures

@@ -203,7 +203,7 @@ class Comparison:
             if self.opts.overwrite:
                 self.overwrite_pending = True  # removed only once every check has passed
                 return None
-            before, now = saved.get("fingerprint", {}), self.fingerprint()
+            before, now = with_new_defaults(saved.get("fingerprint", {}), self.fingerprint()), self.fingerprint()
             changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             if changed:
                 k = changed[0]
@@ -562,6 +562,13 @@ def extend_lr_grid(grid: list[float], best: float) -> Optional[float]:
     return None
 
 
+def with_new_defaults(saved: dict, now: dict) -> dict:
+    """``saved`` with the options it predates (present in ``now``, absent from ``saved``) at their defaults, so that
+    results written before an option existed continue while it keeps its default, and only then."""
+    defaults = {f.name: f.default for f in fields(Options) if f.default is not dataclasses.MISSING}
+    return {**{k: defaults[k] for k in now if k not in saved and k in defaults}, **saved}
+
+
 def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-=" else "_" for c in text)
 
@@ -624,7 +631,12 @@ class Scheduler:
 
     def done(self, job: Job) -> bool:
         rec = self.results["jobs"].get(job.id)
-        return bool(rec) and "error" not in rec and rec.get("key") == job.key
+        if not rec or "error" in rec or not isinstance(rec.get("key"), dict):
+            return False
+        saved = rec["key"]
+        if isinstance(saved.get("search"), dict) and isinstance(job.key.get("search"), dict):
+            saved = {**saved, "search": with_new_defaults(saved["search"], job.key["search"])}
+        return saved == job.key
 
     def run(self, jobs: list[Job]) -> None:
         from tqdm.auto import tqdm
