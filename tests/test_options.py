@@ -208,3 +208,16 @@ def test_help_imports_no_heavy_library(argv) -> None:
     loaded = json.loads(done.stderr.strip().splitlines()[-1])
     assert loaded == [], f"'diffora {' '.join(argv)}' imported {loaded}"
     assert "usage: diffora" in done.stdout or "diffora " in done.stdout
+
+
+def test_resume_reads_an_option_the_checkpoint_predates_at_its_default():
+    # A checkpoint written before search_levels existed resumes while it keeps its default, and only then.
+    from diffora.cli.commands import _check_same_options
+
+    opts = Options()
+    saved = {k: v for k, v in vars(opts).items() if k != "search_levels"}
+    _check_same_options(saved, opts)
+    with pytest.raises(ConfigError, match="these differ: search_levels .was 'bi', now 'single'"):
+        _check_same_options(saved, dataclasses.replace(opts, search_levels="single"))
+    with pytest.raises(ConfigError, match="these differ: seed .was 3, now 0"):
+        _check_same_options({**saved, "seed": 3}, opts)

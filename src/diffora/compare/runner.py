@@ -24,7 +24,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..cli.options import Options
+from ..cli.options import Options, with_new_defaults
 from ..errors import ConfigError, DataError
 from ..method.schedule import check_warmup, gate_warmup
 from ..store.io import atomic_write_json
@@ -560,13 +560,6 @@ def extend_lr_grid(grid: list[float], best: float) -> Optional[float]:
     if best <= lrs[0]:
         return float(f"{best * lrs[0] / lrs[1]:.6g}")
     return None
-
-
-def with_new_defaults(saved: dict, now: dict) -> dict:
-    """``saved`` with the options it predates (present in ``now``, absent from ``saved``) at their defaults, so that
-    results written before an option existed continue while it keeps its default, and only then."""
-    defaults = {f.name: f.default for f in fields(Options) if f.default is not dataclasses.MISSING}
-    return {**{k: defaults[k] for k in now if k not in saved and k in defaults}, **saved}
 
 
 def _safe(text: str) -> str:
