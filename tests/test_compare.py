@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+from os.path import relpath
 from pathlib import Path
 
 import pytest
@@ -211,6 +212,11 @@ def test_resume_runs_only_the_unfinished_jobs(tiny_bert_dir, data_files, tmp_pat
     assert rerun == []
     with pytest.raises(ConfigError, match="holds a comparison with other options .*epochs"):
         compare(**small(tiny_bert_dir, data_files, out, methods=methods, seeds=[0]) | {"epochs": 2.0})
+    # the same data file named by a relative path is the same comparison
+    compare(
+        **small(tiny_bert_dir, data_files, out, methods=methods, seeds=[0]) | {"train_file": relpath(data_files[0])}
+    )
+    assert rerun == []
     # results written before an option existed continue while it keeps its default, and only then
     saved = json.loads((out / "results.json").read_text())
     del saved["fingerprint"]["search_levels"]

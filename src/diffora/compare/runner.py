@@ -204,7 +204,7 @@ class Comparison:
                 self.overwrite_pending = True  # removed only once every check has passed
                 return None
             before, now = with_new_defaults(saved.get("fingerprint", {}), self.fingerprint()), self.fingerprint()
-            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            changed = sorted(k for k in set(before) | set(now) if not _same_option(k, before.get(k), now.get(k)))
             if changed:
                 k = changed[0]
                 raise ConfigError(
@@ -560,6 +560,16 @@ def extend_lr_grid(grid: list[float], best: float) -> Optional[float]:
     if best <= lrs[0]:
         return float(f"{best * lrs[0] / lrs[1]:.6g}")
     return None
+
+
+#: options that name files or folders: the same one named another way (relative, absolute) is the same option
+PATH_OPTIONS = ("data_dir", "train_file", "eval_file")
+
+
+def _same_option(name: str, before: Any, now: Any) -> bool:
+    if name in PATH_OPTIONS and isinstance(before, str) and isinstance(now, str):
+        return os.path.realpath(before) == os.path.realpath(now)
+    return before == now
 
 
 def _safe(text: str) -> str:
