@@ -1817,15 +1817,22 @@ def _learn_goals(suites: list[dict], results: Path, three: Optional[list[dict]] 
             f"* ≥ {name} at its tuned LR (learnlr vs fairlr, mean over {len(peer[label])} task(s)): "
             f"{_points(avg)} — {'**holds**' if avg >= 0 else '**missed**'}."
         )
-    seeds = {r["data"]["task"]: len(_scores(r, "diffora")) for r in restart}
+    L.append(_five_seeds("1 epoch", restart))
+    if three:
+        L.append(_five_seeds("3 epochs", three))
+    L += _three_epoch_lines(three or [])
+    return L + [""]
+
+
+def _five_seeds(protocol: str, suites: list[dict]) -> str:
+    """The goal line for 5 seeds per task: DiffoRA's finished seeds in each suite of one protocol."""
+    seeds = {r["data"]["task"]: len(_scores(r, "diffora")) for r in suites}
     short = [t for t, n in seeds.items() if n < 5]
-    L.append(
-        "* 5 seeds at 1 epoch: "
+    return (
+        f"* 5 seeds at {protocol}: "
         + ", ".join(f"{t} {n}" for t, n in seeds.items())
         + (f" — **not complete** ({', '.join(short)} short)." if short else " — run.")
     )
-    L += _three_epoch_lines(three or [])
-    return L + [""]
 
 
 def _three_epoch_lines(three: list[dict]) -> list[str]:
