@@ -81,7 +81,7 @@ LEARN_METHODS=${LEARN_METHODS:-diffora diffora[gate=sigmoid,gate_decay=coupled,g
 LEARN="$BASE --seeds ${LEARN_SEEDS:-0 1 2} --eval-points 1 --max-train-samples 2000 --holdout-rows 872 --eval-on-holdout
   --methods $LEARN_METHODS"
 # issue 20's 3-epoch runs: the same protocol at 3 epochs, the new search against the controls that isolate it
-LEARN3="${BASE/--epochs 1/--epochs 3} --seeds ${LEARN3_SEEDS:-0 1 2} --eval-points 1 --max-train-samples 2000
+LEARN3="${BASE/--epochs 1/--epochs 3} --seeds ${LEARN3_SEEDS:-0 1 2 3 4} --eval-points 1 --max-train-samples 2000
   --holdout-rows 872 --eval-on-holdout
   --methods ${LEARN3_METHODS:-diffora type-prior random-ws[matched=true] lora-matched lora-all-cm}"
 # issue 20's ablations that could not differ before (every ranking read one type preference; second order equalled
