@@ -224,17 +224,24 @@ def write_sentiment_csvs(folder: Path, train_rows: int, dev_rows: int) -> Path:
     return folder
 
 
-def sentiment_run_args(folder: Path, model_dir: Path, *extra: str) -> list[str]:
-    """``diffora run`` on :func:`write_sentiment_csvs`' files in ``folder`` with the model in ``model_dir``, short
-    inputs (32 tokens, batches of 8), then ``extra``."""
+def sentiment_data_args(folder: Path) -> list[str]:
+    """The data flags of any command on :func:`write_sentiment_csvs`' files in ``folder``."""
     return [
-        "run",
         "--task",
         "classification",
         "--train-file",
         str(folder / "train.csv"),
         "--eval-file",
         str(folder / "dev.csv"),
+    ]
+
+
+def sentiment_run_args(folder: Path, model_dir: Path, *extra: str) -> list[str]:
+    """``diffora run`` on :func:`write_sentiment_csvs`' files in ``folder`` with the model in ``model_dir``, short
+    inputs (32 tokens, batches of 8), then ``extra``."""
+    return [
+        "run",
+        *sentiment_data_args(folder),
         "--model",
         str(model_dir),
         "--max-length",

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import random_batch, tiny_model, write_sentiment_csvs
+from conftest import random_batch, sentiment_data_args, tiny_model, write_sentiment_csvs
 
 from diffora import choose_modules
 from diffora.method.export import export_search
@@ -41,15 +41,7 @@ def diffora(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> list[str]:
-    folder = write_sentiment_csvs(tmp_path_factory.mktemp("sentiment"), 120, 40)
-    return [
-        "--task",
-        "classification",
-        "--train-file",
-        str(folder / "train.csv"),
-        "--eval-file",
-        str(folder / "dev.csv"),
-    ]
+    return sentiment_data_args(write_sentiment_csvs(tmp_path_factory.mktemp("sentiment"), 120, 40))
 
 
 def test_every_run_records_the_ntk_diagnostic(data, tiny_bert_dir, tmp_path):

@@ -11,6 +11,7 @@ This module imports neither torch nor transformers: ``diffora --help`` only read
 
 from __future__ import annotations
 
+import functools
 import typing
 from dataclasses import MISSING, Field, dataclass, field, fields, make_dataclass
 from typing import Any, Optional
@@ -352,8 +353,14 @@ def with_new_defaults(saved: dict, now: dict) -> dict:
     """``saved`` (options recorded by an earlier diffora) with the options it predates, those in ``now`` that it
     lacks, at their defaults: work recorded before an option existed continues while the option keeps its default,
     and only then."""
-    defaults = {f.name: f.default for f in fields(Options) if f.default is not MISSING}
+    defaults = _defaults()
     return {**{k: defaults[k] for k in now if k not in saved and k in defaults}, **saved}
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    # read once: a comparison's scheduler asks for every job it plans
+    return {f.name: f.default for f in fields(Options) if f.default is not MISSING}
 
 
 # ----------------------------------------------------------------------------------- what each command takes

@@ -203,7 +203,8 @@ class Comparison:
             if self.opts.overwrite:
                 self.overwrite_pending = True  # removed only once every check has passed
                 return None
-            before, now = with_new_defaults(saved.get("fingerprint", {}), self.fingerprint()), self.fingerprint()
+            now = self.fingerprint()
+            before = with_new_defaults(saved.get("fingerprint", {}), now)
             changed = sorted(k for k in set(before) | set(now) if not _same_option(k, before.get(k), now.get(k)))
             if changed:
                 k = changed[0]
