@@ -3,6 +3,7 @@ search step costs one LoRA step; the gate split only scores the held-out check."
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 
@@ -24,6 +25,7 @@ from diffora.errors import ConfigError
 from diffora.method.diagnostics import search_diagnostics
 from diffora.method.schedule import gate_warmup
 from diffora.method.search import SINGLE_LEVEL_CHECK_BATCHES
+from diffora.method.state import load_search_state, search_state
 
 
 def _pair(**overrides):
@@ -86,6 +88,27 @@ def test_single_level_fit_steps_gates_every_step_after_the_warmup_and_scores_the
     # a second fit() call at the same length runs no step and records no further check
     search.fit(weights, gates, steps=8, progress=False)
     assert len(search.history.gate_losses) == 2 * SINGLE_LEVEL_CHECK_BATCHES
+
+
+def test_a_search_resumed_after_its_last_step_still_records_the_end_check():
+    # The kill -9 test below once failed this way: killed after the state of the last step was saved and before the
+    # end check, the resumed fit() ran no step and skipped the check, so dam.json lost its held-out diagnostics.
+    whole, resumed = _pair(gate_warmup_steps=2)
+    weights = [random_batch(seed=s) for s in range(3)]
+    gates = [random_batch(seed=10)]  # one gate batch: the check reads the same batch wherever its cycle stands
+    saved = {}
+
+    def keep_last(search, step):
+        if step == 7:
+            saved.update(copy.deepcopy(search_state(search)))
+
+    whole.fit(weights, gates, steps=8, progress=False, callback=keep_last)
+    load_search_state(resumed, saved)
+    assert len(resumed.history.gate_losses) == SINGLE_LEVEL_CHECK_BATCHES  # only the warm-up check so far
+    resumed.fit(weights, gates, steps=8, progress=False)
+    assert resumed.history.gate_losses == whole.history.gate_losses
+    assert len(resumed.history.gate_losses) == 2 * SINGLE_LEVEL_CHECK_BATCHES
+    assert search_diagnostics(resumed)["heldout_loss"] is not None
 
 
 def test_single_level_refusals_are_one_line_config_errors():

@@ -413,9 +413,7 @@ class DAMSearch:
             for _ in range(SINGLE_LEVEL_CHECK_BATCHES):
                 self.record_heldout(draw(gates))
 
-        ran = False
         for step in bar:
-            ran = True
             if single and step == warmup:  # the held-out check's reference, before the gates move
                 heldout_check()
             weight_batch = draw(weights)
@@ -435,7 +433,9 @@ class DAMSearch:
             bar.set_postfix(postfix)
             if callback is not None:
                 callback(self, step)
-        if single and ran:
+        # read from the history, not from this call: a search resumed from a state saved after its last step (killed
+        # before the end check) still owes the check, and one that recorded both owes nothing
+        if single and len(self.history.gate_losses) == SINGLE_LEVEL_CHECK_BATCHES:
             heldout_check()
         warning = search_diagnostics(self)["warning"]
         if warning:
